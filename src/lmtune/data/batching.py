@@ -1,0 +1,104 @@
+"""Dynamic padding and length-grouped sampling.
+
+Padding is to the longest example in the batch (optionally rounded up to a multiple of 8), so a batch of
+short abstracts does not pay for the longest one in the data set. Padded positions get attention 0 and
+label -100 by position, never by token id: SmolLM2 pads with its end-of-turn token, which must stay
+supervised in the answer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+from lmtune.data.formatting import IGNORE_INDEX, Example
+
+
+class PaddingCollator:
+    """Right-pads a list of `Example`s into tensors.
+
+    >>> from lmtune.data.formatting import Example
+    >>> batch = PaddingCollator(pad_token_id=0)([
+    ...     Example("a", [5, 6, 7], [-100, 6, 7], 1, 0), Example("b", [5, 8], [-100, 8], 1, 1)])
+    >>> batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].tolist()
+    ([[5, 6, 7], [5, 8, 0]], [[-100, 6, 7], [-100, 8, -100]], [[1, 1, 1], [1, 1, 0]])
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: Sequence[Example]) -> dict:
+        length = max(len(e.input_ids) for e in examples)
+        if self.pad_to_multiple_of:
+            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for row, e in enumerate(examples):
+            n = len(e.input_ids)
+            input_ids[row, :n] = torch.tensor(e.input_ids)
+            labels[row, :n] = torch.tensor(e.labels)
+            attention_mask[row, :n] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "prompt_length": torch.tensor([e.prompt_length for e in examples]),
+            "label_index": torch.tensor([e.label_index for e in examples]),
+            "ids": [e.id for e in examples],
+        }
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffles, then sorts within mega-batches so each batch holds examples of similar length.
+
+    The order depends only on (seed, epoch), and `skip_batches` lets a run resumed mid-epoch continue
+    with exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega_batch_factor: int = 32):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.mega_batch_size = batch_size * mega_batch_factor
+        self.epoch = 0
+        self._skip: tuple[int, int] | None = None  # (epoch, batches) to skip once, after a resume
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip_batches(self, epoch: int, batches: int) -> None:
+        self._skip = (epoch, batches)
+
+    def order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(len(self.lengths), generator=generator).tolist()
+        megas = [perm[i : i + self.mega_batch_size] for i in range(0, len(perm), self.mega_batch_size)]
+        batches = [
+            mega[i : i + self.batch_size]
+            for mega in (sorted(m, key=lambda k: -self.lengths[k]) for m in megas)
+            for i in range(0, len(mega), self.batch_size)
+        ]
+        # a short last batch stays last, so the DataLoader's chunks line up with these batches
+        tail = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+        # the longest batch first surfaces out-of-memory at step 1; the rest in random order
+        if batches:
+            longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]])
+            batches.insert(0, batches.pop(longest))
+            rest = torch.randperm(len(batches) - 1, generator=generator).tolist()
+            batches = batches[:1] + [batches[1 + b] for b in rest]
+        return [i for batch in batches + tail for i in batch]
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order(self.epoch)
+        if self._skip is not None and self._skip[0] == self.epoch:
+            order = order[self._skip[1] * self.batch_size :]
+            self._skip = None
+        return iter(order)
+
+    def __len__(self) -> int:
+        return len(self.lengths)

@@ -1,0 +1,156 @@
+"""LightningDataModule for arXiv classification: records -> label set -> hash splits -> chat examples -> batches."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lmtune.data.batching import LengthGroupedSampler, PaddingCollator
+from lmtune.data.formatting import (
+    DEFAULT_SYSTEM_PROMPT,
+    DEFAULT_USER_TEMPLATE,
+    ChatFormatter,
+    Example,
+)
+from lmtune.data.records import (
+    SPLITS,
+    DataError,
+    SkipCounts,
+    choose_labels,
+    read_records,
+    split_records,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ArxivDataModule(L.LightningDataModule):
+    """arXiv records (JSONL/CSV/Parquet) as supervised chat examples.
+
+    Splits are by a hash of the paper id, so a paper never changes split when the file grows. The label set
+    is `labels` if given, else the `top_k` most frequent primary categories; other records are dropped and
+    counted. `overfit=N` uses the first N training examples as train, val and test (a sanity check).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        path: str,
+        top_k: int | None = 10,
+        labels: list[str] | None = None,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        split_salt: str = "",
+        limit_train: int | None = None,
+        limit_val: int | None = None,
+        limit_test: int | None = None,
+        overfit: int | None = None,
+        max_length: int = 512,
+        pad_to_multiple_of: int | None = 8,
+        group_by_length: bool = True,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        user_template: str = DEFAULT_USER_TEMPLATE,
+        eot_token: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+            raise DataError(
+                f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be >= 0 "
+                f"and sum to less than 1."
+            )
+        self.tokenizer = tokenizer
+        self.path = Path(path) if path else None
+        self.top_k, self.requested_labels = top_k, list(labels) if labels else None
+        self.val_fraction, self.test_fraction, self.split_salt = val_fraction, test_fraction, split_salt
+        self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
+        self.overfit = overfit
+        self.max_length = max_length
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.group_by_length, self.seed = group_by_length, seed
+        self.prompts = {"system_prompt": system_prompt, "user_template": user_template, "eot_token": eot_token}
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.collator = PaddingCollator(pad_id, pad_to_multiple_of)
+        self.labels: list[str] = []
+        self.formatter: ChatFormatter | None = None
+        self.examples: dict[str, list[Example]] = {}
+        self.stats: dict = {}
+        self._resume_skip: tuple[int, int] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.examples:
+            return
+        if self.path is None:
+            raise DataError("no data file given: set `data.path=` to a JSONL, CSV or Parquet file of arXiv records.")
+        skips = SkipCounts()
+        records = read_records(self.path, skips)
+        self.labels = choose_labels(records, self.top_k, self.requested_labels)
+        splits = split_records(records, self.labels, self.val_fraction, self.test_fraction, self.split_salt, skips)
+        if self.overfit:
+            splits = {name: splits["train"][: self.overfit] for name in SPLITS}
+        else:
+            splits = {name: rs[: self.limits[name]] if self.limits[name] else rs for name, rs in splits.items()}
+        self.formatter = ChatFormatter(self.tokenizer, self.labels, self.max_length, **self.prompts)
+        self.examples = {name: self.formatter.format(rs) for name, rs in splits.items()}
+        if not self.examples["train"]:
+            raise DataError(f"{self.path}: no training examples after filtering ({skips.summary()}).")
+        self.stats = {
+            "records": len(records),
+            "skipped": dict(skips.counts),
+            "labels": self.labels,
+            **{f"{name}_examples": len(ex) for name, ex in self.examples.items()},
+            "truncated": {name: sum(e.truncated for e in ex) for name, ex in self.examples.items()},
+        }
+        log.info(
+            "data %s: %d labels %s; %s; train/val/test = %d/%d/%d examples; truncated abstracts %s",
+            self.path, len(self.labels), self.labels, skips.summary(),
+            *(len(self.examples[s]) for s in SPLITS), self.stats["truncated"],
+        )
+
+    # --- loaders ---------------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        examples = self.examples["train"]
+        if self.group_by_length:
+            sampler = LengthGroupedSampler([len(e.input_ids) for e in examples], self.batch_size, self.seed)
+            if self._resume_skip:
+                sampler.skip_batches(*self._resume_skip)
+                self._resume_skip = None
+            return self._loader(examples, self.batch_size, sampler=sampler)
+        return self._loader(examples, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.examples["val"], self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.examples["test"], self.eval_batch_size)
+
+    def _loader(self, examples, batch_size, **kwargs) -> DataLoader:
+        # an own generator: creating an iterator must not draw from the global RNG that dropout uses,
+        # or a resumed run would see different dropout masks than an uninterrupted one
+        return DataLoader(
+            examples,
+            batch_size=batch_size,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+            **kwargs,
+        )
+
+    # --- mid-epoch resume ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Where in the epoch a checkpoint was taken, so a resumed run skips the batches already seen."""
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._resume_skip = (state["epoch"], state["batches_done"])

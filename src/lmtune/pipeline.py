@@ -1,0 +1,93 @@
+"""`train(cfg)`: the whole fine-tuning run, returned as metrics so sweeps and tests can use it directly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from lmtune.model.loading import load_tokenizer, resolve_pretrained
+from lmtune.model.module import CausalLMClassifier, parameter_counts
+from lmtune.utils.callbacks import TrainingStats
+from lmtune.utils.config import validate_config
+from lmtune.utils.export import export_model
+from lmtune.utils.instantiators import instantiate_callbacks, instantiate_loggers
+from lmtune.utils.task import task_wrapper
+
+log = logging.getLogger(__name__)
+
+# ArxivDataModule resumes mid-epoch itself (it skips the batches already seen), which Lightning cannot detect.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+
+
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _metrics_of(results: list[dict]) -> dict:
+    return {k: float(v) for r in results for k, v in r.items()}
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> tuple[dict, dict]:
+    """Fine-tune, validate and test the best checkpoint, export the adapter; returns (metrics, objects)."""
+    validate_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+
+    pretrained = resolve_pretrained(cfg.model, cfg.paths.cache_dir)
+    tokenizer = load_tokenizer(pretrained)
+    datamodule = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule.setup("fit")
+    formatter = datamodule.formatter
+
+    module = CausalLMClassifier(
+        pretrained=pretrained,
+        model_cfg=_plain(cfg.model),
+        adapter_cfg=_plain(cfg.adapter),
+        optim_cfg=_plain(cfg.optim),
+        labels=formatter.labels,
+        answer_ids=formatter.answer_ids,
+        pad_token_id=datamodule.collator.pad_token_id,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+    )
+    stats = TrainingStats()
+    loggers = instantiate_loggers(cfg.get("logger"))
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers)) + [stats]
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(output_dir)
+    )
+    for logger in trainer.loggers:
+        logger.log_hyperparams({**_plain(cfg), "data/stats": datamodule.stats})
+
+    ckpt_path = cfg.get("ckpt_path")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    log.info("evaluating %s", best or "the final weights")
+    val = _metrics_of(trainer.validate(module, datamodule=datamodule, ckpt_path=best))
+    test = _metrics_of(trainer.test(module, datamodule=datamodule, ckpt_path=best))
+
+    metrics = {**val, **test}
+    summary = {
+        "val": val,
+        "test": test,
+        "best_checkpoint": best,
+        "train": stats.summary(trainer),
+        "data": datamodule.stats,
+        "params": parameter_counts(module),
+    }
+    if trainer.is_global_zero:
+        export_model(module, tokenizer, formatter, cfg, output_dir / "export")
+        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.summary.update({f"final/{k}": v for k, v in metrics.items()})
+        log.info("metrics: %s; export: %s", metrics, output_dir / "export")
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "summary": summary}

@@ -1,0 +1,36 @@
+"""The export folder: everything eval and predict need, loadable with plain transformers + peft.
+
+export/
+  adapter_config.json, adapter_model.safetensors   PEFT adapter (or the full model for adapter=none)
+  tokenizer files with the chat template
+  labels.json        the label set in class-index order
+  formatting.json    prompts, end-of-turn token and max_length used to build examples
+  config.yaml        the resolved Hydra config of the run
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def export_model(module, tokenizer, formatter, cfg: DictConfig, out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # PeftModel writes only the adapter; a fully fine-tuned model writes all its weights
+    module.model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "labels.json").write_text(json.dumps(formatter.labels, indent=1))
+    formatting = {
+        "system_prompt": formatter.system_prompt,
+        "user_template": formatter.user_template,
+        "eot_token": formatter.eot_token,
+        "max_length": formatter.max_length,
+        "answer_ids": formatter.answer_ids,
+        "base_model": module.hparams.pretrained,
+    }
+    (out_dir / "formatting.json").write_text(json.dumps(formatting, indent=1))
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    return out_dir

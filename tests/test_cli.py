@@ -1,0 +1,63 @@
+"""`python src/train.py experiment=smoke` end to end in a subprocess, logging to a real offline W&B run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from conftest import ROOT
+from wandb_files import read_run
+
+
+def run_train(*overrides: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("WANDB_API_KEY", None)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "src" / "train.py"), *overrides],
+        cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_smoke_run_writes_checkpoints_export_metrics_and_wandb_files(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    proc = run_train("experiment=smoke", f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["test/acc"] <= 1.0 and "val/macro_f1" in metrics["val"]
+    assert metrics["train"]["steps"] == 12 and metrics["train"]["tokens_per_s"] > 0
+
+    export = run_dir / "export"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "labels.json", "config.yaml"):
+        assert (export / name).is_file(), name
+    assert yaml.safe_load((export / "config.yaml").read_text())["model"]["source"] == "tiny_random"
+
+    # checkpoints hold trainable weights only: far smaller than the base model
+    base = Path(json.loads((export / "formatting.json").read_text())["base_model"]) / "model.safetensors"
+    ckpts = list((run_dir / "checkpoints").glob("*.ckpt"))
+    assert {p.name for p in ckpts} >= {"last.ckpt"} and len(ckpts) == 2
+    assert max(p.stat().st_size for p in ckpts) < 0.2 * base.stat().st_size  # with optimizer state
+    weights = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert weights and all("lora_" in k for k in weights)
+    assert sum(v.numel() * v.element_size() for v in weights.values()) < 0.05 * base.stat().st_size
+
+    # the offline W&B run (read from its .wandb file) holds the resolved config and the metrics
+    (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
+    run = read_run(wandb_run)
+    assert run["summary"]["final/test/acc"] == metrics["test"]["test/acc"]
+    assert run["summary"]["val/acc"] == metrics["val"]["val/acc"]
+    assert [h["train/loss"] for h in run["history"] if "train/loss" in h], "no training loss in the run history"
+    assert run["summary"]["throughput/steps"] == 12
+    assert run["config"]["adapter"]["r"] == 4 and run["config"]["data"]["path"].endswith("arxiv_sample.jsonl")
+    assert 0 < run["config"]["params/trainable_fraction"] < 0.1
+    assert "W&B runs offline" in proc.stdout + proc.stderr
+
+
+def test_bad_data_path_fails_with_a_clear_message(tmp_path, cache_dir):
+    proc = run_train("experiment=smoke", "logger=none", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={cache_dir}",
+                     f"data.path={tmp_path}/missing.jsonl")
+    assert proc.returncode != 0
+    assert f"data file not found: {tmp_path}/missing.jsonl" in proc.stderr

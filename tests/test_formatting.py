@@ -1,0 +1,130 @@
+"""Masking: exactly `<category><end-of-turn>` carries loss, for SmolLM2's template and the tiny one, pad == eos too."""
+
+import doctest
+
+import pytest
+import torch
+
+from lmtune.data import batching
+from lmtune.data.batching import LengthGroupedSampler, PaddingCollator
+from lmtune.data.formatting import IGNORE_INDEX, ChatFormatter
+from lmtune.data.records import DataError, Record
+from lmtune.model.tiny import build_tiny_tokenizer
+
+LABELS = ["cs.AI", "cs.CL", "cs.CV", "cs.LG", "cs.RO"]
+
+
+def records(n=10):
+    return [
+        Record(id=f"r{i}", title=f"A study {i} of things", abstract="We show that words " * (i + 1), label=LABELS[i % 5])
+        for i in range(n)
+    ]
+
+
+def supervised_text(tokenizer, example):
+    return tokenizer.decode([t for t, lab in zip(example.input_ids, example.labels) if lab != IGNORE_INDEX])
+
+
+@pytest.fixture(params=["tiny", "tiny_pad_eq_eos", "smollm2"])
+def tokenizer(request, tiny_tokenizer, smollm2_tokenizer):
+    if request.param == "tiny":
+        return tiny_tokenizer
+    if request.param == "tiny_pad_eq_eos":
+        return build_tiny_tokenizer(pad_equals_eos=True)
+    return smollm2_tokenizer
+
+
+def test_supervised_tokens_are_exactly_category_and_end_of_turn(tokenizer):
+    formatter = ChatFormatter(tokenizer, LABELS, max_length=512)
+    examples = formatter.format(records())
+    for r, e in zip(records(), examples):
+        assert supervised_text(tokenizer, e) == r.label + tokenizer.eos_token
+        assert e.labels[: e.prompt_length] == [IGNORE_INDEX] * e.prompt_length
+        assert e.input_ids[: e.prompt_length] == formatter.prompt_ids(r.title, r.abstract)
+        assert e.input_ids[e.prompt_length:] == formatter.answer_ids[LABELS.index(r.label)]
+    # the prompt is the template's rendering with the generation prompt, and nothing of the answer
+    first = records(1)[0]
+    rendered = tokenizer.apply_chat_template(
+        formatter.messages(first.title, first.abstract), tokenize=False, add_generation_prompt=True
+    )
+    assert tokenizer.decode(examples[0].input_ids[: examples[0].prompt_length]) == rendered
+
+
+def test_smollm2_end_of_turn_is_its_pad_token_and_stays_supervised(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    assert tok.pad_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    examples = ChatFormatter(tok, LABELS, max_length=512).format(records(4))
+    batch = PaddingCollator(tok.pad_token_id, pad_to_multiple_of=8)(examples)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        labels = batch["labels"][row]
+        # the answer's end-of-turn (== pad id) is supervised; the padding after it (same id) is not
+        assert labels[n - 1].item() == tok.eos_token_id
+        assert (labels[n:] == IGNORE_INDEX).all() and (batch["input_ids"][row, n:] == tok.pad_token_id).all()
+        assert batch["attention_mask"][row, :n].all() and not batch["attention_mask"][row, n:].any()
+        assert (labels != IGNORE_INDEX).sum() == len(e.input_ids) - e.prompt_length
+    assert batch["input_ids"].shape[1] % 8 == 0
+
+
+def test_smollm2_no_default_system_prompt_is_injected(smollm2_tokenizer):
+    formatter = ChatFormatter(smollm2_tokenizer, LABELS)
+    text = smollm2_tokenizer.decode(formatter.format(records(1))[0].input_ids)
+    assert "You are a helpful AI assistant" not in text
+    assert text.startswith("<|im_start|>system\nYou classify arXiv papers") and "cs.AI, cs.CL, cs.CV" in text
+
+
+def test_long_abstract_is_truncated_never_the_answer(tokenizer):
+    formatter = ChatFormatter(tokenizer, LABELS, max_length=160)
+    long = Record(id="long", title="T", abstract="many words here " * 300, label="cs.CV")
+    (e,) = formatter.format([long])
+    assert e.truncated and len(e.input_ids) <= 160
+    assert supervised_text(tokenizer, e) == "cs.CV" + tokenizer.eos_token
+    with pytest.raises(DataError, match=r"record long: the prompt without any abstract.*raise data.max_length"):
+        ChatFormatter(tokenizer, LABELS, max_length=20).format([long])
+
+
+def test_template_drift_is_a_clear_error(tiny_tokenizer):
+    drifting = build_tiny_tokenizer()
+    # renders the last user turn differently when an assistant answer follows: the prompt is no longer a prefix
+    drifting.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}{% if loop.last and m['role'] == 'user' %}!{% endif %}: "
+        "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    with pytest.raises(DataError, match="not a token prefix of the full conversation"):
+        ChatFormatter(drifting, LABELS)
+
+
+def test_missing_chat_template_is_a_clear_error():
+    tok = build_tiny_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(DataError, match="has no chat template"):
+        ChatFormatter(tok, LABELS)
+
+
+def test_collator_doctest():
+    assert doctest.testmod(batching).failed == 0
+
+
+def test_length_grouped_sampler_is_a_deterministic_grouped_permutation():
+    lengths = [(i * 37) % 101 for i in range(203)]
+    sampler = LengthGroupedSampler(lengths, batch_size=8, seed=3, mega_batch_factor=4)
+    sampler.set_epoch(1)
+    order = list(sampler)
+    assert sorted(order) == list(range(203)) and order == list(sampler)
+    sampler.set_epoch(2)
+    assert list(sampler) != order
+    batches = [order[i : i + 8] for i in range(0, len(order), 8)]
+
+    def spread(batches):
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+
+    # within a batch, lengths are close: far less spread than in random batches
+    shuffled = torch.randperm(203, generator=torch.Generator().manual_seed(0)).tolist()
+    assert spread(batches) < 0.4 * spread([shuffled[i : i + 8] for i in range(0, 203, 8)])
+    assert len(batches[-1]) == 203 % 8  # the short batch is last
+    assert max(lengths[i] for i in batches[0]) == max(lengths)  # the longest batch comes first
+    # resuming mid-epoch continues with exactly the remaining batches
+    sampler.set_epoch(1)
+    sampler.skip_batches(epoch=1, batches=5)
+    assert list(sampler) == order[40:]
+    assert list(sampler) == order  # the skip applies once

@@ -1,0 +1,137 @@
+"""Reading records: bad input is a clear error naming file and line, or a counted skip; splits are stable."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lmtune.data.records import (
+    DataError,
+    SkipCounts,
+    choose_labels,
+    read_records,
+    split_of,
+    split_records,
+)
+
+
+def record(i, label="cs.CL", **overrides):
+    r = {
+        "id": f"2401.{i:05d}",
+        "title": f"Paper {i}",
+        "abstract": f"Abstract  of\npaper {i}.",
+        "categories": [label, "cs.LG"],
+        "primary_category": label,
+    }
+    r.update(overrides)
+    return r
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_reads_jsonl_and_collapses_whitespace(tmp_path):
+    skips = SkipCounts()
+    records = read_records(write_jsonl(tmp_path / "a.jsonl", [record(1), record(2, "cs.CV")]), skips)
+    assert [(r.id, r.label) for r in records] == [("2401.00001", "cs.CL"), ("2401.00002", "cs.CV")]
+    assert records[0].abstract == "Abstract of paper 1."
+    assert skips.total == 0
+
+
+def test_missing_file_names_path_and_fix(tmp_path):
+    with pytest.raises(DataError, match=r"not found: .*nope\.jsonl.*data\.path="):
+        read_records(tmp_path / "nope.jsonl", SkipCounts())
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(record(1)) + "\n" + json.dumps(record(2)) + "\n" + '{"id": "3", "title": \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: malformed JSON"):
+        read_records(path, SkipCounts())
+
+
+def test_non_utf8_bytes_name_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(record(1)).encode() + b"\n" + json.dumps(record(2, title="Caf\u00e9")).encode("latin-1").replace(b"\\u00e9", b"\xe9") + b"\n")
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: bytes that are not UTF-8.*iconv"):
+        read_records(path, SkipCounts())
+
+
+def test_empty_and_missing_fields_are_counted_skips(tmp_path):
+    rows = [record(1), record(2, abstract="   "), record(3, title=None), {"id": "x", "title": "t", "abstract": "a"}]
+    skips = SkipCounts()
+    records = read_records(write_jsonl(tmp_path / "a.jsonl", rows), skips)
+    assert [r.id for r in records] == ["2401.00001"]
+    assert skips.counts == {
+        "missing or empty 'abstract'": 1,
+        "missing or empty 'title'": 1,
+        "missing 'primary_category' and 'categories'": 1,
+    }
+    assert "skipped 3 records" in skips.summary()
+
+
+def test_duplicate_ids_are_counted(tmp_path):
+    skips = SkipCounts()
+    records = read_records(write_jsonl(tmp_path / "a.jsonl", [record(1), record(1, "cs.CV")]), skips)
+    assert len(records) == 1 and records[0].label == "cs.CL"
+    assert skips.counts == {"duplicate id": 1}
+
+
+def test_primary_category_falls_back_to_first_category(tmp_path):
+    row = record(1)
+    del row["primary_category"]
+    row["categories"] = ["cs.RO", "cs.AI"]
+    assert read_records(write_jsonl(tmp_path / "a.jsonl", [row]), SkipCounts())[0].label == "cs.RO"
+
+
+def test_csv_with_string_categories(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text('id,title,abstract,categories\n2401.1,T,"A, with comma",cs.CV cs.LG\n2401.2,T2,A2,"[\'cs.CL\']"\n')
+    records = read_records(path, SkipCounts())
+    assert [(r.id, r.label, r.abstract) for r in records] == [("2401.1", "cs.CV", "A, with comma"), ("2401.2", "cs.CL", "A2")]
+
+
+def test_csv_missing_column_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("id,title,primary_category\n1,T,cs.CL\n")
+    with pytest.raises(DataError, match=r"a\.csv: missing column\(s\) abstract"):
+        read_records(path, SkipCounts())
+
+
+def test_parquet(tmp_path):
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.Table.from_pylist([record(1), record(2, "cs.CV")]), path)
+    assert [r.label for r in read_records(path, SkipCounts())] == ["cs.CL", "cs.CV"]
+
+
+def test_unknown_file_type(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("x")
+    with pytest.raises(DataError, match=r"unknown file type '\.txt'"):
+        read_records(path, SkipCounts())
+
+
+def test_top_k_labels_and_unknown_labels_are_dropped_and_counted(tmp_path):
+    rows = [record(i, "cs.CL") for i in range(5)] + [record(10 + i, "cs.CV") for i in range(3)] + [record(20, "cs.RO")]
+    skips = SkipCounts()
+    records = read_records(write_jsonl(tmp_path / "a.jsonl", rows), skips)
+    labels = choose_labels(records, top_k=2, labels=None)
+    assert labels == ["cs.CL", "cs.CV"]
+    splits = split_records(records, labels, 0.2, 0.2, "", skips)
+    assert sum(len(s) for s in splits.values()) == 8
+    assert skips.counts == {"label outside the label set": 1}
+    # an explicit label set wins over top_k
+    assert choose_labels(records, top_k=1, labels=["cs.RO", "cs.CL", "cs.RO"]) == ["cs.CL", "cs.RO"]
+
+
+def test_splits_are_stable_when_the_file_grows():
+    ids = [f"2401.{i:05d}" for i in range(2000)]
+    before = {i: split_of(i, 0.1, 0.1) for i in ids}
+    counts = {s: sum(v == s for v in before.values()) for s in ("train", "val", "test")}
+    assert 150 < counts["val"] < 250 and 150 < counts["test"] < 250
+    # the split of an id depends on nothing but the id (and the fractions and salt)
+    assert all(split_of(i, 0.1, 0.1) == before[i] for i in reversed(ids))
+    assert sum(split_of(i, 0.1, 0.1, salt="other") != before[i] for i in ids) > 200

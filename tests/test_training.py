@@ -1,0 +1,114 @@
+"""Training on the tiny model with a real Trainer: adapters learn, the base stays frozen, overfit, resume, export."""
+
+import json
+
+import pytest
+import torch
+from conftest import SnapshotAtFitStart, compose_train
+from omegaconf import open_dict
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from lmtune.evaluation.scoring import rank_scores
+from lmtune.pipeline import train
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_lora_b_learns_and_base_stays_frozen(tmp_path, cache_dir, checkpointing):
+    cfg = compose_train(
+        ["experiment=smoke", "logger=none", "callbacks=none", "trainer.max_steps=3", "trainer.val_check_interval=3",
+         f"model.gradient_checkpointing={checkpointing}", "+callbacks.snapshot._target_=conftest.SnapshotAtFitStart"],
+        tmp_path, cache_dir,
+    )
+    _, objects = train(cfg)
+    module = objects["module"]
+    (before,) = [c for c in objects["trainer"].callbacks if isinstance(c, SnapshotAtFitStart)]
+    assert before.checkpointing is checkpointing
+    after = module.trainable_state_dict()
+    lora_b = [k for k in after if "lora_B" in k]
+    assert lora_b and set(after) == set(before.trainable) and all("lora_" in k for k in after)
+    assert all(before.trainable[k].abs().sum() == 0 for k in lora_b)  # LoRA-B starts at zero
+    assert all(after[k].abs().sum() > 0 for k in lora_b), "some LoRA-B weights never moved"
+    frozen_after = {k: v for k, v in module.model.state_dict().items() if k in before.frozen}
+    assert len(frozen_after) == len(before.frozen) > 0
+    assert all(torch.equal(frozen_after[k], v) for k, v in before.frozen.items())
+
+
+def test_every_lora_b_gets_a_gradient_with_gradient_checkpointing(tmp_path, cache_dir):
+    import hydra
+
+    from lmtune.model.loading import load_tokenizer, resolve_pretrained
+    from lmtune.model.module import CausalLMClassifier
+    from lmtune.pipeline import _plain
+
+    cfg = compose_train(["experiment=smoke", "model.gradient_checkpointing=true"], tmp_path, cache_dir)
+    pretrained = resolve_pretrained(cfg.model, cache_dir)
+    tokenizer = load_tokenizer(pretrained)
+    dm = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer)
+    dm.setup()
+    module = CausalLMClassifier(pretrained, _plain(cfg.model), _plain(cfg.adapter), _plain(cfg.optim),
+                                dm.labels, dm.formatter.answer_ids, tokenizer.pad_token_id, True)
+    module.configure_model()
+    # make B non-zero so A gets a gradient too, then check both
+    for name, p in module.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    loss_sum, n = module.supervised_loss(next(iter(dm.train_dataloader())))
+    (loss_sum / n).backward()
+    grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_overfit_eight_examples_to_accuracy_one(tmp_path, cache_dir):
+    cfg = compose_train(["experiment=smoke", "debug=overfit", "logger=none"], tmp_path, cache_dir)
+    metrics, objects = train(cfg)
+    assert metrics["val/acc"] == 1.0 and metrics["test/acc"] == 1.0
+    assert objects["trainer"].current_epoch < 200, "stopped by EarlyStopping at acc 1.0, not by the epoch limit"
+
+
+def test_resume_from_last_ckpt_matches_an_uninterrupted_run(tmp_path, cache_dir):
+    common = ["experiment=smoke", "logger=none", "trainer.max_steps=10", "trainer.val_check_interval=2"]
+
+    straight_cfg = compose_train(common, tmp_path / "straight", cache_dir)
+    train(straight_cfg)
+
+    first_cfg = compose_train(common + ["+callbacks.stop._target_=conftest.StopAtStep", "+callbacks.stop.step=6"],
+                              tmp_path / "first", cache_dir)
+    train(first_cfg)
+    interrupted = torch.load(tmp_path / "first/checkpoints/last.ckpt", weights_only=False)
+    assert interrupted["global_step"] == 6  # mid-epoch: 8 batches per epoch
+
+    resumed_cfg = compose_train(common, tmp_path / "resumed", cache_dir)
+    with open_dict(resumed_cfg):
+        resumed_cfg.ckpt_path = str(tmp_path / "first/checkpoints/last.ckpt")
+    train(resumed_cfg)
+
+    straight = torch.load(tmp_path / "straight/checkpoints/last.ckpt", weights_only=False)
+    resumed = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=False)
+    assert straight["global_step"] == resumed["global_step"] == 10
+    assert set(straight["state_dict"]) == set(resumed["state_dict"])
+    for key, value in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_export_reloads_with_peft_and_predicts_like_the_trained_module(tmp_path, cache_dir):
+    cfg = compose_train(["experiment=smoke", "logger=none"], tmp_path, cache_dir)
+    metrics, objects = train(cfg)
+    module, dm = objects["module"], objects["datamodule"]
+    export = tmp_path / "export"
+    assert json.loads((export / "labels.json").read_text()) == dm.labels
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["test"]["test/acc"] == pytest.approx(metrics["test/acc"])
+
+    formatting = json.loads((export / "formatting.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(formatting["base_model"], dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, export).eval()
+    prompts = [e.input_ids[: e.prompt_length] for e in dm.examples["test"]]
+    module.eval()
+    ours = rank_scores(module.causal_lm, prompts, dm.formatter.answer_ids, dm.collator.pad_token_id)
+    theirs = rank_scores(reloaded, prompts, formatting["answer_ids"], dm.collator.pad_token_id)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+    # the adapter moved the predictions away from the base model's
+    plain = AutoModelForCausalLM.from_pretrained(formatting["base_model"], dtype=torch.float32).eval()
+    assert not torch.allclose(rank_scores(plain, prompts, formatting["answer_ids"], 0), ours, atol=1e-3)
