@@ -9,7 +9,7 @@ from lmtune.data import batching
 from lmtune.data.batching import LengthGroupedSampler, PaddingCollator
 from lmtune.data.formatting import IGNORE_INDEX, ChatFormatter
 from lmtune.data.records import DataError, Record
-from lmtune.model.tiny import build_tiny_tokenizer
+from lmtune.model.tiny import CHAT_TEMPLATE, build_tiny_tokenizer
 
 LABELS = ["cs.AI", "cs.CL", "cs.CV", "cs.LG", "cs.RO"]
 
@@ -128,3 +128,35 @@ def test_length_grouped_sampler_is_a_deterministic_grouped_permutation():
     sampler.skip_batches(epoch=1, batches=5)
     assert list(sampler) == order[40:]
     assert list(sampler) == order  # the skip applies once
+
+
+def test_chat_template_kwargs_pin_template_variables(tiny_tokenizer):
+    tok = build_tiny_tokenizer()
+    tok.chat_template = "{% if date_string is defined %}Today Date: {{ date_string }}\n{% endif %}" + CHAT_TEMPLATE
+    formatter = ChatFormatter(tok, LABELS, chat_template_kwargs={"date_string": "26 Jul 2024"})
+    (example,) = formatter.format(records(1))
+    assert tok.decode(example.input_ids).startswith("Today Date: 26 Jul 2024\n")
+    assert supervised_text(tok, example) == "cs.AI" + tok.eos_token
+
+
+def test_every_example_of_the_sample_data_is_supervised(tiny_tokenizer):
+    from conftest import SAMPLE
+    from lmtune.data.datamodule import ArxivDataModule
+
+    dm = ArxivDataModule(tiny_tokenizer, str(SAMPLE), top_k=3, max_length=128)
+    dm.setup()
+    examples = [e for split in dm.examples.values() for e in split]
+    assert len(examples) == 96 and dm.stats["truncated"]["train"] > 0
+    for e in examples:
+        supervised = [t for t in e.labels if t != IGNORE_INDEX]
+        assert supervised == dm.formatter.answer_ids[e.label_index] and len(e.input_ids) <= 128
+
+
+def test_pad_token_option(tiny_dir):
+    from lmtune.model.loading import ModelConfigError, load_tokenizer
+
+    assert load_tokenizer(tiny_dir).pad_token == "<|pad|>"
+    tok = load_tokenizer(tiny_dir, pad_token="<|eot_id|>")
+    assert tok.pad_token_id == tok.eos_token_id
+    with pytest.raises(ModelConfigError, match="model.pad_token='<nope>' is not in the vocabulary"):
+        load_tokenizer(tiny_dir, pad_token="<nope>")

@@ -40,6 +40,8 @@ def test_shared_prefix_rank_scores_equal_naive_per_label_scores(tiny_dir, tiny_t
     fast = rank_scores(model, prompts, formatter.answer_ids, tiny_tokenizer.pad_token_id)
     naive = naive_rank_scores(model, prompts, formatter.answer_ids)
     torch.testing.assert_close(fast, naive, rtol=0, atol=1e-4)
+    chunked = rank_scores(model, prompts, formatter.answer_ids, tiny_tokenizer.pad_token_id, max_rows=len(labels))
+    torch.testing.assert_close(chunked, naive, rtol=0, atol=1e-4)  # one prompt per chunk
     probs = fast.softmax(-1)
     torch.testing.assert_close(probs.sum(-1), torch.ones(4))
 

@@ -29,6 +29,9 @@ def test_lora_b_learns_and_base_stays_frozen(tmp_path, cache_dir, checkpointing)
     assert lora_b and set(after) == set(before.trainable) and all("lora_" in k for k in after)
     assert all(before.trainable[k].abs().sum() == 0 for k in lora_b)  # LoRA-B starts at zero
     assert all(after[k].abs().sum() > 0 for k in lora_b), "some LoRA-B weights never moved"
+    # only trainable parameters went to the optimizer
+    optimized = [p for group in objects["trainer"].optimizers[0].param_groups for p in group["params"]]
+    assert {id(p) for p in optimized} == {id(p) for p in module.parameters() if p.requires_grad}
     frozen_after = {k: v for k, v in module.model.state_dict().items() if k in before.frozen}
     assert len(frozen_after) == len(before.frozen) > 0
     assert all(torch.equal(frozen_after[k], v) for k, v in before.frozen.items())
@@ -112,3 +115,38 @@ def test_export_reloads_with_peft_and_predicts_like_the_trained_module(tmp_path,
     # the adapter moved the predictions away from the base model's
     plain = AutoModelForCausalLM.from_pretrained(formatting["base_model"], dtype=torch.float32).eval()
     assert not torch.allclose(rank_scores(plain, prompts, formatting["answer_ids"], 0), ours, atol=1e-3)
+
+
+def test_qlora_stores_the_base_in_4bit_nf4_and_trains_the_adapter(tmp_path, cache_dir):
+    import bitsandbytes as bnb
+
+    cfg = compose_train(
+        ["experiment=smoke", "adapter=qlora", "adapter.quantization.compute_dtype=float32", "logger=none",
+         "callbacks=none", "trainer.max_steps=3", "trainer.val_check_interval=3",
+         "+callbacks.snapshot._target_=conftest.SnapshotAtFitStart"],
+        tmp_path, cache_dir,
+    )
+    metrics, objects = train(cfg)
+    module = objects["module"]
+    quantized = [m for m in module.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 2 * 7  # every linear layer of both decoder layers (lm_head stays unquantized)
+    assert all(m.weight.quant_type == "nf4" and m.weight.quant_state.nested for m in quantized)  # double quant
+    (before,) = [c for c in objects["trainer"].callbacks if isinstance(c, SnapshotAtFitStart)]
+    after = module.trainable_state_dict()
+    assert all(after[k].abs().sum() > 0 for k in after if "lora_B" in k)
+    assert any(not torch.equal(before.trainable[k], v) for k, v in after.items() if "lora_A" in k)
+    assert 0 <= metrics["test/acc"] <= 1
+
+
+def test_zero_steps_evaluates_the_untrained_base_model(tmp_path, cache_dir):
+    cfg = compose_train(["experiment=smoke", "logger=none", "trainer.max_steps=0"], tmp_path, cache_dir)
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 0 and not list((tmp_path / "checkpoints").glob("*.ckpt"))
+    module, dm = objects["module"], objects["datamodule"]
+    assert all(v.abs().sum() == 0 for k, v in module.trainable_state_dict().items() if "lora_B" in k)
+    # the same numbers as scoring the plain base model directly
+    base = AutoModelForCausalLM.from_pretrained(module.hparams.pretrained, dtype=torch.float32).eval()
+    prompts = [e.input_ids[: e.prompt_length] for e in dm.examples["test"]]
+    preds = rank_scores(base, prompts, dm.formatter.answer_ids, dm.collator.pad_token_id).argmax(-1)
+    truth = torch.tensor([e.label_index for e in dm.examples["test"]])
+    assert metrics["test/acc"] == pytest.approx((preds == truth).float().mean().item())

@@ -42,7 +42,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     output_dir = Path(cfg.paths.output_dir)
 
     pretrained = resolve_pretrained(cfg.model, cfg.paths.cache_dir)
-    tokenizer = load_tokenizer(pretrained)
+    tokenizer = load_tokenizer(pretrained, cfg.model.get("pad_token"))
     datamodule = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer)
     datamodule.setup("fit")
     formatter = datamodule.formatter

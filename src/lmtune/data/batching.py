@@ -56,6 +56,7 @@ class PaddingCollator:
 class LengthGroupedSampler(Sampler[int]):
     """Shuffles, then sorts within mega-batches so each batch holds examples of similar length.
 
+    With `mega_batch_factor=1` the batches are plain random batches (only the longest goes first).
     The order depends only on (seed, epoch), and `skip_batches` lets a run resumed mid-epoch continue
     with exactly the batches an uninterrupted run would have seen.
     """

@@ -58,6 +58,7 @@ class ArxivDataModule(L.LightningDataModule):
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         user_template: str = DEFAULT_USER_TEMPLATE,
         eot_token: str | None = None,
+        chat_template_kwargs: dict | None = None,
         seed: int = 0,
     ):
         super().__init__()
@@ -75,7 +76,12 @@ class ArxivDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.group_by_length, self.seed = group_by_length, seed
-        self.prompts = {"system_prompt": system_prompt, "user_template": user_template, "eot_token": eot_token}
+        self.prompts = {
+            "system_prompt": system_prompt,
+            "user_template": user_template,
+            "eot_token": eot_token,
+            "chat_template_kwargs": chat_template_kwargs,
+        }
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.collator = PaddingCollator(pad_id, pad_to_multiple_of)
         self.labels: list[str] = []
@@ -117,13 +123,15 @@ class ArxivDataModule(L.LightningDataModule):
     # --- loaders ---------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         examples = self.examples["train"]
-        if self.group_by_length:
-            sampler = LengthGroupedSampler([len(e.input_ids) for e in examples], self.batch_size, self.seed)
-            if self._resume_skip:
-                sampler.skip_batches(*self._resume_skip)
-                self._resume_skip = None
-            return self._loader(examples, self.batch_size, sampler=sampler)
-        return self._loader(examples, self.batch_size, shuffle=True)
+        # without grouping, mega-batches of one batch: plain random batches, still resumable mid-epoch
+        sampler = LengthGroupedSampler(
+            [len(e.input_ids) for e in examples], self.batch_size, self.seed,
+            mega_batch_factor=32 if self.group_by_length else 1,
+        )
+        if self._resume_skip:
+            sampler.skip_batches(*self._resume_skip)
+            self._resume_skip = None
+        return self._loader(examples, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.examples["val"], self.eval_batch_size)

@@ -47,6 +47,7 @@ class ChatFormatter:
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         user_template: str = DEFAULT_USER_TEMPLATE,
         eot_token: str | None = None,
+        chat_template_kwargs: dict | None = None,
     ):
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(
@@ -59,6 +60,8 @@ class ChatFormatter:
         self.max_length = max_length
         self.system_prompt = system_prompt.format(labels=", ".join(self.labels))
         self.user_template = user_template
+        # extra template variables, e.g. Llama 3's `date_string`, which otherwise injects today's date
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.eot_token = eot_token or tokenizer.eos_token
         self.eot_id = tokenizer.convert_tokens_to_ids(self.eot_token)
         if self.eot_id is None or self.eot_id == tokenizer.unk_token_id:
@@ -78,7 +81,7 @@ class ChatFormatter:
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **self.chat_template_kwargs
         )
 
     def _encode(self, texts: list[str]) -> list[list[int]]:

@@ -21,8 +21,21 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def rank_scores(causal_lm, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Summed log-probability of each answer after each prompt: a (num_prompts, num_labels) tensor."""
+def rank_scores(
+    causal_lm, prompts: list[list[int]], answers: list[list[int]], pad_id: int, max_rows: int = 64
+) -> torch.Tensor:
+    """Summed log-probability of each answer after each prompt: a (num_prompts, num_labels) tensor.
+
+    The prompt cache is copied once per label, so prompts go in chunks of at most `max_rows` (prompt, label)
+    rows to bound that memory.
+    """
+    chunk = max(1, max_rows // len(answers))
+    return torch.cat(
+        [_rank_scores(causal_lm, prompts[i : i + chunk], answers, pad_id) for i in range(0, len(prompts), chunk)]
+    )
+
+
+def _rank_scores(causal_lm, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
     device = next(causal_lm.parameters()).device
     num_prompts, num_labels = len(prompts), len(answers)
     prompt_ids, prompt_mask = (t.to(device) for t in _left_pad(prompts, pad_id))

@@ -101,8 +101,13 @@ def resolve_pretrained(model_cfg, cache_dir: str | Path) -> str:
     raise ModelConfigError(f"model.source={source!r} is not one of {SOURCES}.")
 
 
-def load_tokenizer(pretrained: str):
+def load_tokenizer(pretrained: str, pad_token: str | None = None):
+    """The tokenizer; `pad_token` picks a dedicated pad token (Llama 3.2 has `<|finetune_right_pad_id|>`)."""
     tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    if pad_token:
+        if tokenizer.convert_tokens_to_ids(pad_token) in (None, tokenizer.unk_token_id):
+            raise ModelConfigError(f"model.pad_token={pad_token!r} is not in the vocabulary of {pretrained}.")
+        tokenizer.pad_token = pad_token
     if tokenizer.pad_token is None:
         # Safe because padding is masked by position (attention mask), never by token id.
         tokenizer.pad_token = tokenizer.eos_token

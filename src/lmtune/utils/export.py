@@ -27,6 +27,7 @@ def export_model(module, tokenizer, formatter, cfg: DictConfig, out_dir: str | P
         "system_prompt": formatter.system_prompt,
         "user_template": formatter.user_template,
         "eot_token": formatter.eot_token,
+        "chat_template_kwargs": formatter.chat_template_kwargs,
         "max_length": formatter.max_length,
         "answer_ids": formatter.answer_ids,
         "base_model": module.hparams.pretrained,

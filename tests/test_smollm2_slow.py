@@ -1,0 +1,49 @@
+"""Slow: the real SmolLM2-135M-Instruct with LoRA and QLoRA on the shared arXiv data, a few dozen CPU steps."""
+
+import csv
+import json
+
+import pytest
+
+from conftest import ROOT, compose_train
+from lmtune.pipeline import train
+
+pytestmark = pytest.mark.slow
+
+
+def logged(run_dir, key):
+    (path,) = (run_dir / "csv").glob("version_*/metrics.csv")
+    return [float(row[key]) for row in csv.DictReader(path.open()) if row.get(key)]
+
+
+@pytest.mark.parametrize("adapter", ["lora", "qlora"])
+def test_smollm2_learns_on_arxiv(adapter, tmp_path, shared_arxiv):
+    cfg = compose_train(
+        [
+            f"experiment={adapter}_arxiv",
+            f"data.path={shared_arxiv}",
+            "logger=csv",
+            "trainer.precision=bf16-mixed",
+            "trainer.max_steps=36",
+            "trainer.val_check_interval=18",
+            "trainer.log_every_n_steps=1",
+            "data.limit_val=48",
+            "data.limit_test=48",
+            "data.max_length=256",
+            "optim.lr=1e-3",
+        ],
+        tmp_path,
+        ROOT / ".cache",
+    )
+    metrics, objects = train(cfg)
+    losses = logged(tmp_path, "train/loss")
+    assert len(losses) == 36
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.8 * first, f"loss did not go down: first 8 steps {first:.3f}, last 8 {last:.3f}"
+    assert len(logged(tmp_path, "val/acc")) >= 2 and len(logged(tmp_path, "val/macro_f1")) >= 2
+    assert 0 <= metrics["test/acc"] <= 1
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["data"]["labels"] == objects["datamodule"].labels and len(summary["data"]["labels"]) == 10
+    # adapter-only checkpoints: megabytes, against a 538 MB base model
+    assert max(p.stat().st_size for p in (tmp_path / "checkpoints").glob("*.ckpt")) < 60 * 2**20
+    assert (tmp_path / "export" / "adapter_model.safetensors").stat().st_size < 25 * 2**20
