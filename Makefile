@@ -30,7 +30,7 @@ test-all: install
 	$(PYTEST) -q
 
 lint: install
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests && $(VENV)/bin/ruff format --check src tests
 
 smoke: install
 	$(PY) src/train.py experiment=smoke

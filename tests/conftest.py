@@ -104,6 +104,7 @@ class SnapshotAtFitStart(L.Callback):
     def on_fit_start(self, trainer, pl_module):
         trainable = pl_module.trainable_state_dict()
         self.trainable = {k: v.detach().clone() for k, v in trainable.items()}
-        self.frozen = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()
-                       if f"model.{k}" not in trainable}
+        self.frozen = {
+            k: v.detach().clone() for k, v in pl_module.model.state_dict().items() if f"model.{k}" not in trainable
+        }
         self.checkpointing = pl_module.causal_lm.is_activation_checkpointing

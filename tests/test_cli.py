@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import yaml
+
 from conftest import ROOT
 from wandb_files import read_run
 
@@ -17,7 +18,11 @@ def run_train(*overrides: str, env: dict | None = None, timeout: int = 300) -> s
     full_env.pop("WANDB_API_KEY", None)
     return subprocess.run(
         [sys.executable, str(ROOT / "src" / "train.py"), *overrides],
-        cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -57,7 +62,12 @@ def test_smoke_run_writes_checkpoints_export_metrics_and_wandb_files(tmp_path, c
 
 
 def test_bad_data_path_fails_with_a_clear_message(tmp_path, cache_dir):
-    proc = run_train("experiment=smoke", "logger=none", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={cache_dir}",
-                     f"data.path={tmp_path}/missing.jsonl")
+    proc = run_train(
+        "experiment=smoke",
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+        f"paths.cache_dir={cache_dir}",
+        f"data.path={tmp_path}/missing.jsonl",
+    )
     assert proc.returncode != 0
     assert f"data file not found: {tmp_path}/missing.jsonl" in proc.stderr

@@ -1,10 +1,9 @@
 """Every shipped experiment and debug config composes with the real config tree and passes validation."""
 
-
 import pytest
-from conftest import ROOT, SAMPLE, compose_train
 from hydra import compose, initialize_config_dir
 
+from conftest import ROOT, SAMPLE, compose_train
 from lmtune.utils.config import ConfigError, config_problems, validate_config
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
@@ -46,7 +45,8 @@ def test_main_train_config_uses_the_offline_smollm2_by_default():
 def test_invalid_settings_are_all_reported_at_once(tmp_path):
     cfg = compose_train(
         ["experiment=qlora_arxiv", "trainer.precision=bf16-true", "optim.lr=0", "model.source=nowhere"],
-        tmp_path, tmp_path,
+        tmp_path,
+        tmp_path,
     )
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)

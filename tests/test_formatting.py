@@ -16,13 +16,17 @@ LABELS = ["cs.AI", "cs.CL", "cs.CV", "cs.LG", "cs.RO"]
 
 def records(n=10):
     return [
-        Record(id=f"r{i}", title=f"A study {i} of things", abstract="We show that words " * (i + 1), label=LABELS[i % 5])
+        Record(
+            id=f"r{i}", title=f"A study {i} of things", abstract="We show that words " * (i + 1), label=LABELS[i % 5]
+        )
         for i in range(n)
     ]
 
 
 def supervised_text(tokenizer, example):
-    return tokenizer.decode([t for t, lab in zip(example.input_ids, example.labels) if lab != IGNORE_INDEX])
+    return tokenizer.decode(
+        [t for t, lab in zip(example.input_ids, example.labels, strict=False) if lab != IGNORE_INDEX]
+    )
 
 
 @pytest.fixture(params=["tiny", "tiny_pad_eq_eos", "smollm2"])
@@ -37,11 +41,11 @@ def tokenizer(request, tiny_tokenizer, smollm2_tokenizer):
 def test_supervised_tokens_are_exactly_category_and_end_of_turn(tokenizer):
     formatter = ChatFormatter(tokenizer, LABELS, max_length=512)
     examples = formatter.format(records())
-    for r, e in zip(records(), examples):
+    for r, e in zip(records(), examples, strict=False):
         assert supervised_text(tokenizer, e) == r.label + tokenizer.eos_token
         assert e.labels[: e.prompt_length] == [IGNORE_INDEX] * e.prompt_length
         assert e.input_ids[: e.prompt_length] == formatter.prompt_ids(r.title, r.abstract)
-        assert e.input_ids[e.prompt_length:] == formatter.answer_ids[LABELS.index(r.label)]
+        assert e.input_ids[e.prompt_length :] == formatter.answer_ids[LABELS.index(r.label)]
     # the prompt is the template's rendering with the generation prompt, and nothing of the answer
     first = records(1)[0]
     rendered = tokenizer.apply_chat_template(

@@ -15,7 +15,8 @@ def test_adapter_trains_with_bf16_mixed_on_cuda(adapter, tmp_path, cache_dir):
 
     cfg = compose_train(
         ["experiment=smoke", f"adapter={adapter}", "trainer=gpu", "logger=none", "model.dtype=bfloat16"],
-        tmp_path, cache_dir,
+        tmp_path,
+        cache_dir,
     )
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
     metrics, objects = train(cfg)

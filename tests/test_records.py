@@ -55,7 +55,12 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
 
 def test_non_utf8_bytes_name_the_line(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes(json.dumps(record(1)).encode() + b"\n" + json.dumps(record(2, title="Caf\u00e9")).encode("latin-1").replace(b"\\u00e9", b"\xe9") + b"\n")
+    path.write_bytes(
+        json.dumps(record(1)).encode()
+        + b"\n"
+        + json.dumps(record(2, title="Caf\u00e9")).encode("latin-1").replace(b"\\u00e9", b"\xe9")
+        + b"\n"
+    )
     with pytest.raises(DataError, match=r"latin1\.jsonl:2: bytes that are not UTF-8.*iconv"):
         read_records(path, SkipCounts())
 
@@ -91,7 +96,10 @@ def test_csv_with_string_categories(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text('id,title,abstract,categories\n2401.1,T,"A, with comma",cs.CV cs.LG\n2401.2,T2,A2,"[\'cs.CL\']"\n')
     records = read_records(path, SkipCounts())
-    assert [(r.id, r.label, r.abstract) for r in records] == [("2401.1", "cs.CV", "A, with comma"), ("2401.2", "cs.CL", "A2")]
+    assert [(r.id, r.label, r.abstract) for r in records] == [
+        ("2401.1", "cs.CV", "A, with comma"),
+        ("2401.2", "cs.CL", "A2"),
+    ]
 
 
 def test_csv_missing_column_is_an_error_naming_it(tmp_path):

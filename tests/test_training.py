@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import SnapshotAtFitStart, compose_train
 from omegaconf import open_dict
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from conftest import SnapshotAtFitStart, compose_train
 from lmtune.evaluation.scoring import rank_scores
 from lmtune.pipeline import train
 
@@ -16,9 +16,17 @@ from lmtune.pipeline import train
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
 def test_lora_b_learns_and_base_stays_frozen(tmp_path, cache_dir, checkpointing):
     cfg = compose_train(
-        ["experiment=smoke", "logger=none", "callbacks=none", "trainer.max_steps=3", "trainer.val_check_interval=3",
-         f"model.gradient_checkpointing={checkpointing}", "+callbacks.snapshot._target_=conftest.SnapshotAtFitStart"],
-        tmp_path, cache_dir,
+        [
+            "experiment=smoke",
+            "logger=none",
+            "callbacks=none",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            f"model.gradient_checkpointing={checkpointing}",
+            "+callbacks.snapshot._target_=conftest.SnapshotAtFitStart",
+        ],
+        tmp_path,
+        cache_dir,
     )
     _, objects = train(cfg)
     module = objects["module"]
@@ -49,8 +57,16 @@ def test_every_lora_b_gets_a_gradient_with_gradient_checkpointing(tmp_path, cach
     tokenizer = load_tokenizer(pretrained)
     dm = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer)
     dm.setup()
-    module = CausalLMClassifier(pretrained, _plain(cfg.model), _plain(cfg.adapter), _plain(cfg.optim),
-                                dm.labels, dm.formatter.answer_ids, tokenizer.pad_token_id, True)
+    module = CausalLMClassifier(
+        pretrained,
+        _plain(cfg.model),
+        _plain(cfg.adapter),
+        _plain(cfg.optim),
+        dm.labels,
+        dm.formatter.answer_ids,
+        tokenizer.pad_token_id,
+        True,
+    )
     module.configure_model()
     # make B non-zero so A gets a gradient too, then check both
     for name, p in module.named_parameters():
@@ -75,8 +91,11 @@ def test_resume_from_last_ckpt_matches_an_uninterrupted_run(tmp_path, cache_dir)
     straight_cfg = compose_train(common, tmp_path / "straight", cache_dir)
     train(straight_cfg)
 
-    first_cfg = compose_train(common + ["+callbacks.stop._target_=conftest.StopAtStep", "+callbacks.stop.step=6"],
-                              tmp_path / "first", cache_dir)
+    first_cfg = compose_train(
+        common + ["+callbacks.stop._target_=conftest.StopAtStep", "+callbacks.stop.step=6"],
+        tmp_path / "first",
+        cache_dir,
+    )
     train(first_cfg)
     interrupted = torch.load(tmp_path / "first/checkpoints/last.ckpt", weights_only=False)
     assert interrupted["global_step"] == 6  # mid-epoch: 8 batches per epoch
@@ -121,10 +140,18 @@ def test_qlora_stores_the_base_in_4bit_nf4_and_trains_the_adapter(tmp_path, cach
     import bitsandbytes as bnb
 
     cfg = compose_train(
-        ["experiment=smoke", "adapter=qlora", "adapter.quantization.compute_dtype=float32", "logger=none",
-         "callbacks=none", "trainer.max_steps=3", "trainer.val_check_interval=3",
-         "+callbacks.snapshot._target_=conftest.SnapshotAtFitStart"],
-        tmp_path, cache_dir,
+        [
+            "experiment=smoke",
+            "adapter=qlora",
+            "adapter.quantization.compute_dtype=float32",
+            "logger=none",
+            "callbacks=none",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "+callbacks.snapshot._target_=conftest.SnapshotAtFitStart",
+        ],
+        tmp_path,
+        cache_dir,
     )
     metrics, objects = train(cfg)
     module = objects["module"]
@@ -150,3 +177,18 @@ def test_zero_steps_evaluates_the_untrained_base_model(tmp_path, cache_dir):
     preds = rank_scores(base, prompts, dm.formatter.answer_ids, dm.collator.pad_token_id).argmax(-1)
     truth = torch.tensor([e.label_index for e in dm.examples["test"]])
     assert metrics["test/acc"] == pytest.approx((preds == truth).float().mean().item())
+
+
+def test_eval_loss_from_rank_scores_equals_the_masked_training_loss(tmp_path, cache_dir):
+    cfg = compose_train(
+        ["experiment=smoke", "logger=none", "trainer.max_steps=4", "trainer.val_check_interval=4"], tmp_path, cache_dir
+    )
+    metrics, objects = train(cfg)
+    module, dm = objects["module"], objects["datamodule"]
+    module.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            loss_sum, n = module.supervised_loss(batch)
+            total, count = total + loss_sum.item(), count + n.item()
+    assert metrics["val/loss"] == pytest.approx(total / count, abs=1e-4)

@@ -116,8 +116,12 @@ class ArxivDataModule(L.LightningDataModule):
         }
         log.info(
             "data %s: %d labels %s; %s; train/val/test = %d/%d/%d examples; truncated abstracts %s",
-            self.path, len(self.labels), self.labels, skips.summary(),
-            *(len(self.examples[s]) for s in SPLITS), self.stats["truncated"],
+            self.path,
+            len(self.labels),
+            self.labels,
+            skips.summary(),
+            *(len(self.examples[s]) for s in SPLITS),
+            self.stats["truncated"],
         )
 
     # --- loaders ---------------------------------------------------------------------------------------
@@ -125,7 +129,9 @@ class ArxivDataModule(L.LightningDataModule):
         examples = self.examples["train"]
         # without grouping, mega-batches of one batch: plain random batches, still resumable mid-epoch
         sampler = LengthGroupedSampler(
-            [len(e.input_ids) for e in examples], self.batch_size, self.seed,
+            [len(e.input_ids) for e in examples],
+            self.batch_size,
+            self.seed,
             mega_batch_factor=32 if self.group_by_length else 1,
         )
         if self._resume_skip:

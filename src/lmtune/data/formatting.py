@@ -90,14 +90,16 @@ class ChatFormatter:
     def _answer_from_full(self, prompt: list[int], full: list[int], where: str) -> list[int]:
         """The answer tokens of a full conversation: after the prompt, up to and including end-of-turn."""
         if full[: len(prompt)] != prompt:
-            n = next((i for i, (a, b) in enumerate(zip(prompt, full)) if a != b), min(len(prompt), len(full)))
+            n = next(
+                (i for i, (a, b) in enumerate(zip(prompt, full, strict=False)) if a != b), min(len(prompt), len(full))
+            )
             raise DataError(
                 f"{where}: the chat-template prompt is not a token prefix of the full conversation "
-                f"(first difference at token {n}: {self.tokenizer.decode(prompt[n:n + 5])!r} vs "
-                f"{self.tokenizer.decode(full[n:n + 5])!r}). The template renders the prompt differently "
+                f"(first difference at token {n}: {self.tokenizer.decode(prompt[n : n + 5])!r} vs "
+                f"{self.tokenizer.decode(full[n : n + 5])!r}). The template renders the prompt differently "
                 f"with and without the answer; fix the tokenizer's chat template."
             )
-        rest = full[len(prompt):]
+        rest = full[len(prompt) :]
         if self.eot_id not in rest:
             raise DataError(
                 f"{where}: end-of-turn token {self.eot_token!r} does not follow the answer in the chat "

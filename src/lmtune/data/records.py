@@ -12,9 +12,9 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from lmtune.errors import UserError
 
@@ -101,7 +101,7 @@ def _iter_jsonl(path: Path) -> Iterator[dict]:
             except UnicodeDecodeError as e:
                 raise DataError(
                     f"{path}:{lineno}: bytes that are not UTF-8 at column {e.start + 1} "
-                    f"({raw_line[e.start:e.start + 4]!r}). Re-encode the file as UTF-8 "
+                    f"({raw_line[e.start : e.start + 4]!r}). Re-encode the file as UTF-8 "
                     f"(for example `iconv -f latin1 -t utf-8`) or fix that line."
                 ) from None
             if not line.strip():
@@ -137,9 +137,7 @@ def _iter_csv(path: Path) -> Iterator[dict]:
             _check_columns(path, reader.fieldnames or [])
             yield from reader
     except UnicodeDecodeError as e:
-        raise DataError(
-            f"{path}: bytes that are not UTF-8 at byte {e.start}. Re-encode the file as UTF-8."
-        ) from None
+        raise DataError(f"{path}: bytes that are not UTF-8 at byte {e.start}. Re-encode the file as UTF-8.") from None
 
 
 def _iter_parquet(path: Path) -> Iterator[dict]:

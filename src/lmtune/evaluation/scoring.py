@@ -15,8 +15,8 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
     for row, s in enumerate(seqs):
-        ids[row, length - len(s):] = torch.tensor(s)
-        mask[row, length - len(s):] = 1
+        ids[row, length - len(s) :] = torch.tensor(s)
+        mask[row, length - len(s) :] = 1
     return ids, mask
 
 
@@ -79,5 +79,5 @@ def naive_rank_scores(causal_lm, prompts: list[list[int]], answers: list[list[in
         for j, a in enumerate(answers):
             ids = torch.tensor([p + a], device=device)
             logprobs = torch.log_softmax(causal_lm(input_ids=ids).logits[0, :-1].float(), dim=-1)
-            scores[i, j] = logprobs[len(p) - 1 :].gather(-1, ids[0, len(p):].unsqueeze(-1)).sum()
+            scores[i, j] = logprobs[len(p) - 1 :].gather(-1, ids[0, len(p) :].unsqueeze(-1)).sum()
     return scores

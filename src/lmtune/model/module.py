@@ -33,7 +33,11 @@ def parameter_counts(module: torch.nn.Module) -> dict:
     """Total and trainable parameters: the LoRA trainable fraction belongs in every run's config."""
     total = sum(p.numel() for p in module.parameters())
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return {"params/total": total, "params/trainable": trainable, "params/trainable_fraction": trainable / max(total, 1)}
+    return {
+        "params/total": total,
+        "params/trainable": trainable,
+        "params/trainable_fraction": trainable / max(total, 1),
+    }
 
 
 class CausalLMClassifier(L.LightningModule):
@@ -91,11 +95,13 @@ class CausalLMClassifier(L.LightningModule):
     def supervised_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy over the answer tokens and their count."""
         lm = self.causal_lm
-        hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = lm.get_decoder()(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
         return masked_lm_loss_sum(hidden, batch["labels"], lm.get_output_embeddings())
 
     def score_labels(self, batch: dict) -> torch.Tensor:
-        prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_length"])]
+        prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_length"], strict=False)]
         return rank_scores(self.causal_lm, prompts, self.hparams.answer_ids, self.hparams.pad_token_id)
 
     # --- steps -----------------------------------------------------------------------------------------
@@ -106,10 +112,14 @@ class CausalLMClassifier(L.LightningModule):
         return loss
 
     def _eval_step(self, batch: dict, stage: str) -> None:
-        loss_sum, n_tokens = self.supervised_loss(batch)
-        self.eval_loss[stage].update(loss_sum / n_tokens.clamp(min=1), weight=n_tokens)
-        preds = self.score_labels(batch).argmax(-1).to(self.device)
-        self.metrics[stage].update(preds, batch["label_index"])
+        # One scoring pass gives both numbers: the true label's score is minus its summed answer loss,
+        # so the eval loss needs no second forward pass.
+        scores = self.score_labels(batch).to(self.device)
+        labels = batch["label_index"]
+        n_tokens = sum(len(self.hparams.answer_ids[i]) for i in labels.tolist())
+        loss_sum = -scores.gather(1, labels.unsqueeze(1)).sum()
+        self.eval_loss[stage].update(loss_sum / n_tokens, weight=n_tokens)
+        self.metrics[stage].update(scores.argmax(-1), labels)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -133,9 +143,7 @@ class CausalLMClassifier(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.hparams.optim_cfg
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=tuple(cfg["betas"])
-        )
+        optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=tuple(cfg["betas"]))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = cfg["warmup_steps"] if cfg["warmup_steps"] >= 1 else int(cfg["warmup_steps"] * total)
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
@@ -161,4 +169,3 @@ class CausalLMClassifier(L.LightningModule):
                 )
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
-

@@ -30,9 +30,10 @@ We study the computational complexity of algorithms for optimization, cryptograp
 This paper presents a robot control framework, a software engineering study and an information theory bound.
 Large language models, retrieval, vision, speech, human-computer interaction, security and privacy.
 system user assistant
-""" + " ".join(
-    f"cs.{c}" for c in "AI AR CC CE CG CL CR CV CY DB DC DL DM DS ET FL GL GR GT HC IR IT LG LO MA MM MS NE NI OS PF PL RO SC SD SE SI SY".split()
-)
+"""
+_CS_CLASSES = "AI AR CC CE CG CL CR CV CY DB DC DL DM DS ET FL GL GR GT HC IR IT LG LO MA MM MS NE NI OS PF PL RO SC"
+_CS_CLASSES += " SD SE SI SY"
+_CORPUS += " ".join(f"cs.{c}" for c in _CS_CLASSES.split())
 
 
 def build_tiny_tokenizer(vocab_size: int = 512, pad_equals_eos: bool = False) -> PreTrainedTokenizerFast:

@@ -24,7 +24,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
     quant = adapter.get("quantization")
     if quant:
         if adapter.kind == "none":
-            problems.append("adapter.kind=none with adapter.quantization: 4-bit weights cannot train; use adapter=qlora.")
+            problems.append(
+                "adapter.kind=none with adapter.quantization: 4-bit weights cannot train; use adapter=qlora."
+            )
         if str(trainer.get("precision")) in ("bf16-true", "16-true", "bf16", "16", "half"):
             problems.append(
                 f"trainer.precision={trainer.precision} recasts 4-bit weights; use trainer.precision=bf16-mixed "
