@@ -508,22 +508,18 @@ def test_503_then_success_retries_with_backoff(server, make_client, fake_time, c
     assert "HTTP 503" in caplog.text and "retrying in 2.0 s" in caplog.text
 
 
-def test_single_503_then_success(server, make_client, fake_time):
+@pytest.mark.parametrize(
+    "reply, sleeps",
+    [(Reply(503, b"busy"), [2.0]), (Reply(429, b"slow down", headers={"Retry-After": "7"}), [7.0])],
+    ids=["503_then_success", "429_honours_retry_after"],
+)
+def test_one_transient_answer_then_success(server, make_client, fake_time, reply, sleeps):
     server.serve_papers(PAPERS)
-    server.queue.append(Reply(503, b"busy"))
+    server.queue.append(reply)
     client = make_client()
     client.get({"search_query": "cat:cs.CL", "start": 0, "max_results": 2})
     assert client.requests_made == 2
-    assert fake_time.sleeps == [2.0]
-
-
-def test_429_honours_retry_after(server, make_client, fake_time):
-    server.serve_papers(PAPERS)
-    server.queue.append(Reply(429, b"slow down", headers={"Retry-After": "7"}))
-    client = make_client()
-    client.get({"search_query": "cat:cs.CL", "start": 0, "max_results": 2})
-    assert client.requests_made == 2
-    assert fake_time.sleeps == [7.0]
+    assert fake_time.sleeps == sleeps
 
 
 def test_slow_response_past_timeout_is_retried(server, make_client, fake_time):
