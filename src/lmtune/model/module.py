@@ -101,7 +101,7 @@ class CausalLMClassifier(L.LightningModule):
         return masked_lm_loss_sum(hidden, batch["labels"], lm.get_output_embeddings())
 
     def score_labels(self, batch: dict) -> torch.Tensor:
-        prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_length"], strict=False)]
+        prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_length"], strict=True)]
         return rank_scores(self.causal_lm, prompts, self.hparams.answer_ids, self.hparams.pad_token_id)
 
     # --- steps -----------------------------------------------------------------------------------------
