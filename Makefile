@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST := $(PY) -m pytest
 
-.PHONY: install test test-slow test-gpu test-all lint smoke clean
+.PHONY: install test test-slow test-gpu test-all lint smoke data clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ lint: install
 
 smoke: install
 	$(PY) src/train.py experiment=smoke
+
+# recent arXiv papers -> data/arxiv.jsonl (+ manifest); needs network; ARGS="max_results=500 ..." to change the query
+data: install
+	$(PY) src/fetch_arxiv.py $(ARGS)
 
 clean:
 	rm -rf logs/train .pytest_cache

@@ -35,6 +35,29 @@ def compose_train(overrides: list[str], output_dir: Path, cache_dir: Path):
     return cfg
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy_for_localhost(monkeypatch):
+    """urllib honours http_proxy from the environment; local test servers must be reached directly."""
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def arxiv_server():
+    """A real HTTP server on 127.0.0.1 that answers like the arXiv API (see fake_arxiv.py)."""
+    from fake_arxiv import FakeArxiv
+
+    server = FakeArxiv()
+    server.start()
+    yield server
+    server.stop()
+
+
+def api_settings(base_url: str, **overrides) -> dict:
+    """`arxiv.*` settings for a local server: no rate-limit spacing, short timeouts, no backoff waits."""
+    return {"base_url": base_url, "min_interval": 0.0, "timeout": 5.0, "max_retries": 2, "backoff": 0.0, **overrides}
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """Models materialized for this test session (the tiny one is rebuilt; SmolLM2 reuses the project cache)."""

@@ -10,201 +10,31 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import socket
-import threading
-import time
-import urllib.parse
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from xml.sax.saxutils import escape
 
 import pytest
 
+from fake_arxiv import (
+    ASSETS,
+    PAPERS,
+    FakeArxiv,
+    FakeTime,
+    Paper,
+    Reply,
+    closed_port_url,
+    expected,
+    feed_xml,
+    read_jsonl,
+)
 from lmtune.data.arxiv_api import (
     ArxivApiError,
     ArxivClient,
     FetchPaths,
+    fetch_by_ids,
     fetch_records,
     normalize_id,
     parse_feed,
     search_query,
 )
-
-ASSETS = Path(__file__).parent / "assets" / "arxiv_atom"
-SCHEME = "http://arxiv.org/schemas/atom"
-
-
-# ------------------------------------------------------------------------------- Atom documents
-
-
-@dataclass(frozen=True)
-class Paper:
-    entry_id: str  # as the feed's <id> spells it, with version
-    title: str
-    abstract: str
-    primary: str
-    categories: tuple[str, ...]
-    published: str  # full timestamp, as in <published>
-
-
-def entry_xml(p: Paper) -> str:
-    cats = "\n".join(f'    <category term="{c}" scheme="{SCHEME}"/>' for c in p.categories)
-    return f"""  <entry>
-    <id>http://arxiv.org/abs/{p.entry_id}</id>
-    <updated>{p.published}</updated>
-    <published>{p.published}</published>
-    <title>{escape(p.title)}</title>
-    <summary>{escape(p.abstract)}</summary>
-    <author>
-      <name>Test Author</name>
-    </author>
-    <link href="http://arxiv.org/abs/{p.entry_id}" rel="alternate" type="text/html"/>
-    <arxiv:primary_category term="{p.primary}" scheme="{SCHEME}"/>
-{cats}
-  </entry>"""
-
-
-def feed_xml(papers: list[Paper], total: int, start: int, per_page: int) -> bytes:
-    entries = "\n".join(entry_xml(p) for p in papers)
-    return f"""<?xml version="1.0" encoding="UTF-8"?>
-<feed xmlns="http://www.w3.org/2005/Atom" xmlns:opensearch="http://a9.com/-/spec/opensearch/1.1/" \
-xmlns:arxiv="http://arxiv.org/schemas/atom">
-  <id>https://arxiv.org/api/test</id>
-  <title>arXiv Query</title>
-  <updated>2024-03-01T00:00:00Z</updated>
-  <opensearch:itemsPerPage>{per_page}</opensearch:itemsPerPage>
-  <opensearch:totalResults>{total}</opensearch:totalResults>
-  <opensearch:startIndex>{start}</opensearch:startIndex>
-{entries}
-</feed>
-""".encode()
-
-
-PAPERS = [
-    Paper("2403.00005v1", "Fifth paper", "Abstract five.", "cs.CL", ("cs.CL",), "2024-03-05T10:00:00Z"),
-    Paper("2403.00004v2", "Fourth paper", "Abstract four.", "cs.CV", ("cs.CV", "cs.CL"), "2024-03-04T10:00:00Z"),
-    Paper("2403.00003v1", "Third paper", "Abstract three.", "cs.CL", ("cs.CL", "cs.AI"), "2024-03-03T10:00:00Z"),
-    Paper("2403.00002v1", "Second paper", "Abstract two.", "cs.CV", ("cs.CV",), "2024-03-02T23:59:59Z"),
-    Paper("2403.00001v3", "First paper", "Abstract one.", "cs.CL", ("cs.CL",), "2024-03-01T00:00:01Z"),
-]
-
-
-def expected(p: Paper) -> dict:
-    cats = list(dict.fromkeys([p.primary, *p.categories]))
-    return {
-        "id": p.entry_id.rsplit("v", 1)[0],
-        "title": p.title,
-        "abstract": p.abstract,
-        "categories": cats,
-        "primary_category": p.primary,
-        "published": p.published[:10],
-    }
-
-
-# ----------------------------------------------------------------------------------- fake server
-
-
-@dataclass
-class Reply:
-    status: int = 200
-    body: bytes = b""
-    headers: dict = field(default_factory=dict)
-    delay: float = 0.0  # seconds to wait before answering (a slow API)
-    content_length: int | None = None  # a larger value than len(body) cuts the transfer off
-
-
-class FakeArxiv:
-    """A scripted stand-in for export.arxiv.org: `queue` replies first, then `responder(query)`."""
-
-    def __init__(self):
-        self.queue: deque[Reply] = deque()
-        self.responder: Callable[[dict], Reply] = lambda query: Reply(404, b"no route")
-        self.requests: list[dict] = []  # the parsed query string of every request, in order
-        self.headers: list[dict] = []
-        self.arrival_clock: Callable[[], float] | None = None
-        self.arrivals: list[float] = []
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-
-    def serve_papers(self, papers: list[Paper], total: int | None = None) -> None:
-        """Answer like the real API: the slice [start, start+max_results) of `papers`."""
-
-        def responder(query: dict) -> Reply:
-            start, size = int(query.get("start", 0)), int(query.get("max_results", 10))
-            n = len(papers) if total is None else total
-            return Reply(body=feed_xml(papers[start : start + size], n, start, size))
-
-        self.responder = responder
-
-    def starts(self) -> list[int]:
-        return [int(q["start"]) for q in self.requests]
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/api/query"
-
-    def start(self) -> None:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                query = {k: v[0] for k, v in urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).items()}
-                with fake._lock:
-                    fake.requests.append(query)
-                    fake.headers.append(dict(self.headers))
-                    if fake.arrival_clock is not None:
-                        fake.arrivals.append(fake.arrival_clock())
-                    reply = fake.queue.popleft() if fake.queue else fake.responder(query)
-                if reply.delay:
-                    time.sleep(reply.delay)
-                try:
-                    self.send_response(reply.status)
-                    self.send_header("Content-Type", "application/atom+xml; charset=utf-8")
-                    length = reply.content_length if reply.content_length is not None else len(reply.body)
-                    self.send_header("Content-Length", str(length))
-                    for name, value in reply.headers.items():
-                        self.send_header(name, value)
-                    self.end_headers()
-                    self.wfile.write(reply.body)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
-                    pass
-
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True  # a handler still sleeping must not block teardown
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-class FakeTime:
-    """Injected clock + sleep: sleeping advances the clock instantly and is recorded."""
-
-    def __init__(self):
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy_for_localhost(monkeypatch):
-    """urllib honours http_proxy from the environment; the fake API must be reached directly."""
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.setenv(name, "127.0.0.1,localhost")
 
 
 @pytest.fixture
@@ -238,10 +68,6 @@ def make_client(server, fake_time):
         return ArxivClient(**options)
 
     return make
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 # ------------------------------------------------------------------------------------------- ids
@@ -554,14 +380,37 @@ def test_truncated_forever_gives_up_after_max_retries(server, make_client, fake_
     assert fake_time.sleeps == [0.5, 1.0, 2.0]  # no sleep after the last attempt
 
 
-def test_connection_refused_is_retried_then_reported(make_client):
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    client = make_client(base_url=f"http://127.0.0.1:{port}/api/query", max_retries=2)
+def test_unreachable_server_on_the_first_request_is_reported_at_once(make_client, fake_time):
+    client = make_client(base_url=closed_port_url(), max_retries=5)
+    with pytest.raises(ArxivApiError, match="cannot reach the arXiv API at 127.0.0.1:.*no network access"):
+        client.get({"id_list": "2401.01234"})
+    assert client.requests_made == 1 and fake_time.sleeps == []  # no backoff: offline is not transient
+
+
+def test_connection_refused_after_an_answer_is_retried_then_reported(server, make_client):
+    server.serve_papers(PAPERS)
+    client = make_client(max_retries=2)
+    client.get({"id_list": "2403.00001"})
+    client.base_url = closed_port_url()  # the server went away mid-run
     with pytest.raises(ArxivApiError, match="after 2 attempts"):
         client.get({"id_list": "2401.01234"})
-    assert client.requests_made == 2
+    assert client.requests_made == 3
+
+
+def test_fetch_by_ids_accepts_any_spelling_and_leaves_out_unknown_ids(server, make_client):
+    server.serve_papers(PAPERS)
+    client = make_client()
+    found = fetch_by_ids(
+        client, ["2403.00004v2", "https://arxiv.org/abs/2403.00001v3", "arXiv:2403.00004", "2403.09999"], chunk_size=2
+    )
+    assert {k: v.to_dict() for k, v in found.items()} == {
+        "2403.00004": expected(PAPERS[1]),
+        "2403.00001": expected(PAPERS[4]),
+    }
+    assert [q["id_list"] for q in server.requests] == ["2403.00004,2403.00001", "2403.09999"]
+    with pytest.raises(ValueError, match="not an arXiv id"):
+        fetch_by_ids(client, ["2403.123"])
+    assert len(server.requests) == 2  # a malformed id fails before any request
 
 
 @pytest.mark.parametrize("status", [200, 400])

@@ -44,7 +44,13 @@ def test_main_train_config_uses_the_offline_smollm2_by_default():
 
 def test_invalid_settings_are_all_reported_at_once(tmp_path):
     cfg = compose_train(
-        ["experiment=qlora_arxiv", "trainer.precision=bf16-true", "optim.lr=0", "model.source=nowhere"],
+        [
+            "experiment=qlora_arxiv",
+            "trainer.precision=bf16-true",
+            "optim.lr=0",
+            "model.source=nowhere",
+            "data.source=file",
+        ],
         tmp_path,
         tmp_path,
     )

@@ -41,9 +41,12 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
+    # data first: a fetch from the arXiv API that cannot work (offline) fails before minutes of model loading
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
     pretrained = resolve_pretrained(cfg.model, cfg.paths.cache_dir)
     tokenizer = load_tokenizer(pretrained, cfg.model.get("pad_token"))
-    datamodule = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule.tokenizer = tokenizer
     datamodule.setup("fit")
     formatter = datamodule.formatter
 

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import errno
 import hashlib
 import http.client
 import json
 import logging
 import os
 import re
+import shutil
+import socket
 import tempfile
 import time
 import urllib.error
@@ -36,10 +39,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmtune.errors import UserError
+
 log = logging.getLogger(__name__)
 
 API_URL = "http://export.arxiv.org/api/query"
-USER_AGENT = "lmtune/0.1 (arXiv classification fine-tuning)"  # add a project URL or contact address here
+USER_AGENT = "lmtune/0.1 (arXiv category classification; fine-tuning data and predictions)"
 MAX_PAGE_SIZE = 2000  # the API refuses larger `max_results` per request
 
 NS = {
@@ -61,7 +66,7 @@ _CATEGORY_RE = re.compile(r"^[a-z]+(?:-[a-z]+)*(?:\.[A-Za-z]+(?:-[A-Za-z]+)*)?$"
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}")
 
 
-class ArxivApiError(RuntimeError):
+class ArxivApiError(UserError):
     """The arXiv API could not be reached, or answered with an error or an unusable document.
 
     `retryable` is True for failures that may go away on their own (a body cut off mid-document,
@@ -223,6 +228,16 @@ class _TransientError(Exception):
         self.retry_after = retry_after
 
 
+_UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN}
+
+
+def _is_unreachable(reason: object) -> bool:
+    """No route to the server at all (no DNS, refused, no network), as opposed to a slow or broken answer."""
+    if isinstance(reason, socket.gaierror):
+        return True
+    return isinstance(reason, OSError) and not isinstance(reason, TimeoutError) and reason.errno in _UNREACHABLE_ERRNOS
+
+
 def _retry_after_seconds(value: str | None) -> float | None:
     """`Retry-After` is either delta-seconds or an HTTP date; None when absent or unreadable."""
     if not value:
@@ -246,6 +261,11 @@ class ArxivClient:
 
     `max_retries` is the number of attempts per `get` (the first one included). `sleep` and `clock`
     are injectable so tests run without real waiting. `requests_made` counts every HTTP attempt.
+
+    When the very first request cannot reach the server at all (no DNS, connection refused, no route),
+    the client reports that at once instead of retrying: that is a machine without network or a wrong
+    `arxiv.base_url`, and waiting out a backoff would only delay the message. Once the API has answered,
+    the same failures count as transient and are retried.
     """
 
     def __init__(
@@ -272,6 +292,7 @@ class ArxivClient:
         self.sleep = sleep
         self.clock = clock
         self.requests_made = 0
+        self.answers_received = 0
         self._last_request: float | None = None
 
     def _throttle(self) -> None:
@@ -289,6 +310,7 @@ class ArxivClient:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 body = response.read()
         except urllib.error.HTTPError as exc:
+            self.answers_received += 1
             if exc.code == 429 or exc.code >= 500:
                 raise _TransientError(
                     f"HTTP {exc.code} {exc.reason}", _retry_after_seconds(exc.headers.get("Retry-After"))
@@ -306,7 +328,14 @@ class ArxivClient:
             raise ArxivApiError(f"arXiv API answered HTTP {exc.code} {exc.reason} for {url}") from None
         except (OSError, http.client.HTTPException) as exc:  # timeouts, refused/reset connections, cut bodies
             reason = getattr(exc, "reason", None) or exc
+            if self.answers_received == 0 and _is_unreachable(reason):
+                host = urllib.parse.urlsplit(url).netloc
+                raise ArxivApiError(
+                    f"cannot reach the arXiv API at {host} ({type(reason).__name__}: {reason}); "
+                    f"this machine has no network access to it, or arxiv.base_url is wrong"
+                ) from None
             raise _TransientError(f"{type(reason).__name__}: {reason}") from None
+        self.answers_received += 1
         try:
             return parse_feed(body)
         except ArxivApiError as exc:
@@ -390,6 +419,21 @@ def search_query(
     if dates:
         query += f" AND submittedDate:[{dates[0]:%Y%m%d}0000 TO {dates[1]:%Y%m%d}2359]"
     return query
+
+
+def fetch_by_ids(client: ArxivClient, ids: Iterable[str], chunk_size: int = 100) -> dict[str, ArxivRecord]:
+    """The records of the given papers, keyed by normalized id; ids arXiv does not know are absent.
+
+    Any common spelling of an id is accepted (versions, `arXiv:` prefixes, abs/pdf URLs); a string that is
+    not an arXiv id raises ValueError before any request is made.
+    """
+    wanted = list(dict.fromkeys(normalize_id(i) for i in ids))
+    found: dict[str, ArxivRecord] = {}
+    for i in range(0, len(wanted), chunk_size):
+        chunk = wanted[i : i + chunk_size]
+        page = client.get({"id_list": ",".join(chunk), "start": 0, "max_results": len(chunk)})
+        found.update((r.id, r) for r in page.entries if r.id in chunk)
+    return found
 
 
 # ------------------------------------------------------------------------------------------ fetching
@@ -608,4 +652,84 @@ def fetch_records(
         pages=pages,
         resumed_from=resumed_from,
         skipped=skipped,
+    )
+
+
+def fetch_dataset(
+    client: ArxivClient,
+    categories: Iterable[str],
+    max_results: int,
+    out_path: str | Path,
+    per_category: bool = True,
+    page_size: int = 100,
+    date_from: dt.date | str | None = None,
+    date_to: dt.date | str | None = None,
+) -> FetchResult:
+    """A training set: up to `max_results` newest papers per category (or in all, with `per_category=False`).
+
+    Per category is the default because one query over several categories returns mostly the busiest ones
+    (cs.LG, cs.CV) and starves the small ones. Each category is its own resumable `fetch_records` run into
+    `<out>.parts/`; the parts are then merged into `out_path` (atomically, with a manifest), dropping papers
+    that several category queries returned (cross-lists) and counting them.
+    """
+    categories = [categories] if isinstance(categories, str) else list(dict.fromkeys(categories))
+    if not per_category:
+        return fetch_records(client, categories, max_results, out_path, page_size, date_from, date_to)
+    paths = FetchPaths.for_output(out_path)
+    parts_dir = paths.out.with_name(f"{paths.out.stem}.parts")
+    parts = {
+        cat: fetch_records(client, [cat], max_results, parts_dir / f"{cat}.jsonl", page_size, date_from, date_to)
+        for cat in categories
+    }
+    seen: set[str] = set()
+    cross_listed = 0
+    digest = hashlib.sha256()
+
+    def merge(f) -> None:
+        nonlocal cross_listed
+        for part in parts.values():
+            with part.path.open("rb") as src:
+                for line in src:
+                    record_id = json.loads(line)["id"]
+                    if record_id in seen:
+                        cross_listed += 1
+                        continue
+                    seen.add(record_id)
+                    digest.update(line)
+                    f.write(line)
+
+    _atomic_write(paths.out, merge, mode="wb")
+    dates = _date_range(date_from, date_to)
+    _write_json(
+        paths.manifest,
+        {
+            "query": {cat: search_query([cat], date_from, date_to) for cat in categories},
+            "categories": categories,
+            "per_category": True,
+            "date_from": dates[0].isoformat() if dates else None,
+            "date_to": dates[1].isoformat() if dates else None,
+            "max_results": max_results,
+            "page_size": page_size,
+            "base_url": client.base_url,
+            "fetched_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "count": len(seen),
+            "count_per_category": {cat: part.count for cat, part in parts.items()},
+            "duplicates_dropped": cross_listed + sum(part.duplicates_dropped for part in parts.values()),
+            "skipped_unusable": sum(part.skipped for part in parts.values()),
+            "sha256": digest.hexdigest(),
+        },
+    )
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    log.info(
+        "wrote %d records to %s (%d cross-listed papers appeared under several categories)",
+        len(seen),
+        paths.out,
+        cross_listed,
+    )
+    return FetchResult(
+        path=paths.out,
+        count=len(seen),
+        duplicates_dropped=cross_listed + sum(part.duplicates_dropped for part in parts.values()),
+        pages=sum(part.pages for part in parts.values()),
+        skipped=sum(part.skipped for part in parts.values()),
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -16,30 +15,34 @@ from lmtune.data.formatting import (
     ChatFormatter,
     Example,
 )
-from lmtune.data.records import (
-    SPLITS,
-    DataError,
-    SkipCounts,
-    choose_labels,
-    read_records,
-    split_records,
-)
+from lmtune.data.records import SPLITS, DataError, SkipCounts, choose_labels, split_records
+from lmtune.data.sources import RecordSource
 
 log = logging.getLogger(__name__)
 
 
 class ArxivDataModule(L.LightningDataModule):
-    """arXiv records (JSONL/CSV/Parquet) as supervised chat examples.
+    """arXiv records (a local file, the arXiv API or a HF dataset; see `sources.py`) as supervised chat examples.
 
     Splits are by a hash of the paper id, so a paper never changes split when the file grows. The label set
-    is `labels` if given, else the `top_k` most frequent primary categories; other records are dropped and
-    counted. `overfit=N` uses the first N training examples as train, val and test (a sanity check).
+    is `labels` if given, else the categories asked of the arXiv API (source arxiv_api), else the `top_k`
+    most frequent primary categories; other records are dropped and counted. `overfit=N` uses the first N
+    training examples as train, val and test (a sanity check).
     """
 
     def __init__(
         self,
-        tokenizer,
-        path: str,
+        tokenizer=None,  # may be set after construction: the data can be fetched before the model is loaded
+        path: str | None = None,
+        source: str = "auto",
+        columns: dict | None = None,
+        arxiv_query: dict | None = None,
+        arxiv: dict | None = None,
+        hf_name: str | None = None,
+        hf_config: str | None = None,
+        hf_split: str = "train",
+        hf_revision: str | None = None,
+        cache_dir: str | None = None,
         top_k: int | None = 10,
         labels: list[str] | None = None,
         val_fraction: float = 0.05,
@@ -68,7 +71,9 @@ class ArxivDataModule(L.LightningDataModule):
                 f"and sum to less than 1."
             )
         self.tokenizer = tokenizer
-        self.path = Path(path) if path else None
+        self.source = RecordSource(
+            source, path, columns, arxiv_query, arxiv, hf_name, hf_config, hf_split, hf_revision, cache_dir
+        )
         self.top_k, self.requested_labels = top_k, list(labels) if labels else None
         self.val_fraction, self.test_fraction, self.split_salt = val_fraction, test_fraction, split_salt
         self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
@@ -82,22 +87,29 @@ class ArxivDataModule(L.LightningDataModule):
             "eot_token": eot_token,
             "chat_template_kwargs": chat_template_kwargs,
         }
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.collator = PaddingCollator(pad_id, pad_to_multiple_of)
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.collator: PaddingCollator | None = None
         self.labels: list[str] = []
         self.formatter: ChatFormatter | None = None
         self.examples: dict[str, list[Example]] = {}
         self.stats: dict = {}
         self._resume_skip: tuple[int, int] | None = None
 
+    def prepare_data(self) -> None:
+        """Download once (arXiv API fetch; cached per query), before any process reads the data."""
+        self.source.prepare()
+
     def setup(self, stage: str | None = None) -> None:
         if self.examples:
             return
-        if self.path is None:
-            raise DataError("no data file given: set `data.path=` to a JSONL, CSV or Parquet file of arXiv records.")
+        if self.tokenizer is None:
+            raise RuntimeError("ArxivDataModule.setup needs a tokenizer: pass it or set datamodule.tokenizer first")
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.collator = PaddingCollator(pad_id, self.pad_to_multiple_of)
         skips = SkipCounts()
-        records = read_records(self.path, skips)
-        self.labels = choose_labels(records, self.top_k, self.requested_labels)
+        records = self.source.read(skips)
+        self.labels = choose_labels(records, self.top_k, self.requested_labels or self.source.categories)
         splits = split_records(records, self.labels, self.val_fraction, self.test_fraction, self.split_salt, skips)
         if self.overfit:
             splits = {name: splits["train"][: self.overfit] for name in SPLITS}
@@ -106,8 +118,9 @@ class ArxivDataModule(L.LightningDataModule):
         self.formatter = ChatFormatter(self.tokenizer, self.labels, self.max_length, **self.prompts)
         self.examples = {name: self.formatter.format(rs) for name, rs in splits.items()}
         if not self.examples["train"]:
-            raise DataError(f"{self.path}: no training examples after filtering ({skips.summary()}).")
+            raise DataError(f"{self.source.where}: no training examples after filtering ({skips.summary()}).")
         self.stats = {
+            "source": self.source.where,
             "records": len(records),
             "skipped": dict(skips.counts),
             "labels": self.labels,
@@ -116,7 +129,7 @@ class ArxivDataModule(L.LightningDataModule):
         }
         log.info(
             "data %s: %d labels %s; %s; train/val/test = %d/%d/%d examples; truncated abstracts %s",
-            self.path,
+            self.source.where,
             len(self.labels),
             self.labels,
             skips.summary(),

@@ -58,6 +58,7 @@ class ChatFormatter:
         self.labels = list(labels)
         self.label_to_index = {label: i for i, label in enumerate(self.labels)}
         self.max_length = max_length
+        self.system_prompt_template = system_prompt  # exported, so predict rebuilds the exact prompt
         self.system_prompt = system_prompt.format(labels=", ".join(self.labels))
         self.user_template = user_template
         # extra template variables, e.g. Llama 3's `date_string`, which otherwise injects today's date
@@ -136,7 +137,7 @@ class ChatFormatter:
                 )
             truncated = len(prompt) + len(answer) > self.max_length
             if truncated:
-                prompt = self._fit_prompt(r, len(answer))
+                prompt = self._fit_prompt(r.title, r.abstract, len(answer), f"record {r.id}")
             examples.append(
                 Example(
                     id=r.id,
@@ -149,18 +150,30 @@ class ChatFormatter:
             )
         return examples
 
-    def _fit_prompt(self, record: Record, answer_length: int) -> list[int]:
+    def fit_prompts(
+        self, items: list[tuple[str, str]], answer_length: int | None = None
+    ) -> list[tuple[list[int], bool]]:
+        """Prompt ids for (title, abstract) pairs whose label is unknown (prediction): abstracts are shortened
+        exactly as in training, leaving room for the longest answer. Returns (ids, truncated) per item."""
+        room = answer_length if answer_length is not None else max(len(a) for a in self.answer_ids)
+        encoded = self._encode([self._render(self.messages(t, a), True) for t, a in items])
+        return [
+            (ids, False) if len(ids) + room <= self.max_length else (self._fit_prompt(t, a, room, f"paper {t!r}"), True)
+            for ids, (t, a) in zip(encoded, items, strict=True)
+        ]
+
+    def _fit_prompt(self, title: str, abstract: str, answer_length: int, where: str) -> list[int]:
         """Shorten the abstract until prompt + answer fit max_length."""
         budget = self.max_length - answer_length
-        abstract_ids = self._encode([record.abstract])[0]
+        abstract_ids = self._encode([abstract])[0]
         keep = len(abstract_ids)
         while True:
-            prompt = self.prompt_ids(record.title, self.tokenizer.decode(abstract_ids[:keep]).strip())
+            prompt = self.prompt_ids(title, self.tokenizer.decode(abstract_ids[:keep]).strip())
             if len(prompt) <= budget:
                 return prompt
             if keep == 0:
                 raise DataError(
-                    f"record {record.id}: the prompt without any abstract is {len(prompt)} tokens, more than "
+                    f"{where}: the prompt without any abstract is {len(prompt)} tokens, more than "
                     f"data.max_length={self.max_length} minus the answer ({answer_length}); raise data.max_length."
                 )
             keep = max(0, keep - (len(prompt) - budget) - 1)

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,7 +93,13 @@ def to_record(raw: dict, skips: SkipCounts) -> Record | None:
     return Record(id=values["id"], title=values["title"], abstract=values["abstract"], label=label)
 
 
-def _iter_jsonl(path: Path) -> Iterator[dict]:
+def iter_jsonl(path: Path, columns: Mapping[str, str] | None = None) -> Iterator[dict]:
+    for _, obj in iter_jsonl_lines(path):
+        yield obj
+
+
+def iter_jsonl_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a broken line is a DataError naming file:line."""
     with path.open("rb") as f:
         for lineno, raw_line in enumerate(f, start=1):
             try:
@@ -115,46 +121,59 @@ def _iter_jsonl(path: Path) -> Iterator[dict]:
                 ) from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}.")
-            yield obj
+            yield lineno, obj
 
 
-def _check_columns(path: Path, columns: Iterable[str]) -> None:
-    columns = set(columns)
-    missing = [c for c in REQUIRED_FIELDS if c not in columns]
-    if "primary_category" not in columns and "categories" not in columns:
+def rename_columns(row: dict, columns: Mapping[str, str] | None) -> dict:
+    """Our field names from the source's: `columns` maps our field (id, title, ...) to the source column."""
+    if not columns:
+        return row
+    renamed = dict(row)
+    for ours, theirs in columns.items():
+        if theirs in row:
+            renamed[ours] = row[theirs]
+    return renamed
+
+
+def check_columns(where: str, names: Iterable[str], columns: Mapping[str, str] | None = None) -> None:
+    """Fail at once, naming the missing fields, when a table lacks the columns a record needs."""
+    names = set(rename_columns(dict.fromkeys(names), columns))
+    missing = [c for c in REQUIRED_FIELDS if c not in names]
+    if "primary_category" not in names and "categories" not in names:
         missing.append("primary_category (or categories)")
     if missing:
         raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)}; found {sorted(columns)}. "
-            f"The file needs id, title, abstract and primary_category (or categories)."
+            f"{where}: missing column(s) {', '.join(missing)}; found {sorted(names)}. Records need id, title, "
+            f"abstract and primary_category (or categories); map other names with "
+            f"`data.columns={{abstract: summary, ...}}` (our field: your column)."
         )
 
 
-def _iter_csv(path: Path) -> Iterator[dict]:
+def _iter_csv(path: Path, columns: Mapping[str, str] | None) -> Iterator[dict]:
     try:
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            _check_columns(path, reader.fieldnames or [])
+            check_columns(str(path), reader.fieldnames or [], columns)
             yield from reader
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: bytes that are not UTF-8 at byte {e.start}. Re-encode the file as UTF-8.") from None
 
 
-def _iter_parquet(path: Path) -> Iterator[dict]:
+def _iter_parquet(path: Path, columns: Mapping[str, str] | None) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for a broken file
         raise DataError(f"{path}: not a readable Parquet file ({e}).") from None
-    _check_columns(path, table.column_names)
+    check_columns(str(path), table.column_names, columns)
     yield from table.to_pylist()
 
 
-READERS = {".jsonl": _iter_jsonl, ".json": _iter_jsonl, ".csv": _iter_csv, ".parquet": _iter_parquet}
+READERS = {".jsonl": iter_jsonl, ".json": iter_jsonl, ".csv": _iter_csv, ".parquet": _iter_parquet}
 
 
-def read_records(path: str | Path, skips: SkipCounts) -> list[Record]:
+def read_records(path: str | Path, skips: SkipCounts, columns: Mapping[str, str] | None = None) -> list[Record]:
     """Read and validate all records of a file; duplicates and unusable rows are counted in `skips`."""
     path = Path(path)
     if not path.is_file():
@@ -165,9 +184,16 @@ def read_records(path: str | Path, skips: SkipCounts) -> list[Record]:
     reader = READERS.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unknown file type '{path.suffix}'; use one of {sorted(READERS)}.")
+    return records_from_rows(reader(path, columns), str(path), skips, columns)
+
+
+def records_from_rows(
+    rows: Iterable[dict], where: str, skips: SkipCounts, columns: Mapping[str, str] | None = None
+) -> list[Record]:
+    """Validated, de-duplicated records from raw rows of any source; `where` names the source in errors."""
     records, seen = [], set()
-    for raw in reader(path):
-        record = to_record(raw, skips)
+    for raw in rows:
+        record = to_record(rename_columns(raw, columns), skips)
         if record is None:
             continue
         if record.id in seen:
@@ -176,7 +202,7 @@ def read_records(path: str | Path, skips: SkipCounts) -> list[Record]:
         seen.add(record.id)
         records.append(record)
     if not records:
-        raise DataError(f"{path}: no usable records ({skips.summary()}).")
+        raise DataError(f"{where}: no usable records ({skips.summary()}).")
     return records
 
 

@@ -132,16 +132,26 @@ def quantization_config(quant_cfg) -> BitsAndBytesConfig | None:
     )
 
 
-def load_model(pretrained: str, model_cfg, adapter_cfg, device: torch.device, gradient_checkpointing: bool = False):
-    """The base causal LM with adapters attached (or fully trainable for `adapter=none`)."""
+def load_base_model(pretrained: str, model_cfg, quant_cfg, device: torch.device):
+    """The plain causal LM in the configured dtype, stored in 4-bit (and placed on `device`) when `quant_cfg` is set.
+
+    Unquantized weights stay where `from_pretrained` put them; Lightning (or the caller) moves them.
+    """
     kwargs = {"dtype": _dtype(model_cfg.get("dtype", "float32"))}
-    quant = quantization_config(adapter_cfg.get("quantization"))
+    quant = quantization_config(quant_cfg)
     if quant is not None:
         # placed at load time: bitsandbytes weights must not be moved or recast afterwards
         kwargs.update(quantization_config=quant, device_map={"": device})
     if model_cfg.get("attn_implementation"):
         kwargs["attn_implementation"] = model_cfg["attn_implementation"]
     model = AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
+    return model
+
+
+def load_model(pretrained: str, model_cfg, adapter_cfg, device: torch.device, gradient_checkpointing: bool = False):
+    """The base causal LM with adapters attached (or fully trainable for `adapter=none`)."""
+    quant = adapter_cfg.get("quantization")
+    model = load_base_model(pretrained, model_cfg, quant, device)
     model.config.use_cache = False
     if gradient_checkpointing:
         # non-reentrant: LoRA weights get gradients even though the frozen embeddings' outputs need none

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from lmtune.data.sources import SOURCES as SOURCES_OF_DATA
 from lmtune.errors import UserError
 from lmtune.model.loading import SOURCES
 
@@ -36,8 +37,13 @@ def config_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"adapter.quantization.quant_type={quant.get('quant_type')!r}: use nf4 or fp4.")
     if cfg.optim.lr <= 0:
         problems.append(f"optim.lr={cfg.optim.lr}: must be positive.")
-    if not cfg.data.get("path"):
-        problems.append("data.path is not set: point it at a JSONL, CSV or Parquet file of arXiv records.")
+    source = cfg.data.get("source", "auto")
+    if source not in SOURCES_OF_DATA:
+        problems.append(f"data.source={source!r}: use one of {', '.join(SOURCES_OF_DATA)}.")
+    if source == "file" and not cfg.data.get("path"):
+        problems.append("data.source=file but data.path is not set: point it at a JSONL, CSV or Parquet file.")
+    if source == "hf" and not cfg.data.get("hf_name"):
+        problems.append("data.source=hf but data.hf_name is not set: give a hub dataset id or a local folder.")
     return problems
 
 

@@ -4,7 +4,7 @@ export/
   adapter_config.json, adapter_model.safetensors   PEFT adapter (or the full model for adapter=none)
   tokenizer files with the chat template
   labels.json        the label set in class-index order
-  formatting.json    prompts, end-of-turn token and max_length used to build examples
+  formatting.json    prompt templates, end-of-turn token, max_length and answer token ids used in training
   config.yaml        the resolved Hydra config of the run
 """
 
@@ -24,7 +24,7 @@ def export_model(module, tokenizer, formatter, cfg: DictConfig, out_dir: str | P
     tokenizer.save_pretrained(out_dir)
     (out_dir / "labels.json").write_text(json.dumps(formatter.labels, indent=1))
     formatting = {
-        "system_prompt": formatter.system_prompt,
+        "system_prompt": formatter.system_prompt_template,
         "user_template": formatter.user_template,
         "eot_token": formatter.eot_token,
         "chat_template_kwargs": formatter.chat_template_kwargs,

@@ -1,0 +1,164 @@
+"""Predict categories for papers with a trained export (or the zero-shot base model), as in training.
+
+The prompt is rebuilt from the export's own tokenizer, label set and prompt templates (`formatting.json`),
+and the answer tokens are checked against the ones training used, so a prediction sees exactly the tokens
+the model was trained and evaluated on. Probabilities are a softmax over the label set's rank scores
+(summed log-probabilities of each label's answer tokens, see `scoring.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lmtune.data.formatting import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_TEMPLATE, ChatFormatter
+from lmtune.errors import UserError
+from lmtune.evaluation.scoring import rank_scores
+from lmtune.model.loading import load_base_model, load_tokenizer, resolve_pretrained
+
+log = logging.getLogger(__name__)
+
+EXPORT_FILES = ("labels.json", "formatting.json", "config.yaml")
+
+
+@dataclass(frozen=True)
+class Paper:
+    title: str
+    abstract: str
+    id: str | None = None
+
+
+@dataclass
+class Prediction:
+    id: str | None
+    title: str
+    category: str
+    probs: dict[str, float]  # every label, most likely first; sums to 1
+    truncated: bool = False  # the abstract was shortened to fit max_length
+
+    def top(self, k: int) -> list[tuple[str, float]]:
+        return list(self.probs.items())[:k]
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "title": self.title, "category": self.category, "probs": self.probs}
+
+
+def find_export(path: str | Path) -> Path:
+    """The export folder from itself or from its run folder; a clear error for anything else."""
+    path = Path(path)
+    for candidate in (path, path / "export"):
+        if all((candidate / name).is_file() for name in EXPORT_FILES):
+            return candidate
+    if path.suffix == ".ckpt":
+        hint = f"use the export folder of that run instead: {path.parent.parent / 'export'}"
+    else:
+        hint = "give the export/ folder that train.py writes into its run folder, or ckpt=null for zero-shot"
+    raise UserError(f"ckpt={path}: not a trained export (needs {', '.join(EXPORT_FILES)}); {hint}.")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Predictor:
+    """A causal LM and the formatter it was trained with; `predict` ranks the label set for each paper."""
+
+    def __init__(self, causal_lm, formatter: ChatFormatter, pad_id: int, max_rows: int = 64, source: str = ""):
+        self.causal_lm = causal_lm.eval()
+        self.formatter = formatter
+        self.pad_id = pad_id
+        self.max_rows = max_rows
+        self.source = source  # what was loaded, for messages and output files
+
+    @property
+    def labels(self) -> list[str]:
+        return self.formatter.labels
+
+    @classmethod
+    def from_export(cls, export: str | Path, cache_dir: str | Path, device: torch.device, **kwargs) -> Predictor:
+        """Load the base model and the trained adapter (or the full model for adapter=none) of an export."""
+        export = find_export(export)
+        cfg = OmegaConf.load(export / "config.yaml")
+        formatting = json.loads((export / "formatting.json").read_text())
+        labels = json.loads((export / "labels.json").read_text())
+        tokenizer = AutoTokenizer.from_pretrained(export)
+        formatter = ChatFormatter(
+            tokenizer,
+            labels,
+            formatting["max_length"],
+            system_prompt=formatting["system_prompt"],
+            user_template=formatting["user_template"],
+            eot_token=formatting["eot_token"],
+            chat_template_kwargs=formatting["chat_template_kwargs"],
+        )
+        if formatter.answer_ids != formatting["answer_ids"]:
+            raise UserError(
+                f"{export}: the exported tokenizer gives other answer tokens than training did "
+                f"({formatter.answer_ids} vs {formatting['answer_ids']}); the export was modified or the "
+                f"tokenizers library changed how it tokenizes. Re-export with this environment."
+            )
+        if cfg.adapter.kind == "none":  # a fully fine-tuned model is the export itself
+            model = AutoModelForCausalLM.from_pretrained(export, dtype=getattr(torch, cfg.model.dtype)).to(device)
+        else:
+            from peft import PeftModel
+
+            base_path = formatting.get("base_model")
+            if not base_path or not Path(base_path).is_dir():  # trained elsewhere: rebuild from the config
+                base_path = resolve_pretrained(cfg.model, cache_dir)
+            quant = cfg.adapter.get("quantization")
+            base = load_base_model(base_path, cfg.model, quant, device)
+            model = PeftModel.from_pretrained(base if quant else base.to(device), export)
+        log.info("loaded %s (%s, labels %s) on %s", export, cfg.adapter.kind, labels, device)
+        return cls(model, formatter, tokenizer.pad_token_id, source=str(export), **kwargs)
+
+    @classmethod
+    def zero_shot(
+        cls, model_cfg, labels: list[str], cache_dir: str | Path, device: torch.device, max_length: int = 512, **kwargs
+    ) -> Predictor:
+        """The base model with the default training prompt: the baseline a fine-tuned export is compared to."""
+        pretrained = resolve_pretrained(model_cfg, cache_dir)
+        tokenizer = load_tokenizer(pretrained, model_cfg.get("pad_token"))
+        formatter = ChatFormatter(
+            tokenizer,
+            sorted(dict.fromkeys(labels)),
+            max_length,
+            system_prompt=DEFAULT_SYSTEM_PROMPT,
+            user_template=DEFAULT_USER_TEMPLATE,
+            eot_token=model_cfg.get("eot_token"),
+            chat_template_kwargs=model_cfg.get("chat_template_kwargs"),
+        )
+        model = load_base_model(pretrained, model_cfg, None, device).to(device)
+        log.info("zero-shot: base model %s, labels %s, on %s", pretrained, formatter.labels, device)
+        return cls(model, formatter, tokenizer.pad_token_id, source=f"zero-shot {pretrained}", **kwargs)
+
+    def scores(self, papers: list[Paper]) -> tuple[torch.Tensor, list[bool]]:
+        """Rank scores (papers x labels) and whether each abstract had to be shortened."""
+        fitted = self.formatter.fit_prompts([(p.title, p.abstract) for p in papers])
+        prompts = [ids for ids, _ in fitted]
+        # similar lengths together: less left padding inside each scoring chunk
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        sorted_scores = rank_scores(
+            self.causal_lm, [prompts[i] for i in order], self.formatter.answer_ids, self.pad_id, self.max_rows
+        )
+        scores = torch.empty_like(sorted_scores)
+        scores[order] = sorted_scores
+        return scores, [truncated for _, truncated in fitted]
+
+    def predict(self, papers: list[Paper]) -> list[Prediction]:
+        if not papers:
+            return []
+        scores, truncated = self.scores(papers)
+        probs = torch.softmax(scores.double(), dim=-1)
+        predictions = []
+        for paper, row, cut in zip(papers, probs.tolist(), truncated, strict=True):
+            ranked = sorted(zip(self.labels, row, strict=True), key=lambda kv: -kv[1])
+            predictions.append(Prediction(paper.id, paper.title, ranked[0][0], dict(ranked), cut))
+        return predictions

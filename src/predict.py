@@ -1,0 +1,30 @@
+"""Predict arXiv categories: `python src/predict.py ckpt=<export dir> arxiv_id=2401.01234`."""
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+
+from lmtune.errors import UserError  # noqa: E402
+from lmtune.predict import predict, verbatim_ids  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="predict.yaml")
+def main(cfg: DictConfig) -> None:
+    ids = verbatim_ids(HydraConfig.get().overrides.task)
+    if ids is not None:
+        with open_dict(cfg):
+            cfg.arxiv_id = ids
+    try:
+        predict(cfg)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Training data from the arXiv API (a real local server), a Hugging Face dataset, or a file: same examples.
+
+The synthetic sample in tests/assets is served three ways; because splits are by id hash and each split is
+in hash order, every source must give exactly the same examples as reading the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SAMPLE, api_settings, compose_train
+from fake_arxiv import PAPERS, Paper, closed_port_url, expected, read_jsonl
+from lmtune.data.arxiv_api import ArxivClient, fetch_dataset
+from lmtune.data.datamodule import ArxivDataModule
+from lmtune.data.records import DataError
+from lmtune.pipeline import train
+
+SAMPLE_ROWS = read_jsonl(SAMPLE)
+SAMPLE_PAPERS = [
+    Paper(
+        f"{r['id']}v1", r["title"], r["abstract"], r["primary_category"], tuple(r["categories"]), "2025-01-15T00:00:00Z"
+    )
+    for r in SAMPLE_ROWS
+]
+SAMPLE_LABELS = ["cs.CL", "cs.CV", "cs.RO"]
+
+
+def datamodule(tokenizer, **kwargs) -> ArxivDataModule:
+    options = dict(top_k=3, val_fraction=0.2, test_fraction=0.2, max_length=256, **kwargs)
+    dm = ArxivDataModule(tokenizer, **options)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def examples_by_split(dm: ArxivDataModule) -> dict:
+    return {split: [(e.id, e.input_ids, e.labels) for e in examples] for split, examples in dm.examples.items()}
+
+
+def api_query(**overrides) -> dict:
+    return {"categories": SAMPLE_LABELS, "max_results": 50, "page_size": 20, **overrides}
+
+
+# ------------------------------------------------------------------------------------- per-category fetch
+
+
+def test_per_category_fetch_merges_parts_and_counts_cross_listed_papers(arxiv_server, tmp_path):
+    arxiv_server.serve_papers(PAPERS, by_category=True)
+    client = ArxivClient(**api_settings(arxiv_server.url))
+    out = tmp_path / "arxiv.jsonl"
+    result = fetch_dataset(client, ["cs.CL", "cs.CV"], 10, out, page_size=2)
+
+    # cs.CL lists papers 5, 4 (cross-listed from cs.CV), 3, 1; cs.CV lists 4 again and 2
+    assert read_jsonl(out) == [expected(PAPERS[i]) for i in (0, 1, 2, 4, 3)]
+    assert result.count == 5 and result.duplicates_dropped == 1
+    assert [q["search_query"] for q in arxiv_server.requests] == ["cat:cs.CL", "cat:cs.CL", "cat:cs.CV"]
+    manifest = json.loads((tmp_path / "arxiv.manifest.json").read_text())
+    assert manifest["count"] == 5 and manifest["count_per_category"] == {"cs.CL": 4, "cs.CV": 2}
+    assert manifest["duplicates_dropped"] == 1
+    assert manifest["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arxiv.jsonl", "arxiv.manifest.json"]  # parts removed
+
+
+# ------------------------------------------------------------------------------------ data.source=arxiv_api
+
+
+def test_api_source_gives_the_same_examples_as_the_file_and_is_cached_per_query(arxiv_server, tiny_tokenizer, tmp_path):
+    arxiv_server.serve_papers(SAMPLE_PAPERS, by_category=True)
+    settings = api_settings(arxiv_server.url)
+    from_file = datamodule(tiny_tokenizer, path=str(SAMPLE))
+
+    from_api = datamodule(tiny_tokenizer, arxiv_query=api_query(), arxiv=settings, cache_dir=str(tmp_path))
+    assert from_api.source.kind == "arxiv_api"  # source=auto without a path
+    assert from_api.labels == SAMPLE_LABELS  # the queried categories are the label set
+    assert examples_by_split(from_api) == examples_by_split(from_file)
+    assert len(arxiv_server.requests) == 6  # 2 pages of 20 per category (32 papers each)
+
+    again = datamodule(tiny_tokenizer, arxiv_query=api_query(), arxiv=settings, cache_dir=str(tmp_path))
+    assert len(arxiv_server.requests) == 6  # same query: read from the cache, nothing fetched
+    assert examples_by_split(again) == examples_by_split(from_file)
+
+    datamodule(tiny_tokenizer, arxiv_query=api_query(refresh=True), arxiv=settings, cache_dir=str(tmp_path))
+    assert len(arxiv_server.requests) == 12
+    datamodule(tiny_tokenizer, arxiv_query=api_query(max_results=40), arxiv=settings, cache_dir=str(tmp_path))
+    assert len(arxiv_server.requests) == 18  # another query, another cache file
+    assert len(list((tmp_path / "arxiv").glob("arxiv-*.jsonl"))) == 2
+
+
+def test_api_source_without_network_fails_at_once_naming_data_path(tiny_tokenizer, tmp_path):
+    dm = ArxivDataModule(
+        tiny_tokenizer, arxiv_query=api_query(), arxiv=api_settings(closed_port_url()), cache_dir=str(tmp_path)
+    )
+    started = time.monotonic()
+    with pytest.raises(DataError) as err:
+        dm.prepare_data()
+    assert time.monotonic() - started < 5
+    message = str(err.value)
+    assert "could not fetch training data from the arXiv API" in message and "no network access" in message
+    assert "`data.path=<records.jsonl>`" in message
+
+
+def test_train_cli_offline_fails_within_seconds_before_loading_the_model(tmp_path):
+    """experiment=qlora_arxiv defaults to the arXiv API; offline it must say so and name data.path=."""
+    started = time.monotonic()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "src" / "train.py"),
+            "experiment=qlora_arxiv",
+            "logger=none",
+            f"arxiv.base_url={closed_port_url()}",
+            f"hydra.run.dir={tmp_path}",
+            f"paths.cache_dir={tmp_path / 'empty-cache'}",  # no converted model: loading it would take long
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: could not fetch training data from the arXiv API" in proc.stderr
+    assert "data.path=" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "empty-cache" / "gguf").exists() and not list((tmp_path / "empty-cache").glob("gguf-*"))
+    assert time.monotonic() - started < 60  # interpreter start-up and imports; no retries, no model
+
+
+def test_training_from_the_api_end_to_end(arxiv_server, tmp_path, cache_dir):
+    arxiv_server.serve_papers(SAMPLE_PAPERS, by_category=True)
+    cfg = compose_train(
+        [
+            "experiment=smoke",
+            "logger=none",
+            "data.path=null",
+            f"data.arxiv_query.categories=[{','.join(SAMPLE_LABELS)}]",
+            f"arxiv.base_url={arxiv_server.url}",
+            "arxiv.min_interval=0",
+            "trainer.max_steps=2",
+        ],
+        tmp_path,
+        cache_dir,
+    )
+    metrics, objects = train(cfg)
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["data"]["source"].startswith(str(cache_dir / "arxiv" / "arxiv-"))
+    assert summary["data"]["records"] == 96 and summary["data"]["labels"] == SAMPLE_LABELS
+    assert "test/acc" in metrics
+
+
+# --------------------------------------------------------------------------------------------- data.source=hf
+
+
+def test_hf_source_with_a_column_mapping_gives_the_same_examples_as_the_file(tiny_tokenizer, tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    renamed = {
+        "paper_id": [r["id"] for r in SAMPLE_ROWS],
+        "paper_title": [r["title"] for r in SAMPLE_ROWS],
+        "summary": [r["abstract"] for r in SAMPLE_ROWS],
+        "label": [r["primary_category"] for r in SAMPLE_ROWS],
+    }
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(renamed)}).save_to_disk(str(tmp_path / "ds"))
+    columns = {"id": "paper_id", "title": "paper_title", "abstract": "summary", "primary_category": "label"}
+
+    from_hf = datamodule(tiny_tokenizer, source="auto", hf_name=str(tmp_path / "ds"), columns=columns)
+    assert from_hf.source.kind == "hf" and from_hf.stats["source"] == f"hf:{tmp_path / 'ds'}[train]"
+    assert examples_by_split(from_hf) == examples_by_split(datamodule(tiny_tokenizer, path=str(SAMPLE)))
+
+
+def test_source_settings_that_cannot_work_are_named(tiny_tokenizer):
+    with pytest.raises(DataError, match="data.source=file needs `data.path=`"):
+        ArxivDataModule(tiny_tokenizer, source="file")
+    with pytest.raises(DataError, match="data.source=hf needs `data.hf_name=`"):
+        ArxivDataModule(tiny_tokenizer, source="hf")
+    with pytest.raises(DataError, match="data.source='web': use one of auto, file, arxiv_api, hf"):
+        ArxivDataModule(tiny_tokenizer, source="web", path="x.jsonl")
+
+
+def test_file_source_reads_renamed_csv_columns(tiny_tokenizer, tmp_path):
+    import csv
+
+    path = tmp_path / "papers.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["arxiv", "name", "text", "cat"])
+        writer.writerows([r["id"], r["title"], r["abstract"], r["primary_category"]] for r in SAMPLE_ROWS)
+    columns = {"id": "arxiv", "title": "name", "abstract": "text", "primary_category": "cat"}
+    from_csv = datamodule(tiny_tokenizer, path=str(path), columns=columns)
+    assert examples_by_split(from_csv) == examples_by_split(datamodule(tiny_tokenizer, path=str(SAMPLE)))
+
+
+def test_paths_are_not_shared_between_query_cache_files(tmp_path):
+    from lmtune.data.sources import RecordSource
+
+    a = RecordSource(arxiv_query={"categories": ["cs.CL"]}, arxiv={"base_url": "http://a"}, cache_dir=tmp_path)
+    b = RecordSource(arxiv_query={"categories": ["cs.CL"]}, arxiv={"base_url": "http://b"}, cache_dir=tmp_path)
+    c = RecordSource(arxiv_query={"categories": ["cs.CL"], "date_to": "2024-12-31"}, cache_dir=tmp_path)
+    assert len({a.path, b.path, c.path}) == 3 and a.path.parent == Path(tmp_path) / "arxiv"

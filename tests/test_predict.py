@@ -1,0 +1,255 @@
+"""predict.py on a trained tiny export: by arXiv id (a real local API server), by text, by batch file, zero-shot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from conftest import ROOT, SAMPLE, api_settings, compose_train
+from fake_arxiv import Paper, Reply, closed_port_url, read_jsonl
+from lmtune.data.records import SkipCounts, read_records
+from lmtune.errors import UserError
+from lmtune.evaluation.predictor import Paper as Text
+from lmtune.evaluation.predictor import Predictor, find_export
+from lmtune.evaluation.scoring import rank_scores
+from lmtune.pipeline import train
+from lmtune.predict import predict, verbatim_ids
+
+LABELS = ["cs.CL", "cs.CV", "cs.RO"]
+# 2403.00010 ends in a zero that Hydra's float parsing of `arxiv_id=2403.00010` would drop
+ROBOT = Paper(
+    "2403.00010v2",
+    "Grasping with a robot arm",
+    "We study robot grasping control.",
+    "cs.RO",
+    ("cs.RO",),
+    "2024-03-01T00:00:00Z",
+)
+VISION = Paper(
+    "2403.00020v1", "Depth from video", "We study images and camera depth.", "cs.CV", ("cs.CV",), "2024-03-02T00:00:00Z"
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir):
+    """The smoke experiment trained once: its run folder, export and in-memory objects."""
+    run = tmp_path_factory.mktemp("run")
+    metrics, objects = train(compose_train(["experiment=smoke", "logger=none"], run, cache_dir))
+    return run, objects
+
+
+@pytest.fixture
+def api(arxiv_server):
+    arxiv_server.serve_papers([ROBOT, VISION])
+    return arxiv_server
+
+
+def predict_cfg(overrides: list[str], cache_dir, base_url: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("predict.yaml", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.cache_dir = str(cache_dir)
+        cfg.arxiv.update(api_settings(base_url))
+    return cfg
+
+
+def run_predict(*overrides: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "src" / "predict.py"), *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_distribution(probs: dict, labels=LABELS) -> None:
+    assert sorted(probs) == labels
+    assert math.isclose(sum(probs.values()), 1.0, abs_tol=1e-9)
+    assert list(probs.values()) == sorted(probs.values(), reverse=True)
+
+
+# ---------------------------------------------------------------------------------------------------- by id
+
+
+def test_cli_by_id_prints_one_json_object_on_a_clean_stdout(trained, api, cache_dir, tmp_path):
+    run, _ = trained
+    proc = run_predict(
+        f"ckpt={run / 'export'}",
+        "arxiv_id=2403.00010",
+        "format=json",
+        f"arxiv.base_url={api.url}",
+        "arxiv.min_interval=0",
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = proc.stdout.splitlines()  # logs go to stderr: stdout is only the prediction
+    result = json.loads(line)
+    assert set(result) == {"id", "title", "category", "probs"}
+    assert result["id"] == "2403.00010" and result["title"] == ROBOT.title
+    assert result["category"] in LABELS and result["category"] == next(iter(result["probs"]))
+    assert_distribution(result["probs"])
+    assert [q["id_list"] for q in api.requests] == ["2403.00010"]
+    assert api.headers[0]["User-Agent"].startswith("lmtune/")
+
+
+def test_id_spellings_are_kept_verbatim_from_the_command_line():
+    assert verbatim_ids(["ckpt=x", "arxiv_id=2403.00010"]) == "2403.00010"
+    assert verbatim_ids(["arxiv_id='https://arxiv.org/abs/2403.00010v2'"]) == "https://arxiv.org/abs/2403.00010v2"
+    assert verbatim_ids(["arxiv_id=[2403.00010,math/0301230]"]) == ["2403.00010", "math/0301230"]
+    assert verbatim_ids(["title=x"]) is None
+
+
+@pytest.mark.parametrize("spelling", ["2403.00010v2", "arXiv:2403.00010", "https://arxiv.org/pdf/2403.00010v1"])
+def test_by_id_accepts_versions_and_urls_and_matches_prediction_by_text(trained, api, cache_dir, spelling):
+    run, _ = trained
+    (by_id,) = predict(predict_cfg([f"ckpt={run}", f"arxiv_id={spelling}"], cache_dir, api.url), emit=lambda _: None)
+    by_text_cfg = predict_cfg([f"ckpt={run}", f"title='{ROBOT.title}'", f"abstract='{ROBOT.abstract}'"], cache_dir, "")
+    (by_text,) = predict(by_text_cfg, emit=lambda _: None)
+    assert by_id.id == "2403.00010" and by_id.category == by_text.category
+    assert by_id.probs == pytest.approx(by_text.probs, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "arxiv_id, message",
+    [
+        ("2403.123", "not an arXiv id: '2403.123'"),
+        ("2403.99999", "arXiv has no paper with id 2403.99999"),
+    ],
+)
+def test_bad_or_unknown_ids_are_clear_errors(trained, api, cache_dir, arxiv_id, message):
+    run, _ = trained
+    with pytest.raises(UserError, match=message):
+        predict(predict_cfg([f"ckpt={run}", f"arxiv_id={arxiv_id}"], cache_dir, api.url))
+
+
+def test_api_error_entry_and_outage_are_clear_errors(trained, arxiv_server, cache_dir):
+    run, _ = trained
+    error_feed = (ROOT / "tests" / "assets" / "arxiv_atom" / "error_bad_id.xml").read_bytes()
+    arxiv_server.queue.append(Reply(400, error_feed))
+    with pytest.raises(UserError, match="arXiv API error: incorrect id format for 1234.12345"):
+        predict(predict_cfg([f"ckpt={run}", "arxiv_id=2403.00010"], cache_dir, arxiv_server.url))
+    arxiv_server.responder = lambda query: Reply(503, b"down for maintenance")
+    with pytest.raises(UserError, match="could not be reached or did not answer properly after 2 attempts"):
+        predict(predict_cfg([f"ckpt={run}", "arxiv_id=2403.00010"], cache_dir, arxiv_server.url))
+
+
+def test_cli_errors_exit_nonzero_with_one_line_and_before_loading_the_model(trained, cache_dir, tmp_path):
+    run, _ = trained
+    common = [f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}"]
+    cases = {
+        ("arxiv_id=2403.1", f"ckpt={run}"): "error: arxiv_id=2403.1: not an arXiv id",
+        ("arxiv_id=2403.00010", f"ckpt={run}", f"arxiv.base_url={closed_port_url()}"): "cannot reach the arXiv API",
+        ("title=x", "abstract=y", f"ckpt={tmp_path / 'nowhere'}"): "not a trained export",
+        (f"ckpt={run}",): "give exactly one of: arxiv_id=",
+    }
+    for args, message in cases.items():
+        started = time.monotonic()
+        proc = run_predict(*args, *common)
+        assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr and proc.stdout == ""
+        assert time.monotonic() - started < 60
+
+
+# --------------------------------------------------------------------------------------- same as training
+
+
+def test_prompts_and_scores_are_exactly_those_of_training(trained, cache_dir):
+    run, objects = trained
+    module, dm = objects["module"], objects["datamodule"]
+    predictor = Predictor.from_export(run / "export", cache_dir, torch.device("cpu"))
+    records = {r.id: r for r in read_records(SAMPLE, SkipCounts())}
+    examples = dm.examples["test"]
+    texts = [Text(records[e.id].title, records[e.id].abstract, e.id) for e in examples]
+
+    fitted = predictor.formatter.fit_prompts([(t.title, t.abstract) for t in texts])
+    assert [ids for ids, _ in fitted] == [e.input_ids[: e.prompt_length] for e in examples]
+    assert predictor.formatter.answer_ids == dm.formatter.answer_ids
+
+    module.eval()
+    trained_scores = rank_scores(module.causal_lm, [ids for ids, _ in fitted], dm.formatter.answer_ids, 0)
+    scores, _ = predictor.scores(texts)  # reordered by length inside, back in input order outside
+    torch.testing.assert_close(scores, trained_scores, rtol=0, atol=1e-4)
+    predictions = predictor.predict(texts)
+    assert [p.category for p in predictions] == [LABELS[i] for i in trained_scores.argmax(-1).tolist()]
+    for p in predictions:
+        assert_distribution(p.probs)
+
+
+def test_long_abstracts_are_shortened_as_in_training(trained, cache_dir):
+    run, _ = trained
+    predictor = Predictor.from_export(run / "export", cache_dir, torch.device("cpu"))
+    (prediction,) = predictor.predict([Text("A title", "robot " * 2000)])
+    assert prediction.truncated and prediction.category in LABELS
+    ((ids, truncated),) = predictor.formatter.fit_prompts([("A title", "robot " * 2000)])
+    assert truncated and len(ids) + max(map(len, predictor.formatter.answer_ids)) <= predictor.formatter.max_length
+
+
+# ---------------------------------------------------------------------------------------------------- batch
+
+
+def test_batch_file_mixes_text_and_ids_and_marks_unknown_ids(trained, api, cache_dir, tmp_path):
+    run, _ = trained
+    papers = tmp_path / "papers.jsonl"
+    rows = [
+        {"id": "own-1", "title": VISION.title, "abstract": VISION.abstract, "primary_category": "cs.CV"},
+        {"id": "2403.00010"},  # fetched
+        {"arxiv_id": "2403.99999"},  # unknown to arXiv
+    ]
+    papers.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    shown = []
+    with pytest.raises(UserError, match=r"1 of 3 papers in .*papers.jsonl could not be predicted"):
+        predict(predict_cfg([f"ckpt={run}", f"input={papers}"], cache_dir, api.url), emit=shown.append)
+    out = read_jsonl(tmp_path / "papers.predictions.jsonl")
+    assert [r.get("id") for r in out] == ["own-1", "2403.00010", "2403.99999"]
+    assert out[0]["true"] == "cs.CV" and out[0]["category"] in LABELS and out[1]["title"] == ROBOT.title
+    for r in out[:2]:
+        assert_distribution(r["probs"])
+    assert out[2] == {"line": 3, "id": "2403.99999", "error": "arXiv has no paper with id 2403.99999"}
+    assert [q["id_list"] for q in api.requests] == ["2403.00010,2403.99999"]  # one request for all ids
+    assert shown[0] == f"accuracy on 1 labelled papers: {float(out[0]['category'] == 'cs.CV'):.3f}"
+
+
+def test_batch_file_problems_name_the_line(trained, cache_dir, tmp_path):
+    run, _ = trained
+    papers = tmp_path / "papers.jsonl"
+    papers.write_text(json.dumps({"title": "only a title"}) + "\n")
+    with pytest.raises(UserError, match=r"papers.jsonl:1: needs `title` and `abstract`, or an arXiv `id`"):
+        predict(predict_cfg([f"ckpt={run}", f"input={papers}"], cache_dir, ""))
+    papers.write_text('{"title": "x", "abstract": "y"}\n{"title": \n')
+    with pytest.raises(UserError, match=r"papers.jsonl:2: malformed JSON"):
+        predict(predict_cfg([f"ckpt={run}", f"input={papers}"], cache_dir, ""))
+
+
+# ------------------------------------------------------------------------------------------------ zero-shot
+
+
+def test_zero_shot_base_model_predicts_over_the_given_labels_and_differs_from_the_fine_tuned(
+    trained, cache_dir, tmp_path
+):
+    run, _ = trained
+    text = [f"title='{ROBOT.title}'", f"abstract='{ROBOT.abstract}'"]
+    zero_cfg = predict_cfg(["ckpt=null", "model=tiny_random", f"labels=[{','.join(LABELS)}]", *text], cache_dir, "")
+    (zero,) = predict(zero_cfg, emit=lambda _: None)
+    (tuned,) = predict(predict_cfg([f"ckpt={run}", *text], cache_dir, ""), emit=lambda _: None)
+    assert_distribution(zero.probs)
+    assert max(abs(zero.probs[k] - tuned.probs[k]) for k in LABELS) > 1e-3
+
+
+def test_find_export_accepts_the_run_folder_and_explains_a_ckpt_file(trained, tmp_path):
+    run, _ = trained
+    assert find_export(run) == find_export(run / "export") == run / "export"
+    with pytest.raises(UserError, match="use the export folder of that run instead"):
+        find_export(run / "checkpoints" / "last.ckpt")
