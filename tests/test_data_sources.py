@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SAMPLE, api_settings, compose_train
-from fake_arxiv import PAPERS, Paper, closed_port_url, expected, read_jsonl
+from fake_arxiv import PAPERS, Paper, Reply, closed_port_url, expected, read_jsonl
 from lmtune.data.arxiv_api import ArxivClient, fetch_dataset
 from lmtune.data.datamodule import ArxivDataModule
 from lmtune.data.records import DataError
@@ -66,6 +66,37 @@ def test_per_category_fetch_merges_parts_and_counts_cross_listed_papers(arxiv_se
     assert manifest["duplicates_dropped"] == 1
     assert manifest["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arxiv.jsonl", "arxiv.manifest.json"]  # parts removed
+
+
+def test_fetch_cli_interrupted_in_the_second_category_resumes_without_refetching(arxiv_server, tmp_path):
+    arxiv_server.serve_papers(PAPERS, by_category=True)
+    serve = arxiv_server.responder
+    arxiv_server.responder = lambda q: Reply(503, b"busy") if "cs.CV" in q.get("search_query", "") else serve(q)
+    out = tmp_path / "arxiv.jsonl"
+    args = [
+        "categories=[cs.CL,cs.CV]",
+        "max_results=10",
+        "page_size=2",
+        f"out={out}",
+        *(f"arxiv.{k}={v}" for k, v in api_settings(arxiv_server.url).items()),
+        f"hydra.run.dir={tmp_path / 'log'}",
+    ]
+    first = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "fetch_arxiv.py"), *args], capture_output=True, text=True
+    )
+    assert first.returncode == 1 and "error: the arXiv API could not be reached" in first.stderr
+    assert not out.exists()  # never a partial output file
+    assert [q["search_query"] for q in arxiv_server.requests] == ["cat:cs.CL"] * 2 + ["cat:cs.CV"] * 2
+
+    arxiv_server.responder = serve  # the API is back
+    second = subprocess.run(
+        [sys.executable, str(ROOT / "src" / "fetch_arxiv.py"), *args], capture_output=True, text=True
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.strip() == f"wrote 5 records to {out}"
+    assert [q["search_query"] for q in arxiv_server.requests[4:]] == ["cat:cs.CV"]  # cs.CL was complete
+    assert read_jsonl(out) == [expected(PAPERS[i]) for i in (0, 1, 2, 4, 3)]
+    assert json.loads((tmp_path / "arxiv.manifest.json").read_text())["count_per_category"] == {"cs.CL": 4, "cs.CV": 2}
 
 
 # ------------------------------------------------------------------------------------ data.source=arxiv_api

@@ -87,6 +87,18 @@ def test_long_abstract_is_truncated_never_the_answer(tokenizer):
         ChatFormatter(tokenizer, LABELS, max_length=20).format([long])
 
 
+def test_shortened_prompt_does_not_depend_on_the_label_and_matches_prediction(tokenizer):
+    labels = ["cs.CV", "physics.comp-ph"]  # answers of different token lengths
+    formatter = ChatFormatter(tokenizer, labels, max_length=160)
+    assert len({len(a) for a in formatter.answer_ids}) == 2
+    abstract = "many words here " * 300
+    a, b = formatter.format([Record("a", "T", abstract, "cs.CV"), Record("b", "T", abstract, "physics.comp-ph")])
+    prompt = a.input_ids[: a.prompt_length]
+    assert a.truncated and b.truncated and prompt == b.input_ids[: b.prompt_length]  # no hint of the label
+    assert formatter.fit_prompts([("T", abstract)]) == [(prompt, True)]
+    assert max(len(a.input_ids), len(b.input_ids)) <= 160
+
+
 def test_template_drift_is_a_clear_error(tiny_tokenizer):
     drifting = build_tiny_tokenizer()
     # renders the last user turn differently when an assistant answer follows: the prompt is no longer a prefix

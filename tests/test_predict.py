@@ -154,6 +154,7 @@ def test_cli_errors_exit_nonzero_with_one_line_and_before_loading_the_model(trai
         ("arxiv_id=2403.00010", f"ckpt={run}", f"arxiv.base_url={closed_port_url()}"): "cannot reach the arXiv API",
         ("title=x", "abstract=y", f"ckpt={tmp_path / 'nowhere'}"): "not a trained export",
         (f"ckpt={run}",): "give exactly one of: arxiv_id=",
+        ("arxiv_id=2403.00010",): "error: ckpt= is required",
     }
     for args, message in cases.items():
         started = time.monotonic()

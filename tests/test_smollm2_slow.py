@@ -4,8 +4,11 @@ import csv
 import json
 
 import pytest
+import torch
 
 from conftest import ROOT, compose_train
+from lmtune.evaluation.predictor import Paper, Predictor
+from lmtune.evaluation.scoring import rank_scores
 from lmtune.pipeline import train
 
 pytestmark = pytest.mark.slow
@@ -47,3 +50,18 @@ def test_smollm2_learns_on_arxiv(adapter, tmp_path, shared_arxiv):
     # adapter-only checkpoints: megabytes, against a 538 MB base model
     assert max(p.stat().st_size for p in (tmp_path / "checkpoints").glob("*.ckpt")) < 60 * 2**20
     assert (tmp_path / "export" / "adapter_model.safetensors").stat().st_size < 25 * 2**20
+
+    # the export predicts like the trained module (QLoRA: the base is re-quantized to 4-bit on reload)
+    dm, module = objects["datamodule"], objects["module"]
+    records = {json.loads(line)["id"]: json.loads(line) for line in shared_arxiv.open()}
+    examples = dm.examples["test"][:8]
+    predictor = Predictor.from_export(tmp_path / "export", ROOT / ".cache", torch.device("cpu"))
+    papers = [Paper(records[e.id]["title"], records[e.id]["abstract"], e.id) for e in examples]
+    prompts = [e.input_ids[: e.prompt_length] for e in examples]
+    assert [ids for ids, _ in predictor.formatter.fit_prompts([(p.title, p.abstract) for p in papers])] == prompts
+    module.eval()
+    expected = rank_scores(module.causal_lm, prompts, dm.formatter.answer_ids, dm.collator.pad_token_id)
+    scores, _ = predictor.scores(papers)
+    torch.testing.assert_close(scores, expected, rtol=0, atol=5e-3)
+    for prediction in predictor.predict(papers):
+        assert prediction.category in dm.labels and abs(sum(prediction.probs.values()) - 1) < 1e-9

@@ -144,14 +144,14 @@ def predict_batch(cfg: DictConfig, emit) -> list[Prediction]:
     path = Path(cfg.input)
     items = read_batch(cfg, path)
     predictor = load_predictor(cfg)
-    ready = [item for item in items if item.paper is not None]
-    predictions = dict(zip((id(i) for i in ready), predictor.predict([i.paper for i in ready]), strict=True))
+    ready = [n for n, item in enumerate(items) if item.paper is not None]
+    predictions = dict(zip(ready, predictor.predict([items[n].paper for n in ready]), strict=True))
     rows = []
-    for item in items:
+    for n, item in enumerate(items):
         if item.error:
             rows.append({"line": item.line, "id": item.arxiv_id, "error": item.error})
             continue
-        row = predictions[id(item)].to_dict()
+        row = predictions[n].to_dict()
         if item.true is not None:
             row["true"] = item.true
         rows.append(row)
@@ -173,6 +173,8 @@ def predict_batch(cfg: DictConfig, emit) -> list[Prediction]:
 
 def predict(cfg: DictConfig, emit=print) -> list[Prediction]:
     """Run one prediction request; `emit` receives what the user should see (stdout in the CLI)."""
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        raise UserError("ckpt= is required: a trained export folder (logs/train/runs/<run>/export), or ckpt=null.")
     given = [name for name in ("arxiv_id", "input") if cfg.get(name)]
     if cfg.get("title") or cfg.get("abstract"):
         given.append("title/abstract")

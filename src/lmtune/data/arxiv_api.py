@@ -655,6 +655,18 @@ def fetch_records(
     )
 
 
+def _finished_part(path: Path, query: str, max_results: int) -> FetchResult | None:
+    """A category fetched completely by an earlier, interrupted `fetch_dataset` run: not fetched again."""
+    manifest_path = FetchPaths.for_output(path).manifest
+    if not (path.is_file() and manifest_path.is_file()):
+        return None
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if manifest.get("query") != query or manifest.get("max_results") != max_results:
+        return None
+    log.info("reusing %s (%d records) from an earlier run", path, manifest["count"])
+    return FetchResult(path, manifest["count"], manifest["duplicates_dropped"], 0, skipped=manifest["skipped_unusable"])
+
+
 def fetch_dataset(
     client: ArxivClient,
     categories: Iterable[str],
@@ -669,7 +681,8 @@ def fetch_dataset(
 
     Per category is the default because one query over several categories returns mostly the busiest ones
     (cs.LG, cs.CV) and starves the small ones. Each category is its own resumable `fetch_records` run into
-    `<out>.parts/`; the parts are then merged into `out_path` (atomically, with a manifest), dropping papers
+    `<out>.parts/` (a rerun after an interruption skips the categories already complete and resumes the
+    one that was cut off); the parts are then merged into `out_path` (atomically, with a manifest), dropping papers
     that several category queries returned (cross-lists) and counting them.
     """
     categories = [categories] if isinstance(categories, str) else list(dict.fromkeys(categories))
@@ -678,7 +691,8 @@ def fetch_dataset(
     paths = FetchPaths.for_output(out_path)
     parts_dir = paths.out.with_name(f"{paths.out.stem}.parts")
     parts = {
-        cat: fetch_records(client, [cat], max_results, parts_dir / f"{cat}.jsonl", page_size, date_from, date_to)
+        cat: _finished_part(parts_dir / f"{cat}.jsonl", search_query([cat], date_from, date_to), max_results)
+        or fetch_records(client, [cat], max_results, parts_dir / f"{cat}.jsonl", page_size, date_from, date_to)
         for cat in categories
     }
     seen: set[str] = set()

@@ -69,6 +69,7 @@ class ChatFormatter:
             raise DataError(f"end-of-turn token {self.eot_token!r} is not in the vocabulary; set model.eot_token.")
         # Reference answers: the label set's token sequences, shared by training and rank scoring.
         self.answer_ids: list[list[int]] = [self._reference_answer(label) for label in self.labels]
+        self.longest_answer = max(len(a) for a in self.answer_ids)
 
     # --- rendering -------------------------------------------------------------------------------------
     def messages(self, title: str, abstract: str, label: str | None = None) -> list[dict]:
@@ -135,9 +136,11 @@ class ChatFormatter:
                     f"record {r.id}: answer tokens {answer} differ from the label's reference "
                     f"{self.answer_ids[label_index]}; the template merges tokens across the answer boundary."
                 )
-            truncated = len(prompt) + len(answer) > self.max_length
+            # room for the longest answer, not this label's: the prompt must not depend on the label (a
+            # label-dependent cut would leak the answer's length into evaluation), and predict builds it the same way
+            truncated = len(prompt) + self.longest_answer > self.max_length
             if truncated:
-                prompt = self._fit_prompt(r.title, r.abstract, len(answer), f"record {r.id}")
+                prompt = self._fit_prompt(r.title, r.abstract, self.longest_answer, f"record {r.id}")
             examples.append(
                 Example(
                     id=r.id,
@@ -153,8 +156,8 @@ class ChatFormatter:
     def fit_prompts(
         self, items: list[tuple[str, str]], answer_length: int | None = None
     ) -> list[tuple[list[int], bool]]:
-        """Prompt ids for (title, abstract) pairs whose label is unknown (prediction): abstracts are shortened
-        exactly as in training, leaving room for the longest answer. Returns (ids, truncated) per item."""
+        """Prompt ids for (title, abstract) pairs whose label is unknown (prediction), shortened exactly as in
+        training. Returns (ids, truncated) per item."""
         room = answer_length if answer_length is not None else max(len(a) for a in self.answer_ids)
         encoded = self._encode([self._render(self.messages(t, a), True) for t, a in items])
         return [
