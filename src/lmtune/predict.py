@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from lmtune.data.arxiv_api import ArxivClient, fetch_by_ids, normalize_id
 from lmtune.data.records import DataError, iter_jsonl_lines
 from lmtune.errors import UserError
 from lmtune.evaluation.predictor import Paper, Prediction, Predictor, pick_device
+from lmtune.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -127,19 +126,6 @@ def format_text(prediction: Prediction, top_k: int) -> str:
     return "\n".join(lines)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Atomically: a crash never leaves a half-written predictions file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def predict_batch(cfg: DictConfig, emit) -> list[Prediction]:
     path = Path(cfg.input)
     items = read_batch(cfg, path)
@@ -156,7 +142,7 @@ def predict_batch(cfg: DictConfig, emit) -> list[Prediction]:
             row["true"] = item.true
         rows.append(row)
     out = Path(cfg.output) if cfg.output else path.with_name(f"{path.stem}.predictions.jsonl")
-    _write_jsonl(out, rows)
+    atomic_write(out, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     labelled = [r for r in rows if "true" in r and r["true"] in predictor.labels]
     if labelled:
         correct = sum(r["true"] == r["category"] for r in labelled)

@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -40,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmtune.errors import UserError
+from lmtune.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -469,22 +469,8 @@ class FetchResult:
     skipped: int = 0  # unusable entries dropped by `parse_feed`
 
 
-def _atomic_write(path: Path, write: Callable[[object], None], mode: str = "w") -> None:
-    """Write via a temp file in the same directory + os.replace, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_json(path: Path, obj: dict) -> None:
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
 
 
 def _load_progress(paths: FetchPaths, query_key: dict, max_results: int) -> dict | None:
@@ -626,7 +612,7 @@ def fetch_records(
                 digest.update(line)
                 f.write(line)
 
-    _atomic_write(paths.out, copy_partial, mode="wb")
+    atomic_write(paths.out, copy_partial, mode="wb")
     manifest = {
         "query": query,
         "categories": categories,
@@ -712,7 +698,7 @@ def fetch_dataset(
                     digest.update(line)
                     f.write(line)
 
-    _atomic_write(paths.out, merge, mode="wb")
+    atomic_write(paths.out, merge, mode="wb")
     dates = _date_range(date_from, date_to)
     _write_json(
         paths.manifest,
