@@ -12,6 +12,7 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from lmtune.evaluation.report import final_report
 from lmtune.model.loading import load_tokenizer, resolve_pretrained
 from lmtune.model.module import CausalLMClassifier, parameter_counts
 from lmtune.utils.callbacks import TrainingStats
@@ -86,6 +87,12 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         "data": datamodule.stats,
         "params": parameter_counts(module),
     }
+    if trainer.is_global_zero and cfg.report.enabled:
+        run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+        report_cfg = cfg.report
+        summary["report"] = final_report(
+            module, datamodule, output_dir, cfg.paths.cache_dir, report_cfg, summary["train"], run
+        )
     if trainer.is_global_zero:
         export_model(module, tokenizer, formatter, cfg, output_dir / "export")
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))

@@ -15,7 +15,7 @@ from lmtune.data.formatting import (
     ChatFormatter,
     Example,
 )
-from lmtune.data.records import SPLITS, DataError, SkipCounts, choose_labels, split_records
+from lmtune.data.records import SPLITS, DataError, Record, SkipCounts, choose_labels, split_records
 from lmtune.data.sources import RecordSource
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,8 @@ class ArxivDataModule(L.LightningDataModule):
         self.collator: PaddingCollator | None = None
         self.labels: list[str] = []
         self.formatter: ChatFormatter | None = None
+        self.splits: dict[str, list[Record]] = {}
+        self.skips = SkipCounts()
         self.examples: dict[str, list[Example]] = {}
         self.stats: dict = {}
         self._resume_skip: tuple[int, int] | None = None
@@ -98,6 +100,30 @@ class ArxivDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Download once (arXiv API fetch; cached per query), before any process reads the data."""
         self.source.prepare()
+
+    def load_splits(self) -> dict[str, list[Record]]:
+        """Records -> label set -> hash splits (limits applied); no tokenizer needed (the TF-IDF baseline uses it)."""
+        if self.splits:
+            return self.splits
+        self.skips = SkipCounts()
+        records = self.source.read(self.skips)
+        self.labels = choose_labels(records, self.top_k, self.requested_labels or self.source.categories)
+        splits = split_records(records, self.labels, self.val_fraction, self.test_fraction, self.split_salt, self.skips)
+        if self.overfit:
+            splits = {name: splits["train"][: self.overfit] for name in SPLITS}
+        else:
+            splits = {name: rs[: self.limits[name]] if self.limits[name] else rs for name, rs in splits.items()}
+        if not splits["train"]:
+            raise DataError(f"{self.source.where}: no training examples after filtering ({self.skips.summary()}).")
+        self.splits = splits
+        self.stats = {
+            "source": self.source.where,
+            "records": len(records),
+            "skipped": dict(self.skips.counts),
+            "labels": self.labels,
+            **{f"{name}_examples": len(rs) for name, rs in splits.items()},
+        }
+        return splits
 
     def setup(self, stage: str | None = None) -> None:
         if self.examples:
@@ -107,32 +133,16 @@ class ArxivDataModule(L.LightningDataModule):
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.collator = PaddingCollator(pad_id, self.pad_to_multiple_of)
-        skips = SkipCounts()
-        records = self.source.read(skips)
-        self.labels = choose_labels(records, self.top_k, self.requested_labels or self.source.categories)
-        splits = split_records(records, self.labels, self.val_fraction, self.test_fraction, self.split_salt, skips)
-        if self.overfit:
-            splits = {name: splits["train"][: self.overfit] for name in SPLITS}
-        else:
-            splits = {name: rs[: self.limits[name]] if self.limits[name] else rs for name, rs in splits.items()}
+        splits = self.load_splits()
         self.formatter = ChatFormatter(self.tokenizer, self.labels, self.max_length, **self.prompts)
         self.examples = {name: self.formatter.format(rs) for name, rs in splits.items()}
-        if not self.examples["train"]:
-            raise DataError(f"{self.source.where}: no training examples after filtering ({skips.summary()}).")
-        self.stats = {
-            "source": self.source.where,
-            "records": len(records),
-            "skipped": dict(skips.counts),
-            "labels": self.labels,
-            **{f"{name}_examples": len(ex) for name, ex in self.examples.items()},
-            "truncated": {name: sum(e.truncated for e in ex) for name, ex in self.examples.items()},
-        }
+        self.stats["truncated"] = {name: sum(e.truncated for e in ex) for name, ex in self.examples.items()}
         log.info(
             "data %s: %d labels %s; %s; train/val/test = %d/%d/%d examples; truncated abstracts %s",
             self.source.where,
             len(self.labels),
             self.labels,
-            skips.summary(),
+            self.skips.summary(),
             *(len(self.examples[s]) for s in SPLITS),
             self.stats["truncated"],
         )

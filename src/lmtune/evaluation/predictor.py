@@ -120,6 +120,24 @@ class Predictor:
         return cls(model, formatter, tokenizer.pad_token_id, source=str(export), **kwargs)
 
     @classmethod
+    def from_checkpoint(cls, ckpt: str | Path, cache_dir: str | Path, device: torch.device, **kwargs) -> Predictor:
+        """A Lightning checkpoint of a run (e.g. an earlier step than the export): the run's export supplies
+        the base model, tokenizer and prompts; the checkpoint's trainable weights replace the exported ones."""
+        ckpt = Path(ckpt)
+        run_dir = ckpt.parent.parent  # <run>/checkpoints/<name>.ckpt
+        predictor = cls.from_export(find_export(run_dir), cache_dir, device, **kwargs)
+        trained = torch.load(ckpt, map_location=device, weights_only=False)["state_dict"]
+        weights = {k.removeprefix("model."): v for k, v in trained.items()}
+        result = predictor.causal_lm.load_state_dict(weights, strict=False)
+        if result.unexpected_keys or not weights:
+            raise UserError(
+                f"{ckpt}: its weights do not fit the model of {run_dir / 'export'} "
+                f"(unexpected: {result.unexpected_keys[:3]}); evaluate a checkpoint together with its own run."
+            )
+        predictor.source = str(ckpt)
+        return predictor
+
+    @classmethod
     def zero_shot(
         cls, model_cfg, labels: list[str], cache_dir: str | Path, device: torch.device, max_length: int = 512, **kwargs
     ) -> Predictor:
@@ -151,6 +169,37 @@ class Predictor:
         scores = torch.empty_like(sorted_scores)
         scores[order] = sorted_scores
         return scores, [truncated for _, truncated in fitted]
+
+    @torch.no_grad()
+    def generate(self, papers: list[Paper], max_new_tokens: int = 16, batch_size: int = 16) -> list[str]:
+        """Greedy answers (text up to the end-of-turn token), for comparing free generation with rank scoring."""
+        prompts = [ids for ids, _ in self.formatter.fit_prompts([(p.title, p.abstract) for p in papers])]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        device = next(self.causal_lm.parameters()).device
+        answers: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in rows)
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):  # left padding: every prompt ends where generation starts
+                ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[r, width - len(prompts[i]) :] = 1
+            out = self.causal_lm.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                eos_token_id=self.formatter.eot_id,
+                pad_token_id=self.pad_id,
+            )
+            for r, i in enumerate(rows):
+                new = out[r, width:].tolist()
+                if self.formatter.eot_id in new:
+                    new = new[: new.index(self.formatter.eot_id)]
+                answers[i] = self.formatter.tokenizer.decode(new, skip_special_tokens=True)
+        return answers
 
     def predict(self, papers: list[Paper]) -> list[Prediction]:
         if not papers:

@@ -1,0 +1,26 @@
+"""TF-IDF + logistic regression on the LM's splits: `python src/baseline.py experiment=lora_arxiv`."""
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+
+from lmtune.baseline import run_baseline  # noqa: E402
+from lmtune.errors import UserError  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="baseline.yaml")
+def main(cfg: DictConfig) -> float:
+    try:
+        metrics = run_baseline(cfg)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    return metrics["acc"]  # what sweeps over baseline.C / min_df optimise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Evaluate a fine-tuned adapter or the zero-shot base model: `python src/eval.py ckpt=<export dir>`."""
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+
+from lmtune.errors import UserError  # noqa: E402
+from lmtune.eval import run_eval  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval.yaml")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_eval(cfg)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""What an evaluation leaves behind, the same for every predictor (LM rank, LM generate, TF-IDF baseline).
+
+<out_dir>/
+  eval_metrics.json      metrics (accuracy, macro-F1, per class, confusion matrix, ECE / invalid rate) + meta
+  predictions.jsonl      one line per example: id, true, predicted, top-k probabilities (and the raw answer)
+  confusion_matrix.png   rows normalised to the true label's support, readable label names
+  per_class.md           precision / recall / F1 / support per label, as a markdown table
+and, with a W&B run, the same metrics, the confusion matrix (image and `wandb.plot.confusion_matrix`) and a
+predictions table with title, true and predicted category.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmtune.evaluation.metrics import INVALID, INVALID_NAME
+from lmtune.utils.files import atomic_write
+
+
+@dataclass
+class EvalPredictions:
+    """One prediction per example; `pred` is a label index or INVALID (an answer outside the label set)."""
+
+    labels: list[str]
+    ids: list[str]
+    titles: list[str]
+    true: list[int]
+    pred: list[int]
+    probs: torch.Tensor | None = None  # (N, labels), rows sum to 1 (rank scoring, TF-IDF)
+    answers: list[str] | None = None  # raw generated text (generate mode)
+
+    def name_of(self, index: int) -> str:
+        return INVALID_NAME if index == INVALID else self.labels[index]
+
+    def rows(self, top_k: int = 3) -> list[dict]:
+        rows = []
+        for n, (id_, t, p) in enumerate(zip(self.ids, self.true, self.pred, strict=True)):
+            row = {"id": id_, "true": self.labels[t], "predicted": self.name_of(p)}
+            if self.probs is not None:
+                top = torch.topk(self.probs[n], min(top_k, len(self.labels)))
+                row["probs"] = {
+                    self.labels[i]: round(float(v), 6) for v, i in zip(top.values, top.indices, strict=True)
+                }
+            if self.answers is not None:
+                row["answer"] = self.answers[n]
+            rows.append(row)
+        return rows
+
+
+def per_class_markdown(metrics: dict) -> str:
+    lines = ["| label | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+    for label, m in metrics["per_class"].items():
+        lines.append(f"| {label} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
+    lines.append(
+        f"| **all** (accuracy {metrics['acc']:.3f}, macro-F1 {metrics['macro_f1']:.3f}) | | | | {metrics['n']} |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot_confusion_matrix(metrics: dict, path: Path, title: str = "") -> Path:
+    """Row-normalised confusion matrix; the "(invalid)" column only appears when there were invalid answers."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed (CI, servers)
+    import matplotlib.pyplot as plt
+
+    counts = torch.tensor(metrics["confusion_matrix"], dtype=torch.float64)
+    columns = list(metrics["confusion_columns"])
+    if counts[:, -1].sum() == 0:
+        counts, columns = counts[:, :-1], columns[:-1]
+    rows = columns[: counts.shape[0]]
+    normalised = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    size = 1.0 + 0.55 * max(len(columns), 4)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(normalised.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(counts.shape[0]):
+        for j in range(counts.shape[1]):
+            if counts[i, j]:
+                value = normalised[i, j].item()
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if value > 0.5 else "black",
+                )
+    ax.set_title(title or f"accuracy {metrics['acc']:.3f}, macro-F1 {metrics['macro_f1']:.3f} (n={metrics['n']})")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true label")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_eval_outputs(
+    out_dir: str | Path, predictions: EvalPredictions, metrics: dict, meta: dict | None = None, top_k: int = 3
+) -> dict[str, Path]:
+    """Write the four files; returns their paths by name."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "metrics": out_dir / "eval_metrics.json",
+        "predictions": out_dir / "predictions.jsonl",
+        "confusion_matrix": out_dir / "confusion_matrix.png",
+        "per_class": out_dir / "per_class.md",
+    }
+    document = {**(meta or {}), "labels": predictions.labels, "metrics": metrics}
+    atomic_write(paths["metrics"], lambda f: f.write(json.dumps(document, indent=2) + "\n"))
+    rows = predictions.rows(top_k)
+    atomic_write(paths["predictions"], lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write(paths["per_class"], lambda f: f.write(per_class_markdown(metrics)))
+    plot_confusion_matrix(metrics, paths["confusion_matrix"])
+    return paths
+
+
+def log_to_wandb(run, predictions: EvalPredictions, metrics: dict, png: Path, prefix: str = "eval") -> None:
+    """Metrics in the summary, the confusion matrix as image and as W&B's interactive plot, a predictions table."""
+    import wandb
+
+    scalars = {f"{prefix}/{k}": metrics[k] for k in ("acc", "macro_f1", "invalid_rate", "ece", "n") if k in metrics}
+    scalars.update({f"{prefix}/f1/{label}": m["f1"] for label, m in metrics["per_class"].items()})
+    valid = [n for n, p in enumerate(predictions.pred) if p != INVALID]  # W&B's plot only knows the label set
+    table = wandb.Table(columns=["id", "title", "true", "predicted", "p(predicted)"])
+    for n, row in enumerate(predictions.rows(top_k=1)):
+        p = float(predictions.probs[n].max()) if predictions.probs is not None else None
+        table.add_data(row["id"], predictions.titles[n], row["true"], row["predicted"], p)
+    run.log(
+        {
+            **scalars,
+            f"{prefix}/confusion_matrix_image": wandb.Image(str(png)),
+            f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
+                y_true=[predictions.true[n] for n in valid],
+                preds=[predictions.pred[n] for n in valid],
+                class_names=predictions.labels,
+                title=f"{prefix} confusion matrix",
+            ),
+            f"{prefix}/predictions": table,
+        }
+    )
+    run.summary.update(scalars)
