@@ -180,6 +180,13 @@ def test_training_writes_a_report_with_zero_shot_tfidf_and_a_cached_baseline(tra
     module, dm = objects["module"], objects["datamodule"]
     with caplog.at_level("INFO"):
         again = zero_shot_metrics(
-            module, dm.formatter, dm.collator.pad_token_id, dm.splits["test"], dm.examples["test"], cache_dir, tmp_path
+            module,
+            dm.formatter,
+            dm.collator.pad_token_id,
+            dm.splits["test"],
+            dm.examples["test"],
+            cache_dir,
+            tmp_path,
+            objects["trainer"].precision,
         )
     assert again == zero and "zero-shot metrics from the cache" in caplog.text

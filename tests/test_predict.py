@@ -254,3 +254,17 @@ def test_find_export_accepts_the_run_folder_and_explains_a_ckpt_file(trained, tm
     assert find_export(run) == find_export(run / "export") == run / "export"
     with pytest.raises(UserError, match="use the export folder of that run instead"):
         find_export(run / "checkpoints" / "last.ckpt")
+
+
+def test_scores_use_the_precision_the_run_was_trained_with(trained, cache_dir):
+    run, objects = trained
+    dm = objects["datamodule"]
+    texts = [Text(r.title, r.abstract, r.id) for r in dm.splits["test"][:4]]
+    fp32 = Predictor.from_export(run / "export", cache_dir, torch.device("cpu"))
+    assert fp32.precision == "32-true"  # the smoke run trains in fp32
+    bf16 = Predictor.from_export(run / "export", cache_dir, torch.device("cpu"), precision="bf16-mixed")
+    prompts = [ids for ids, _ in bf16.formatter.fit_prompts([(t.title, t.abstract) for t in texts])]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = rank_scores(bf16.causal_lm, prompts, bf16.formatter.answer_ids, bf16.pad_id)
+    assert torch.equal(bf16.scores(texts)[0], expected)
+    assert not torch.equal(fp32.scores(texts)[0], expected)

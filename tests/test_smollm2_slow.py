@@ -51,17 +51,25 @@ def test_smollm2_learns_on_arxiv(adapter, tmp_path, shared_arxiv):
     assert max(p.stat().st_size for p in (tmp_path / "checkpoints").glob("*.ckpt")) < 60 * 2**20
     assert (tmp_path / "export" / "adapter_model.safetensors").stat().st_size < 25 * 2**20
 
-    # the export predicts like the trained module (QLoRA: the base is re-quantized to 4-bit on reload)
+    # the export predicts exactly like the best checkpoint reloaded, and like the in-memory module up to
+    # bitsandbytes' CPU noise: its double-quant state is rewritten at first use, which moves 4-bit scores by
+    # up to ~0.1 nats (a fresh reload never differs from another fresh reload)
     dm, module = objects["datamodule"], objects["module"]
     records = {json.loads(line)["id"]: json.loads(line) for line in shared_arxiv.open()}
     examples = dm.examples["test"][:8]
     predictor = Predictor.from_export(tmp_path / "export", ROOT / ".cache", torch.device("cpu"))
+    assert predictor.precision == "bf16-mixed"  # scored as the run was validated
     papers = [Paper(records[e.id]["title"], records[e.id]["abstract"], e.id) for e in examples]
     prompts = [e.input_ids[: e.prompt_length] for e in examples]
     assert [ids for ids, _ in predictor.formatter.fit_prompts([(p.title, p.abstract) for p in papers])] == prompts
-    module.eval()
-    expected = rank_scores(module.causal_lm, prompts, dm.formatter.answer_ids, dm.collator.pad_token_id)
     scores, _ = predictor.scores(papers)
-    torch.testing.assert_close(scores, expected, rtol=0, atol=5e-3)
+    (best,) = [p for p in (tmp_path / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
+    reloaded, _ = Predictor.from_checkpoint(best, ROOT / ".cache", torch.device("cpu")).scores(papers)
+    assert torch.equal(scores, reloaded)
+    module.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_memory = rank_scores(module.causal_lm, prompts, dm.formatter.answer_ids, dm.collator.pad_token_id)
+    torch.testing.assert_close(scores, in_memory, rtol=0, atol=0.15)
+    assert (scores.argmax(-1) == in_memory.argmax(-1)).sum() >= 7
     for prediction in predictor.predict(papers):
         assert prediction.category in dm.labels and abs(sum(prediction.probs.values()) - 1) < 1e-9

@@ -29,8 +29,11 @@ def load_for_eval(cfg: DictConfig) -> tuple[Predictor, DictConfig]:
     """The predictor and the data config whose split it is evaluated on."""
     device = pick_device(cfg.eval.device)
     options = {"max_rows": cfg.eval.max_rows}
+    if cfg.eval.precision != "auto":
+        options["precision"] = cfg.eval.precision
     ckpt = cfg.ckpt
     if ckpt is None:
+        options.setdefault("precision", cfg.trainer.precision)
         dm = hydra.utils.instantiate(cfg.data)
         dm.prepare_data()
         labels = dm.load_splits() and dm.labels

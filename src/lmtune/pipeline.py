@@ -89,9 +89,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     }
     if trainer.is_global_zero and cfg.report.enabled:
         run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-        report_cfg = cfg.report
         summary["report"] = final_report(
-            module, datamodule, output_dir, cfg.paths.cache_dir, report_cfg, summary["train"], run
+            module, datamodule, output_dir, cfg.paths.cache_dir, cfg.report, summary["train"], trainer.precision, run
         )
     if trainer.is_global_zero:
         export_model(module, tokenizer, formatter, cfg, output_dir / "export")

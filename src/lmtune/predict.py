@@ -110,6 +110,8 @@ def read_batch(cfg: DictConfig, path: Path) -> list[BatchItem]:
 def load_predictor(cfg: DictConfig) -> Predictor:
     device = pick_device(cfg.device)
     options = {"max_rows": cfg.max_rows}
+    if cfg.precision != "auto":
+        options["precision"] = cfg.precision
     if cfg.ckpt:
         return Predictor.from_export(cfg.ckpt, cfg.paths.cache_dir, device, **options)
     if not cfg.labels:

@@ -28,8 +28,9 @@ from lmtune.model.loading import load_base_model
 log = logging.getLogger(__name__)
 
 
-def zero_shot_key(pretrained: str, model_cfg: dict, quant_cfg: dict | None, formatter, examples) -> str:
+def zero_shot_key(pretrained: str, model_cfg: dict, quant_cfg: dict | None, formatter, examples, precision) -> str:
     spec = {
+        "precision": str(precision),
         "base": str(pretrained),
         "model": {k: model_cfg.get(k) for k in ("source", "name_or_path", "gguf_file", "dtype", "attn_implementation")},
         "quantization": quant_cfg,
@@ -42,11 +43,14 @@ def zero_shot_key(pretrained: str, model_cfg: dict, quant_cfg: dict | None, form
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def zero_shot_metrics(module, formatter, pad_id: int, records, examples, cache_dir: Path, out_dir: Path) -> dict:
+def zero_shot_metrics(
+    module, formatter, pad_id: int, records, examples, cache_dir: Path, out_dir: Path, precision: str | None = None
+) -> dict:
     """Metrics of the base model on `records`, from the cache when this exact evaluation ran before."""
     hp = module.hparams
     quant = hp.adapter_cfg.get("quantization")
-    cached = cache_dir / "zero_shot" / zero_shot_key(hp.pretrained, hp.model_cfg, quant, formatter, examples)
+    key = zero_shot_key(hp.pretrained, hp.model_cfg, quant, formatter, examples, precision)
+    cached = cache_dir / "zero_shot" / key
     if not (cached / "eval_metrics.json").is_file():
         if hasattr(module.model, "disable_adapter"):  # LoRA off == the base model, no second copy
             context, causal_lm = module.model.disable_adapter(), module.causal_lm
@@ -54,7 +58,9 @@ def zero_shot_metrics(module, formatter, pad_id: int, records, examples, cache_d
             context = contextlib.nullcontext()
             causal_lm = load_base_model(hp.pretrained, hp.model_cfg, quant, module.device).to(module.device)
         with context:
-            predictor = Predictor(causal_lm, formatter, pad_id, source=f"zero-shot {hp.pretrained}")
+            predictor = Predictor(
+                causal_lm, formatter, pad_id, source=f"zero-shot {hp.pretrained}", precision=precision
+            )
             evaluate(predictor, records, "rank", cached.with_suffix(".tmp"), prefix="zero_shot")
         shutil.rmtree(cached, ignore_errors=True)
         cached.with_suffix(".tmp").rename(cached)
@@ -104,17 +110,17 @@ def report_markdown(rows: dict[str, dict], confused: list, train: dict, data: di
 
 
 def final_report(
-    module, datamodule, output_dir: Path, cache_dir: Path, report_cfg, train_stats: dict, run=None
+    module, datamodule, output_dir: Path, cache_dir: Path, report_cfg, train_stats: dict, precision: str, run=None
 ) -> dict:
     """Evaluate fine-tuned (and zero-shot, TF-IDF), write report.md, return the numbers for the summary."""
     formatter, pad_id = datamodule.formatter, datamodule.collator.pad_token_id
     records, examples = datamodule.splits["test"], datamodule.examples["test"]
     module.eval()
-    tuned = Predictor(module.causal_lm, formatter, pad_id, source="fine-tuned (best checkpoint)")
+    tuned = Predictor(module.causal_lm, formatter, pad_id, source="fine-tuned (best checkpoint)", precision=precision)
     rows = {"fine-tuned": evaluate(tuned, records, "rank", output_dir, wandb_run=run, prefix="test")["rank"]}
     if report_cfg.get("zero_shot", True):
         rows["zero-shot"] = zero_shot_metrics(
-            module, formatter, pad_id, records, examples, Path(cache_dir), output_dir / "zero_shot"
+            module, formatter, pad_id, records, examples, Path(cache_dir), output_dir / "zero_shot", precision
         )
     if report_cfg.get("tfidf", True):
         rows[f"TF-IDF + LR ({len(datamodule.splits['train'])} train papers)"] = tfidf_metrics(
