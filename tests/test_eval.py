@@ -10,8 +10,11 @@ import sys
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 
 from conftest import ROOT, compose_train
+from lmtune.eval import run_eval as run_eval_task
 from lmtune.evaluation.evaluate import parse_answer
 from lmtune.evaluation.metrics import INVALID, classification_metrics, most_confused
 from lmtune.pipeline import train
@@ -39,6 +42,15 @@ def run_eval(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess
         text=True,
         timeout=timeout,
     )
+
+
+def eval_in_process(overrides: list[str], out, cache_dir) -> dict:
+    """`src/eval.py` without a subprocess: the composed eval config, outputs in `out`."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("eval.yaml", overrides=["logger=none", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir, cfg.paths.cache_dir = str(out), str(cache_dir)
+    return run_eval_task(cfg)
 
 
 def read_jsonl(path) -> list[dict]:
@@ -128,10 +140,8 @@ def test_eval_cli_writes_every_output_and_a_real_wandb_run(trained, cache_dir, t
 def test_zero_shot_and_fine_tuned_give_different_predictions(trained, cache_dir, tmp_path):
     run, _, _ = trained
     tuned, zero = tmp_path / "tuned", tmp_path / "zero"
-    common = ["logger=none", f"paths.cache_dir={cache_dir}"]
-    assert run_eval(f"ckpt={run}", f"hydra.run.dir={tuned}", *common).returncode == 0
-    proc = run_eval("ckpt=null", "experiment=smoke", f"hydra.run.dir={zero}", *common)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    eval_in_process([f"ckpt={run}"], tuned, cache_dir)
+    eval_in_process(["ckpt=null", "experiment=smoke"], zero, cache_dir)
     tuned_rows, zero_rows = read_jsonl(tuned / "predictions.jsonl"), read_jsonl(zero / "predictions.jsonl")
     assert [r["id"] for r in tuned_rows] == [r["id"] for r in zero_rows]  # same split, same order
     assert any(t["probs"] != z["probs"] for t, z in zip(tuned_rows, zero_rows, strict=True))
@@ -140,9 +150,8 @@ def test_zero_shot_and_fine_tuned_give_different_predictions(trained, cache_dir,
 def test_a_checkpoint_file_evaluates_like_the_export_it_was_exported_as(trained, cache_dir, tmp_path):
     run, _, _ = trained
     (best,) = [p for p in (run / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
-    common = ["logger=none", f"paths.cache_dir={cache_dir}"]
-    assert run_eval(f"ckpt={best}", f"hydra.run.dir={tmp_path / 'ckpt'}", *common).returncode == 0
-    assert run_eval(f"ckpt={run / 'export'}", f"hydra.run.dir={tmp_path / 'export'}", *common).returncode == 0
+    eval_in_process([f"ckpt={best}"], tmp_path / "ckpt", cache_dir)
+    eval_in_process([f"ckpt={run / 'export'}"], tmp_path / "export", cache_dir)
     from_ckpt = read_jsonl(tmp_path / "ckpt" / "predictions.jsonl")
     from_export = read_jsonl(tmp_path / "export" / "predictions.jsonl")
     for a, b in zip(from_ckpt, from_export, strict=True):

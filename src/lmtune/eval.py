@@ -69,7 +69,7 @@ def run_eval(cfg: DictConfig) -> dict:
     predictor, data_cfg = load_for_eval(cfg)
     dm = hydra.utils.instantiate(data_cfg)
     dm.prepare_data()
-    records = dm.load_splits()[cfg.split]
+    records = dm.load_splits()[cfg.split][: cfg.eval.limit or None]  # hash order: a reproducible sample
     if not records:
         raise UserError(f"the {cfg.split} split of {dm.source.where} is empty; check data.*_fraction and limits.")
     run = None

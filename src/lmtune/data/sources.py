@@ -109,8 +109,8 @@ class RecordSource:
             )
         except ArxivApiError as e:
             raise DataError(
-                f"could not fetch training data from the arXiv API: {e}. Pages fetched so far are kept and a "
-                f"rerun resumes. To train without network, use a local file: `data.path=<records.jsonl>` "
+                f"could not fetch training data from the arXiv API: {e}. A rerun resumes where this one "
+                f"stopped. To train without network, use a local file: `data.path=<records.jsonl>` "
                 f"(JSONL, CSV or Parquet with id, title, abstract, primary_category)."
             ) from None
         log.info("fetched %d arXiv records into %s", result.count, result.path)

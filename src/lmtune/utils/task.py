@@ -18,9 +18,8 @@ def task_wrapper(task):
         exit_code = 0
         try:
             return task(cfg)
-        except UserError as e:
-            exit_code = 1
-            log.error("%s", e)
+        except UserError:
+            exit_code = 1  # shown once, as one line, by the entry point
             raise
         except BaseException:
             exit_code = 1
