@@ -112,8 +112,8 @@ class Predictor:
             formatting["max_length"],
             system_prompt=formatting["system_prompt"],
             user_template=formatting["user_template"],
-            eot_token=formatting["eot_token"],
-            chat_template_kwargs=formatting["chat_template_kwargs"],
+            eot_token=formatting.get("eot_token"),
+            chat_template_kwargs=formatting.get("chat_template_kwargs"),  # absent in early exports
         )
         if formatter.answer_ids != formatting["answer_ids"]:
             raise UserError(
