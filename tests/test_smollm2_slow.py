@@ -52,8 +52,9 @@ def test_smollm2_learns_on_arxiv(adapter, tmp_path, shared_arxiv):
     assert (tmp_path / "export" / "adapter_model.safetensors").stat().st_size < 25 * 2**20
 
     # the export predicts exactly like the best checkpoint reloaded, and like the in-memory module up to
-    # bitsandbytes' CPU noise: its double-quant state is rewritten at first use, which moves 4-bit scores by
-    # up to ~0.1 nats (a fresh reload never differs from another fresh reload)
+    # bitsandbytes' CPU noise: a 4-bit layer's double-quant state is converted once, at its first forward,
+    # and the result depends on that first call's path (training vs inference); measured up to 0.24 nats under
+    # bf16 autocast. Fresh reloads agree exactly with each other.
     dm, module = objects["datamodule"], objects["module"]
     records = {json.loads(line)["id"]: json.loads(line) for line in shared_arxiv.open()}
     examples = dm.examples["test"][:8]
@@ -69,7 +70,7 @@ def test_smollm2_learns_on_arxiv(adapter, tmp_path, shared_arxiv):
     module.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         in_memory = rank_scores(module.causal_lm, prompts, dm.formatter.answer_ids, dm.collator.pad_token_id)
-    torch.testing.assert_close(scores, in_memory, rtol=0, atol=0.15)
+    torch.testing.assert_close(scores, in_memory, rtol=0, atol=0.4)
     assert (scores.argmax(-1) == in_memory.argmax(-1)).sum() >= 7
     for prediction in predictor.predict(papers):
         assert prediction.category in dm.labels and abs(sum(prediction.probs.values()) - 1) < 1e-9
