@@ -1,5 +1,6 @@
 """The supervised-positions loss equals full-logit masked cross-entropy; shared-prefix rank scoring equals naive."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -31,8 +32,9 @@ def test_loss_equals_reference_full_logit_cross_entropy(tiny_dir):
     torch.testing.assert_close(ours, hf, rtol=0, atol=1e-5)
 
 
-def test_shared_prefix_rank_scores_equal_naive_per_label_scores(tiny_dir, tiny_tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # boolean and additive custom 4D masks
+def test_shared_prefix_rank_scores_equal_naive_per_label_scores(tiny_dir, tiny_tokenizer, attention):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation=attention).eval()
     labels = ["cs.CL", "cs.CV", "cs.LG", "math.OC", "q-bio.NC"]  # answers of different token lengths
     formatter = ChatFormatter(tiny_tokenizer, labels)
     assert len({len(a) for a in formatter.answer_ids}) > 1

@@ -1,7 +1,8 @@
 """Rank scoring: the predicted category is the label whose answer tokens are most likely after the prompt.
 
-Each prompt is encoded once; its KV cache is then shared by every label's answer tokens, so the cost is one
-prompt pass plus a few tokens per label instead of one full pass per label. A prediction is always a valid
+Each prompt is encoded once; every label's answer tokens are then scored in one short pass on top of that
+prompt's KV cache (tree attention), so the cost is one prompt pass plus a few tokens per label instead of one
+full pass per label, and the cache is never copied. A prediction is always a valid
 label, and the scores give a probability over the label set (softmax of the summed log-probabilities).
 """
 
@@ -26,8 +27,7 @@ def rank_scores(
 ) -> torch.Tensor:
     """Summed log-probability of each answer after each prompt: a (num_prompts, num_labels) tensor.
 
-    The prompt cache is copied once per label, so prompts go in chunks of at most `max_rows` (prompt, label)
-    rows to bound that memory.
+    Prompts go in chunks of at most `max_rows // num_labels` to bound the memory of the logits.
     """
     chunk = max(1, max_rows // len(answers))
     return torch.cat(
@@ -37,37 +37,50 @@ def rank_scores(
 
 def _rank_scores(causal_lm, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
     device = next(causal_lm.parameters()).device
-    num_prompts, num_labels = len(prompts), len(answers)
+    num_prompts = len(prompts)
     prompt_ids, prompt_mask = (t.to(device) for t in _left_pad(prompts, pad_id))
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = causal_lm(
         input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1
     )
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (P, V): the first answer token
-    answer_len = max(len(a) for a in answers)
-    answer_ids = torch.full((num_labels, answer_len), pad_id, dtype=torch.long, device=device)
-    answer_mask = torch.zeros((num_labels, answer_len), dtype=torch.long, device=device)
-    for row, a in enumerate(answers):
-        answer_ids[row, : len(a)] = torch.tensor(a)
-        answer_mask[row, : len(a)] = 1
-    scores = first[:, answer_ids[:, 0]]  # (P, L)
-    if answer_len == 1:
+    scores = first[:, [a[0] for a in answers]]  # (P, L): each label's first answer token
+    # The remaining answer tokens of *all* labels go in one row per prompt, on top of the prompt's cache: a
+    # block-diagonal causal mask keeps each label's tokens from seeing the other labels' (tree attention).
+    # One small pass, and the prompt cache is used as is instead of being copied once per label.
+    feeds = [a[:-1] for a in answers]  # token k of a label predicts its token k + 1
+    owner = torch.tensor([j for j, f in enumerate(feeds) for _ in f], device=device)
+    offset = torch.tensor([k for f in feeds for k in range(len(f))], device=device)
+    if owner.numel() == 0:
         return scores
-    # Feed answer tokens 0..A-2 for every (prompt, label) pair on top of the shared prompt cache.
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(num_labels)
-    feed = answer_ids[:, :-1].repeat(num_prompts, 1)  # (P*L, A-1)
-    feed_mask = answer_mask[:, :-1].repeat(num_prompts, 1)
-    attention = torch.cat([prompt_mask.repeat_interleave(num_labels, dim=0), feed_mask], dim=1)
-    start = prompt_mask.sum(-1).repeat_interleave(num_labels).unsqueeze(1)
-    feed_positions = start + torch.arange(answer_len - 1, device=device)
+    feed_len = owner.numel()
+    feed = torch.tensor([t for f in feeds for t in f], device=device).expand(num_prompts, feed_len)
+    prompt_len = prompt_mask.sum(-1, keepdim=True)  # (P, 1)
+    positions = prompt_len + offset  # each label continues the prompt
+    within = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])  # (T, T)
+    allowed = torch.cat(
+        [prompt_mask.bool()[:, None, :].expand(num_prompts, feed_len, -1), within.expand(num_prompts, -1, -1)], dim=-1
+    )[:, None]  # (P, 1, T, prompt + T)
     logits = causal_lm(
-        input_ids=feed, attention_mask=attention, position_ids=feed_positions, past_key_values=cache, use_cache=True
+        input_ids=feed,
+        attention_mask=_as_attention_mask(causal_lm, allowed),
+        position_ids=positions,
+        past_key_values=out.past_key_values,
+        use_cache=True,
     ).logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    targets = answer_ids[:, 1:].repeat(num_prompts, 1)
-    token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * answer_mask[:, 1:].repeat(num_prompts, 1)
-    return scores + token_lp.sum(-1).view(num_prompts, num_labels)
+    targets = torch.tensor([t for a in answers for t in a[1:]], device=device)
+    token_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.expand(num_prompts, -1).unsqueeze(-1)).squeeze(-1)
+    return scores.index_add(1, owner, token_lp)
+
+
+def _as_attention_mask(causal_lm, allowed: torch.Tensor) -> torch.Tensor:
+    """A custom 4D mask as the attention implementation wants it: boolean (True = attend) for sdpa/flex,
+    additive floats for eager attention."""
+    if getattr(causal_lm.config, "_attn_implementation", "sdpa") != "eager":
+        return allowed
+    dtype = next(causal_lm.parameters()).dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 @torch.no_grad()
