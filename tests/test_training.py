@@ -2,6 +2,7 @@
 
 import json
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import open_dict
@@ -10,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import SnapshotAtFitStart, compose_train
 from lmtune.evaluation.scoring import rank_scores
+from lmtune.model.module import NonFiniteLossError
 from lmtune.pipeline import train
 
 
@@ -192,3 +194,37 @@ def test_eval_loss_from_rank_scores_equals_the_masked_training_loss(tmp_path, ca
             loss_sum, n = module.supervised_loss(batch)
             total, count = total + loss_sum.item(), count + n.item()
     assert metrics["val/loss"] == pytest.approx(total / count, abs=1e-4)
+
+
+class PoisonAtStep(L.Callback):
+    """Turns one LoRA weight into NaN before the given step, as a diverging run would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            name, weight = next((n, p) for n, p in pl_module.named_parameters() if "lora_A" in n)
+            with torch.no_grad():
+                weight.fill_(float("nan"))
+
+
+def test_nan_loss_stops_the_run_naming_the_step_and_papers(tmp_path, cache_dir):
+    cfg = compose_train(["experiment=smoke", "logger=none"], tmp_path, cache_dir)
+    with open_dict(cfg):
+        cfg.callbacks.poison = {"_target_": "test_training.PoisonAtStep", "step": 3}
+    with pytest.raises(
+        NonFiniteLossError, match=r"training loss is nan at step 3 \(epoch 0, batch 3; paper ids 2501\."
+    ):
+        train(cfg)
+
+
+@pytest.mark.parametrize(
+    "debug, steps, files",
+    [("fdr", 2, []), ("limit", 4, []), ("profiler", 20, ["fit-profile.txt"])],
+)
+def test_debug_presets_run(tmp_path, cache_dir, debug, steps, files):
+    cfg = compose_train(["experiment=smoke", "logger=none", f"debug={debug}"], tmp_path, cache_dir)
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == steps and "test/acc" in metrics
+    assert all((tmp_path / name).is_file() for name in files)

@@ -22,11 +22,16 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import get_cosine_schedule_with_warmup
 
+from lmtune.errors import UserError
 from lmtune.evaluation.scoring import rank_scores
 from lmtune.model.loading import load_model
 from lmtune.model.loss import masked_lm_loss_sum
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or inf; the message names the step and the papers in the batch."""
 
 
 def parameter_counts(module: torch.nn.Module) -> dict:
@@ -108,6 +113,14 @@ class CausalLMClassifier(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss_sum, n_tokens = self.supervised_loss(batch)
         loss = loss_sum / n_tokens.clamp(min=1)
+        if not torch.isfinite(loss):
+            ids = batch.get("ids", [])
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, batch "
+                f"{batch_idx}; paper ids {', '.join(map(str, ids[:8]))}{' ...' if len(ids) > 8 else ''}). Stopped "
+                f"instead of training on garbage: lower optim.lr, keep gradient clipping on, try "
+                f"trainer.precision=32-true, or check those papers; resume from the last good checkpoint."
+            )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
         return loss
 
