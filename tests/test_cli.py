@@ -34,6 +34,8 @@ def test_smoke_run_writes_checkpoints_export_metrics_and_wandb_files(tmp_path, c
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["test/acc"] <= 1.0 and "val/macro_f1" in metrics["val"]
     assert metrics["train"]["steps"] == 12 and metrics["train"]["tokens_per_s"] > 0
+    # answers are a few tokens of each ~100-token example: supervised throughput is a small, positive share
+    assert 0 < metrics["train"]["supervised_tokens_per_s"] < 0.2 * metrics["train"]["tokens_per_s"]
 
     export = run_dir / "export"
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "labels.json", "config.yaml"):

@@ -45,6 +45,7 @@ class TrainingStats(L.Callback):
             "tokens": self.tokens,
             "supervised_tokens": self.supervised_tokens,
             "tokens_per_s": round(self.tokens / seconds, 1),
+            "supervised_tokens_per_s": round(self.supervised_tokens / seconds, 1),
             "padding_fraction": round(1 - self.tokens / self.padded_tokens, 4) if self.padded_tokens else 0.0,
             "peak_memory_mb": round(peak_memory_mb(trainer.strategy.root_device), 1),
         }
