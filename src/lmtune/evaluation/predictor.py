@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmtune.data.formatting import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_TEMPLATE, ChatFormatter
 from lmtune.errors import UserError
-from lmtune.evaluation.scoring import rank_scores
+from lmtune.evaluation.scoring import left_pad, rank_scores
 from lmtune.model.loading import load_base_model, load_tokenizer, resolve_pretrained
 
 log = logging.getLogger(__name__)
@@ -197,12 +197,8 @@ class Predictor:
         answers: list[str] = [""] * len(prompts)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            width = max(len(prompts[i]) for i in rows)
-            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, i in enumerate(rows):  # left padding: every prompt ends where generation starts
-                ids[r, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-                mask[r, width - len(prompts[i]) :] = 1
+            ids, mask = left_pad([prompts[i] for i in rows], self.pad_id)  # every prompt ends where generation starts
+            width = ids.shape[1]
             with self._autocast():
                 out = self.causal_lm.generate(
                     input_ids=ids.to(device),

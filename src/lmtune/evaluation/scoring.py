@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask with every sequence ending in the last column (where scoring/generation continues)."""
     length = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
@@ -38,7 +39,7 @@ def rank_scores(
 def _rank_scores(causal_lm, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
     device = next(causal_lm.parameters()).device
     num_prompts = len(prompts)
-    prompt_ids, prompt_mask = (t.to(device) for t in _left_pad(prompts, pad_id))
+    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = causal_lm(
         input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1
