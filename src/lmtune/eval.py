@@ -25,22 +25,20 @@ from lmtune.utils.task import task_wrapper
 log = logging.getLogger(__name__)
 
 
-def load_for_eval(cfg: DictConfig) -> tuple[Predictor, DictConfig]:
-    """The predictor and the data config whose split it is evaluated on."""
+def load_for_eval(cfg: DictConfig):
+    """The predictor and the data module (prepared, splits loaded) whose split it is evaluated on."""
     device = pick_device(cfg.eval.device)
     options = {"max_rows": cfg.eval.max_rows}
     if cfg.eval.precision != "auto":
         options["precision"] = cfg.eval.precision
-    ckpt = cfg.ckpt
-    if ckpt is None:
+    if cfg.ckpt is None:
         options.setdefault("precision", cfg.trainer.precision)
-        dm = hydra.utils.instantiate(cfg.data)
-        dm.prepare_data()
-        labels = dm.load_splits() and dm.labels
-        return Predictor.zero_shot(
-            cfg.model, labels, cfg.paths.cache_dir, device, cfg.data.max_length, **options
-        ), cfg.data
-    path = Path(ckpt)
+        dm = _loaded_datamodule(cfg.data)  # the label set comes from the data
+        predictor = Predictor.zero_shot(
+            cfg.model, dm.labels, cfg.paths.cache_dir, device, cfg.data.max_length, **options
+        )
+        return predictor, dm
+    path = Path(cfg.ckpt)
     if path.suffix == ".ckpt":
         if not path.is_file():
             raise UserError(f"ckpt={path}: checkpoint not found.")
@@ -55,7 +53,14 @@ def load_for_eval(cfg: DictConfig) -> tuple[Predictor, DictConfig]:
         if cfg.data.get("path"):
             data_cfg.path = cfg.data.path
             data_cfg.source = "file"
-    return predictor, data_cfg
+    return predictor, _loaded_datamodule(data_cfg)
+
+
+def _loaded_datamodule(data_cfg):
+    dm = hydra.utils.instantiate(data_cfg)
+    dm.prepare_data()
+    dm.load_splits()
+    return dm
 
 
 @task_wrapper
@@ -66,10 +71,8 @@ def run_eval(cfg: DictConfig) -> dict:
         raise UserError(f"split={cfg.split!r}: use one of {', '.join(SPLITS)}.")
     if cfg.eval.mode not in MODES:
         raise UserError(f"eval.mode={cfg.eval.mode!r}: use one of {', '.join(MODES)}.")
-    predictor, data_cfg = load_for_eval(cfg)
-    dm = hydra.utils.instantiate(data_cfg)
-    dm.prepare_data()
-    records = dm.load_splits()[cfg.split][: cfg.eval.limit or None]  # hash order: a reproducible sample
+    predictor, dm = load_for_eval(cfg)
+    records = dm.splits[cfg.split][: cfg.eval.limit or None]  # hash order: a reproducible sample
     if not records:
         raise UserError(f"the {cfg.split} split of {dm.source.where} is empty; check data.*_fraction and limits.")
     run = None
