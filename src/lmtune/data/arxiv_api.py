@@ -613,6 +613,35 @@ def fetch_records(
                 f.write(line)
 
     atomic_write(paths.out, copy_partial, mode="wb")
+    _write_manifest(paths, client, query, categories, dates, max_results, page_size, count, duplicates, skipped, digest)
+    paths.partial.unlink(missing_ok=True)
+    paths.state.unlink(missing_ok=True)
+    log.info("wrote %d records to %s (%d duplicates dropped, %d pages this run)", count, paths.out, duplicates, pages)
+    return FetchResult(
+        path=paths.out,
+        count=count,
+        duplicates_dropped=duplicates,
+        pages=pages,
+        resumed_from=resumed_from,
+        skipped=skipped,
+    )
+
+
+def _write_manifest(
+    paths: FetchPaths,
+    client: ArxivClient,
+    query,
+    categories: list[str],
+    dates: tuple[dt.date, dt.date] | None,
+    max_results: int,
+    page_size: int,
+    count: int,
+    duplicates: int,
+    skipped: int,
+    digest,
+    **extra,
+) -> None:
+    """What was asked, of which server, when, and what came back (with the output file's sha256)."""
     manifest = {
         "query": query,
         "categories": categories,
@@ -626,19 +655,9 @@ def fetch_records(
         "duplicates_dropped": duplicates,
         "skipped_unusable": skipped,
         "sha256": digest.hexdigest(),
+        **extra,
     }
     _write_json(paths.manifest, manifest)
-    paths.partial.unlink(missing_ok=True)
-    paths.state.unlink(missing_ok=True)
-    log.info("wrote %d records to %s (%d duplicates dropped, %d pages this run)", count, paths.out, duplicates, pages)
-    return FetchResult(
-        path=paths.out,
-        count=count,
-        duplicates_dropped=duplicates,
-        pages=pages,
-        resumed_from=resumed_from,
-        skipped=skipped,
-    )
 
 
 def _finished_part(path: Path, query: str, max_results: int) -> FetchResult | None:
@@ -699,37 +718,33 @@ def fetch_dataset(
                     f.write(line)
 
     atomic_write(paths.out, merge, mode="wb")
-    dates = _date_range(date_from, date_to)
-    _write_json(
-        paths.manifest,
-        {
-            "query": {cat: search_query([cat], date_from, date_to) for cat in categories},
-            "categories": categories,
-            "per_category": True,
-            "date_from": dates[0].isoformat() if dates else None,
-            "date_to": dates[1].isoformat() if dates else None,
-            "max_results": max_results,
-            "page_size": page_size,
-            "base_url": client.base_url,
-            "fetched_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "count": len(seen),
-            "count_per_category": {cat: part.count for cat, part in parts.items()},
-            "duplicates_dropped": cross_listed + sum(part.duplicates_dropped for part in parts.values()),
-            "skipped_unusable": sum(part.skipped for part in parts.values()),
-            "sha256": digest.hexdigest(),
-        },
-    )
-    shutil.rmtree(parts_dir, ignore_errors=True)
-    log.info(
-        "wrote %d records to %s (%d cross-listed papers appeared under several categories)",
-        len(seen),
-        paths.out,
-        cross_listed,
-    )
-    return FetchResult(
+    result = FetchResult(
         path=paths.out,
         count=len(seen),
         duplicates_dropped=cross_listed + sum(part.duplicates_dropped for part in parts.values()),
         pages=sum(part.pages for part in parts.values()),
         skipped=sum(part.skipped for part in parts.values()),
     )
+    _write_manifest(
+        paths,
+        client,
+        {cat: search_query([cat], date_from, date_to) for cat in categories},
+        categories,
+        _date_range(date_from, date_to),
+        max_results,
+        page_size,
+        result.count,
+        result.duplicates_dropped,
+        result.skipped,
+        digest,
+        per_category=True,
+        count_per_category={cat: part.count for cat, part in parts.items()},
+    )
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    log.info(
+        "wrote %d records to %s (%d cross-listed papers appeared under several categories)",
+        result.count,
+        paths.out,
+        cross_listed,
+    )
+    return result
