@@ -7,16 +7,14 @@ training run would use: the same records, label set, hash splits and limits, thr
 from __future__ import annotations
 
 import logging
-import time
 
 import hydra
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from lmtune.errors import UserError
-from lmtune.evaluation.metrics import classification_metrics
-from lmtune.evaluation.outputs import log_to_wandb, write_eval_outputs
-from lmtune.evaluation.tfidf import fit_tfidf, predict_tfidf
+from lmtune.evaluation.outputs import log_to_wandb
+from lmtune.evaluation.tfidf import evaluate_tfidf
 from lmtune.utils.config import ConfigError
 from lmtune.utils.instantiators import instantiate_loggers
 from lmtune.utils.task import task_wrapper
@@ -59,36 +57,24 @@ def run_baseline(cfg: DictConfig) -> dict:
             f"baseline.split."
         )
 
-    start = time.perf_counter()
-    model = fit_tfidf(splits["train"], labels, **params)
-    fit_seconds = round(time.perf_counter() - start, 3)
-    predictions = predict_tfidf(model, splits[split], labels)
-    metrics = classification_metrics(predictions.true, predictions.pred, labels, predictions.probs)
-
-    meta = {
-        "model": "tfidf+logreg",
-        "train_on": train_on,
-        "train_examples": len(splits["train"]),
-        "split": split,
-        "fit_seconds": fit_seconds,
-        "params": params,
-        "data": datamodule.stats,
-    }
-    paths = write_eval_outputs(cfg.paths.output_dir, predictions, metrics, meta)
+    meta = {"train_on": train_on, "split": split, "params": params, "data": datamodule.stats}
+    predictions, metrics, paths = evaluate_tfidf(
+        splits["train"], splits[split], labels, cfg.paths.output_dir, meta, **params
+    )
 
     prefix = f"baseline/{split}"
     for logger in instantiate_loggers(cfg.get("logger")):
         logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "data/stats": datamodule.stats})
         if isinstance(logger, WandbLogger):
             log_to_wandb(logger.experiment, predictions, metrics, paths["confusion_matrix"], prefix=prefix)
-            logger.experiment.summary.update({"baseline/train_examples": meta["train_examples"]})
+            logger.experiment.summary.update({"baseline/train_examples": len(splits["train"])})
         else:  # CSV and the like: the scalars
             logger.log_metrics({f"{prefix}/{k}": metrics[k] for k in ("acc", "macro_f1", "ece", "n") if k in metrics})
         logger.finalize("success")
 
     print(
         f"tfidf+logreg {split}: accuracy {metrics['acc']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
-        f"({meta['train_examples']} train examples)"
+        f"({len(splits['train'])} train examples)"
     )
     log.info("baseline outputs: %s", ", ".join(str(p) for p in paths.values()))
     return metrics

@@ -20,8 +20,7 @@ import shutil
 from pathlib import Path
 
 from lmtune.evaluation.evaluate import evaluate
-from lmtune.evaluation.metrics import classification_metrics, most_confused
-from lmtune.evaluation.outputs import write_eval_outputs
+from lmtune.evaluation.metrics import most_confused
 from lmtune.evaluation.predictor import Predictor
 from lmtune.model.loading import load_base_model
 
@@ -71,13 +70,9 @@ def zero_shot_metrics(
 
 
 def tfidf_metrics(splits: dict, labels: list[str], out_dir: Path) -> dict:
-    from lmtune.evaluation.tfidf import fit_tfidf, predict_tfidf
+    from lmtune.evaluation.tfidf import evaluate_tfidf
 
-    model = fit_tfidf(splits["train"], labels)
-    predictions = predict_tfidf(model, splits["test"], labels)
-    metrics = classification_metrics(predictions.true, predictions.pred, labels, predictions.probs)
-    write_eval_outputs(out_dir, predictions, metrics, {"model": "tfidf+logreg", "train_examples": len(splits["train"])})
-    return metrics
+    return evaluate_tfidf(splits["train"], splits["test"], labels, out_dir)[1]
 
 
 def report_markdown(rows: dict[str, dict], confused: list, train: dict, data: dict) -> str:

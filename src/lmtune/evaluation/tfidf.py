@@ -6,6 +6,7 @@ are computed by the same code (`metrics.py`, `outputs.py`) and the two can be co
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,7 +17,8 @@ from sklearn.pipeline import Pipeline
 
 from lmtune.data.records import Record
 from lmtune.errors import UserError
-from lmtune.evaluation.outputs import EvalPredictions
+from lmtune.evaluation.metrics import classification_metrics
+from lmtune.evaluation.outputs import EvalPredictions, write_eval_outputs
 
 
 def record_text(record: Record) -> str:
@@ -95,3 +97,16 @@ def predict_tfidf(model, records: Sequence[Record], labels: list[str]) -> EvalPr
         pred=probs.argmax(dim=1).tolist(),
         probs=probs,
     )
+
+
+def evaluate_tfidf(
+    train: Sequence[Record], records: Sequence[Record], labels: list[str], out_dir, meta: dict | None = None, **params
+) -> tuple[EvalPredictions, dict, dict]:
+    """Fit on `train`, evaluate on `records`, write the standard eval files; (predictions, metrics, paths)."""
+    start = time.perf_counter()
+    model = fit_tfidf(train, labels, **params)
+    fit_seconds = round(time.perf_counter() - start, 3)
+    predictions = predict_tfidf(model, records, labels)
+    metrics = classification_metrics(predictions.true, predictions.pred, labels, predictions.probs)
+    info = {"model": "tfidf+logreg", "train_examples": len(train), "fit_seconds": fit_seconds, **(meta or {})}
+    return predictions, metrics, write_eval_outputs(out_dir, predictions, metrics, info)
