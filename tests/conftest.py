@@ -8,6 +8,8 @@ for slow tests, the shared arXiv file beside the repository).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -23,6 +25,20 @@ os.environ.pop("WANDB_API_KEY", None)
 
 SAMPLE = ROOT / "tests" / "assets" / "arxiv_sample.jsonl"
 SHARED_ARXIV = ROOT.parent / "shared" / "data" / "arxiv" / "arxiv_cs.jsonl"
+
+
+def run_script(script: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python src/<script> <overrides>` as a user runs it, in a subprocess: offline W&B, output captured."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    env.pop("WANDB_API_KEY", None)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "src" / script), *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def compose_train(overrides: list[str], output_dir: Path, cache_dir: Path):

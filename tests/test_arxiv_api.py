@@ -16,7 +16,6 @@ import pytest
 from fake_arxiv import (
     ASSETS,
     PAPERS,
-    FakeArxiv,
     FakeTime,
     Paper,
     Reply,
@@ -38,11 +37,9 @@ from lmtune.data.arxiv_api import (
 
 
 @pytest.fixture
-def server():
-    fake = FakeArxiv()
-    fake.start()
-    yield fake
-    fake.stop()
+def server(arxiv_server):
+    """The shared local arXiv server (conftest), under the short name these tests use."""
+    return arxiv_server
 
 
 @pytest.fixture

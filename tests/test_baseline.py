@@ -1,9 +1,6 @@
 """The TF-IDF + logistic regression baseline: the LM's exact splits, the shared eval files, a real offline W&B run."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import hydra
@@ -12,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from conftest import ROOT, compose_train
+from conftest import ROOT, compose_train, run_script
 from lmtune.baseline import run_baseline
 from lmtune.errors import UserError
 from wandb_files import read_run
@@ -94,22 +91,7 @@ def test_bad_settings_are_user_errors(tmp_path):
 
 
 def test_cli_logs_to_an_offline_wandb_run(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    env.pop("WANDB_API_KEY", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "src" / "baseline.py"),
-            "experiment=smoke",
-            "logger=wandb",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_script("baseline.py", "experiment=smoke", "logger=wandb", f"hydra.run.dir={tmp_path}", timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     saved = json.loads((tmp_path / "eval_metrics.json").read_text())
     acc = saved["metrics"]["acc"]

@@ -1,34 +1,18 @@
 """`python src/train.py experiment=smoke` end to end in a subprocess, logging to a real offline W&B run."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 import yaml
 
-from conftest import ROOT
+from conftest import run_script
 from wandb_files import read_run
-
-
-def run_train(*overrides: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
-    full_env.pop("WANDB_API_KEY", None)
-    return subprocess.run(
-        [sys.executable, str(ROOT / "src" / "train.py"), *overrides],
-        cwd=ROOT,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def test_smoke_run_writes_checkpoints_export_metrics_and_wandb_files(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    proc = run_train("experiment=smoke", f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}")
+    proc = run_script("train.py", "experiment=smoke", f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -64,7 +48,8 @@ def test_smoke_run_writes_checkpoints_export_metrics_and_wandb_files(tmp_path, c
 
 
 def test_bad_data_path_fails_with_a_clear_message(tmp_path, cache_dir):
-    proc = run_train(
+    proc = run_script(
+        "train.py",
         "experiment=smoke",
         "logger=none",
         f"hydra.run.dir={tmp_path}",

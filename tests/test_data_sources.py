@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SAMPLE, api_settings, compose_train
+from conftest import SAMPLE, api_settings, compose_train, run_script
 from fake_arxiv import PAPERS, Paper, Reply, closed_port_url, expected, read_jsonl
 from lmtune.data.arxiv_api import ArxivClient, fetch_dataset
 from lmtune.data.datamodule import ArxivDataModule
@@ -81,17 +79,13 @@ def test_fetch_cli_interrupted_in_the_second_category_resumes_without_refetching
         *(f"arxiv.{k}={v}" for k, v in api_settings(arxiv_server.url).items()),
         f"hydra.run.dir={tmp_path / 'log'}",
     ]
-    first = subprocess.run(
-        [sys.executable, str(ROOT / "src" / "fetch_arxiv.py"), *args], capture_output=True, text=True
-    )
+    first = run_script("fetch_arxiv.py", *args)
     assert first.returncode == 1 and "error: the arXiv API could not be reached" in first.stderr
     assert not out.exists()  # never a partial output file
     assert [q["search_query"] for q in arxiv_server.requests] == ["cat:cs.CL"] * 2 + ["cat:cs.CV"] * 2
 
     arxiv_server.responder = serve  # the API is back
-    second = subprocess.run(
-        [sys.executable, str(ROOT / "src" / "fetch_arxiv.py"), *args], capture_output=True, text=True
-    )
+    second = run_script("fetch_arxiv.py", *args)
     assert second.returncode == 0, second.stderr[-2000:]
     assert second.stdout.strip() == f"wrote 5 records to {out}"
     assert [q["search_query"] for q in arxiv_server.requests[4:]] == ["cat:cs.CV"]  # cs.CL was complete
@@ -140,19 +134,13 @@ def test_api_source_without_network_fails_at_once_naming_data_path(tiny_tokenize
 def test_train_cli_offline_fails_within_seconds_before_loading_the_model(tmp_path):
     """experiment=qlora_arxiv defaults to the arXiv API; offline it must say so and name data.path=."""
     started = time.monotonic()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "src" / "train.py"),
-            "experiment=qlora_arxiv",
-            "logger=none",
-            f"arxiv.base_url={closed_port_url()}",
-            f"hydra.run.dir={tmp_path}",
-            f"paths.cache_dir={tmp_path / 'empty-cache'}",  # no converted model: loading it would take long
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = run_script(
+        "train.py",
+        "experiment=qlora_arxiv",
+        "logger=none",
+        f"arxiv.base_url={closed_port_url()}",
+        f"hydra.run.dir={tmp_path}",
+        f"paths.cache_dir={tmp_path / 'empty-cache'}",  # no converted model: loading it would take long
         timeout=120,
     )
     assert proc.returncode == 1, proc.stderr[-2000:]

@@ -4,16 +4,13 @@ offline W&B run, zero-shot vs fine-tuned, rank vs generate."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from conftest import ROOT, compose_train
+from conftest import ROOT, compose_train, run_script
 from lmtune.eval import run_eval as run_eval_task
 from lmtune.evaluation.evaluate import parse_answer
 from lmtune.evaluation.metrics import INVALID, classification_metrics, most_confused
@@ -29,19 +26,6 @@ def trained(tmp_path_factory, cache_dir):
     run = tmp_path_factory.mktemp("run")
     metrics, objects = train(compose_train(["experiment=smoke", "logger=none"], run, cache_dir))
     return run, metrics, objects
-
-
-def run_eval(*overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    env.pop("WANDB_API_KEY", None)
-    return subprocess.run(
-        [sys.executable, str(ROOT / "src" / "eval.py"), *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def eval_in_process(overrides: list[str], out, cache_dir) -> dict:
@@ -95,7 +79,8 @@ def test_generated_answers_are_parsed_strictly(text, expected):
 def test_eval_cli_writes_every_output_and_a_real_wandb_run(trained, cache_dir, tmp_path):
     run, train_metrics, objects = trained
     out = tmp_path / "eval"
-    proc = run_eval(
+    proc = run_script(
+        "eval.py",
         f"ckpt={run / 'export'}",
         "eval.mode=both",
         "logger=wandb",
@@ -164,7 +149,7 @@ def test_eval_errors_are_one_line(cache_dir, tmp_path):
         (f"ckpt={tmp_path}/missing.ckpt",): "checkpoint not found",
         (): "ckpt= is required",
     }.items():
-        proc = run_eval(*args, "logger=none", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={cache_dir}")
+        proc = run_script("eval.py", *args, "logger=none", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={cache_dir}")
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 

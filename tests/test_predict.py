@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -14,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from conftest import ROOT, SAMPLE, api_settings, compose_train
+from conftest import ROOT, SAMPLE, api_settings, compose_train, run_script
 from fake_arxiv import Paper, Reply, closed_port_url, read_jsonl
 from lmtune.data.records import SkipCounts, read_records
 from lmtune.errors import UserError
@@ -62,18 +59,6 @@ def predict_cfg(overrides: list[str], cache_dir, base_url: str):
     return cfg
 
 
-def run_predict(*overrides: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "src" / "predict.py"), *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def assert_distribution(probs: dict, labels=LABELS) -> None:
     assert sorted(probs) == labels
     assert math.isclose(sum(probs.values()), 1.0, abs_tol=1e-9)
@@ -85,7 +70,8 @@ def assert_distribution(probs: dict, labels=LABELS) -> None:
 
 def test_cli_by_id_prints_one_json_object_on_a_clean_stdout(trained, api, cache_dir, tmp_path):
     run, _ = trained
-    proc = run_predict(
+    proc = run_script(
+        "predict.py",
         f"ckpt={run / 'export'}",
         "arxiv_id=2403.00010",
         "format=json",
@@ -158,7 +144,7 @@ def test_cli_errors_exit_nonzero_with_one_line_and_before_loading_the_model(trai
     }
     for args, message in cases.items():
         started = time.monotonic()
-        proc = run_predict(*args, *common)
+        proc = run_script("predict.py", *args, *common, timeout=180)
         assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and proc.stdout == ""
         assert time.monotonic() - started < 60
