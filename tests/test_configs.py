@@ -4,7 +4,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, SAMPLE, compose_train
-from lmtune.utils.config import ConfigError, config_problems, validate_config
+from lmtune.utils.config import ConfigError, config_problems, fit_to_strategy, strategy_name, validate_config
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 DEBUGS = sorted(p.stem for p in (ROOT / "conf" / "debug").glob("*.yaml"))
@@ -59,3 +59,34 @@ def test_invalid_settings_are_all_reported_at_once(tmp_path):
     message = str(err.value)
     for field in ("model.source='nowhere'", "trainer.precision=bf16-true", "optim.lr=0", "data.path is not set"):
         assert field in message
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "fsdp"])
+def test_trainer_presets_compose_and_shard_the_data_themselves(trainer, tmp_path):
+    cfg = compose_train(["experiment=smoke", f"trainer={trainer}"], tmp_path, tmp_path)
+    assert config_problems(cfg) == []
+    assert cfg.trainer.use_distributed_sampler is False
+    assert strategy_name(cfg.trainer) == {"ddp": "ddp", "fsdp": "fsdp2"}.get(trainer, "single")
+
+
+def test_fsdp_combinations_that_cannot_work_name_the_alternative(tmp_path):
+    cpu_qlora = compose_train(
+        ["experiment=smoke", "trainer=fsdp", "trainer.accelerator=cpu", "adapter=qlora"], tmp_path, tmp_path
+    )
+    (problem,) = config_problems(cpu_qlora)
+    assert "adapter=lora with trainer=fsdp" in problem and "adapter=qlora with trainer=ddp" in problem
+    fsdp1 = compose_train(["experiment=smoke", "+trainer.strategy=fsdp"], tmp_path, tmp_path)
+    (problem,) = config_problems(fsdp1)
+    assert "trainer=fsdp (FSDP2" in problem
+
+
+def test_qlora_under_fsdp_stores_4bit_weights_in_a_dtype_fsdp_can_shard(tmp_path):
+    cfg = compose_train(
+        ["experiment=smoke", "trainer=fsdp", "trainer.accelerator=gpu", "adapter=qlora"], tmp_path, tmp_path
+    )
+    assert cfg.adapter.quantization.storage_dtype is None  # uint8 by default: FSDP cannot shard it
+    fit_to_strategy(cfg)
+    assert cfg.adapter.quantization.storage_dtype == cfg.adapter.quantization.compute_dtype == "bfloat16"
+    ddp = compose_train(["experiment=smoke", "trainer=ddp", "adapter=qlora"], tmp_path, tmp_path)
+    fit_to_strategy(ddp)
+    assert ddp.adapter.quantization.storage_dtype is None  # DDP does not shard: unchanged

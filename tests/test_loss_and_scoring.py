@@ -1,4 +1,5 @@
-"""The supervised-positions loss equals full-logit masked cross-entropy; shared-prefix rank scoring equals naive."""
+"""The supervised-positions loss equals full-logit masked cross-entropy (also compiled and through the forward FSDP
+uses); shared-prefix rank scoring equals naive."""
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ from lmtune.data.batching import PaddingCollator
 from lmtune.data.formatting import IGNORE_INDEX, ChatFormatter
 from lmtune.data.records import Record
 from lmtune.evaluation.scoring import naive_rank_scores, rank_scores
-from lmtune.model.loss import masked_lm_loss_sum, reference_masked_lm_loss
+from lmtune.model.loss import masked_lm_loss_sum, masked_lm_loss_sum_via_forward, reference_masked_lm_loss
+from lmtune.model.module import CausalLMClassifier
 
 
 def test_loss_equals_reference_full_logit_cross_entropy(tiny_dir):
@@ -27,9 +29,48 @@ def test_loss_equals_reference_full_logit_cross_entropy(tiny_dir):
     ours = loss_sum / n
     reference = reference_masked_lm_loss(model.lm_head(hidden), labels)
     hf = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    via_forward_sum, via_forward_n = masked_lm_loss_sum_via_forward(model, batch)  # the FSDP path
     assert n.item() == 4 + 3 + 3 + 2  # every supervised token counts once
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours, hf, rtol=0, atol=1e-5)
+    assert via_forward_n.item() == n.item()
+    torch.testing.assert_close(via_forward_sum, loss_sum, rtol=0, atol=1e-5)
+
+
+def test_compile_gives_the_same_loss_and_gradients(tiny_dir, tiny_tokenizer):
+    formatter = ChatFormatter(tiny_tokenizer, ["cs.CL", "math.OC", "q-bio.NC"])  # answers of uneven length
+    records = [Record(f"p{i}", f"Title {i}", "word " * (5 + 9 * i), formatter.labels[i % 3]) for i in range(4)]
+    batch = PaddingCollator(tiny_tokenizer.pad_token_id)(formatter.format(records))
+    results = []
+    for compile in (False, True):
+        torch.manual_seed(0)  # the same LoRA init
+        module = CausalLMClassifier(
+            tiny_dir,
+            {"source": "tiny_random", "dtype": "float32"},
+            {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+            {},
+            formatter.labels,
+            formatter.answer_ids,
+            tiny_tokenizer.pad_token_id,
+            compile=compile,
+        )
+        module.configure_model()
+        with torch.no_grad():  # LoRA B starts at zero: move it so the adapter changes the loss
+            for name, param in module.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn_like(param) * 0.1)
+        loss_sum, n = module.supervised_loss(batch)
+        loss_sum.backward()
+        grads = {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
+        layer = module.causal_lm.get_decoder().layers[0]
+        results.append((loss_sum / n, grads, layer._compiled_call_impl is not None))
+    (eager, eager_grads, eager_compiled), (compiled, compiled_grads, is_compiled) = results
+    assert is_compiled and not eager_compiled
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert set(compiled_grads) == set(eager_grads) and eager_grads
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])  # boolean and additive custom 4D masks

@@ -44,9 +44,10 @@ def _key(item) -> str:
 
 
 def read_run(run_dir: Path) -> dict:
-    """{'config': {...}, 'history': [{...}], 'summary': {...}} from an offline run folder."""
+    """{'config': {...}, 'history': [{...}], 'summary': {...}, 'run': {'id', 'name', 'group'}, 'exit_code': int
+    or None (the run was never finished)} from an offline run folder."""
     (path,) = Path(run_dir).glob("run-*.wandb")
-    run = {"config": {}, "history": [], "summary": {}}
+    run = {"config": {}, "history": [], "summary": {}, "run": {}, "exit_code": None}
     for payload in _payloads(path):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
@@ -57,4 +58,9 @@ def read_run(run_dir: Path) -> dict:
             run["history"].append({_key(i): json.loads(i.value_json) for i in record.history.item})
         elif kind == "summary":
             run["summary"].update({_key(i): json.loads(i.value_json) for i in record.summary.update})
+        elif kind == "run":
+            r = record.run
+            run["run"] = {"id": r.run_id, "name": r.display_name, "group": r.run_group, "project": r.project}
+        elif kind == "exit":
+            run["exit_code"] = record.exit.exit_code
     return run

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmtune.errors import UserError
 from lmtune.evaluation.outputs import log_to_wandb
 from lmtune.evaluation.tfidf import evaluate_tfidf
-from lmtune.utils.config import ConfigError
+from lmtune.utils.config import ConfigError, loggable_config
 from lmtune.utils.instantiators import instantiate_loggers
 from lmtune.utils.task import task_wrapper
 
@@ -64,7 +64,7 @@ def run_baseline(cfg: DictConfig) -> dict:
 
     prefix = f"baseline/{split}"
     for logger in instantiate_loggers(cfg.get("logger")):
-        logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "data/stats": datamodule.stats})
+        logger.log_hyperparams({**loggable_config(cfg), "data/stats": datamodule.stats})
         if isinstance(logger, WandbLogger):
             log_to_wandb(logger.experiment, predictions, metrics, paths["confusion_matrix"], prefix=prefix)
             logger.experiment.summary.update({"baseline/train_examples": len(splits["train"])})

@@ -10,13 +10,16 @@ from pathlib import Path
 import hydra
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lmtune.evaluation.report import final_report
 from lmtune.model.loading import load_tokenizer, resolve_pretrained
 from lmtune.model.module import CausalLMClassifier, parameter_counts
+from lmtune.model.parallel import is_sharded
 from lmtune.utils.callbacks import TrainingStats
-from lmtune.utils.config import validate_config
+from lmtune.utils.checkpoints import resolve_ckpt_path
+from lmtune.utils.config import fit_to_strategy, loggable_config, validate_config
 from lmtune.utils.export import export_model
 from lmtune.utils.instantiators import instantiate_callbacks, instantiate_loggers
 from lmtune.utils.task import task_wrapper
@@ -25,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # ArxivDataModule resumes mid-epoch itself (it skips the batches already seen), which Lightning cannot detect.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+# val/test metrics are torchmetrics objects, synced across processes when computed; sync_dist would sync twice
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
 
 
 def _plain(cfg) -> dict:
@@ -39,12 +44,17 @@ def _metrics_of(results: list[dict]) -> dict:
 def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Fine-tune, validate and test the best checkpoint, export the adapter; returns (metrics, objects)."""
     validate_config(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name / "runs")
+    fit_to_strategy(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
 
     # data first: a fetch from the arXiv API that cannot work (offline) fails before minutes of model loading
     datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare_data()
+    if rank_zero_only.rank == 0:  # one download; under torchrun/SLURM every rank starts here at once
+        datamodule.prepare_data()
+    else:
+        datamodule.wait_for_data()
     pretrained = resolve_pretrained(cfg.model, cfg.paths.cache_dir)
     tokenizer = load_tokenizer(pretrained, cfg.model.get("pad_token"))
     datamodule.tokenizer = tokenizer
@@ -60,6 +70,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         answer_ids=formatter.answer_ids,
         pad_token_id=datamodule.collator.pad_token_id,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
+        compile=cfg.compile,
     )
     stats = TrainingStats()
     loggers = instantiate_loggers(cfg.get("logger"))
@@ -68,9 +79,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(output_dir)
     )
     for logger in trainer.loggers:
-        logger.log_hyperparams({**_plain(cfg), "data/stats": datamodule.stats})
+        logger.log_hyperparams({**loggable_config(cfg), "data/stats": datamodule.stats})
 
-    ckpt_path = cfg.get("ckpt_path")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
@@ -79,6 +89,10 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     test = _metrics_of(trainer.test(module, datamodule=datamodule, ckpt_path=best))
 
     metrics = {**val, **test}
+    if is_sharded(module):
+        # FSDP shards cannot run a forward pass on rank 0 alone: export and report from an unsharded copy
+        trained = module.trainable_state_dict()  # gathers the adapter on every rank
+        module = module.standalone_copy(trained, trainer.strategy.root_device) if trainer.is_global_zero else module
     summary = {
         "val": val,
         "test": test,

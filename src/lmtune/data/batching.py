@@ -1,13 +1,18 @@
-"""Dynamic padding and length-grouped sampling.
+"""Dynamic padding, length-grouped sampling, and the split of both across DDP/FSDP processes.
 
 Padding is to the longest example in the batch (optionally rounded up to a multiple of 8), so a batch of
 short abstracts does not pay for the longest one in the data set. Padded positions get attention 0 and
 label -100 by position, never by token id: SmolLM2 pads with its end-of-turn token, which must stay
 supervised in the answer.
+
+Under DDP/FSDP the samplers here shard the data themselves (`use_distributed_sampler: false` in the
+trainer config): Lightning's wrapper would reshuffle the length-grouped order, and its evaluation sampler
+counts repeated papers in the metrics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 
@@ -49,6 +54,7 @@ class PaddingCollator:
             "labels": labels,
             "prompt_length": torch.tensor([e.prompt_length for e in examples]),
             "label_index": torch.tensor([e.label_index for e in examples]),
+            "real": torch.tensor([not e.padding for e in examples]),
             "ids": [e.id for e in examples],
         }
 
@@ -59,13 +65,26 @@ class LengthGroupedSampler(Sampler[int]):
     With `mega_batch_factor=1` the batches are plain random batches (only the longest goes first).
     The order depends only on (seed, epoch), and `skip_batches` lets a run resumed mid-epoch continue
     with exactly the batches an uninterrupted run would have seen.
+
+    With `num_replicas` processes, process `rank` takes every `num_replicas`-th batch of the same order,
+    so each rank's batches stay length-grouped. If the batches do not divide evenly, the first ones are
+    repeated (at most `num_replicas - 1` batches an epoch), because every rank must take as many steps.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega_batch_factor: int = 32):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        mega_batch_factor: int = 32,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.seed = seed
         self.mega_batch_size = batch_size * mega_batch_factor
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self._skip: tuple[int, int] | None = None  # (epoch, batches) to skip once, after a resume
 
@@ -75,7 +94,15 @@ class LengthGroupedSampler(Sampler[int]):
     def skip_batches(self, epoch: int, batches: int) -> None:
         self._skip = (epoch, batches)
 
-    def order(self, epoch: int) -> list[int]:
+    def batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of `epoch`, in order."""
+        batches = self._all_batches(epoch)
+        if self.num_replicas > 1:
+            batches += [batches[i % len(batches)] for i in range(-len(batches) % self.num_replicas)]
+            batches = batches[self.rank :: self.num_replicas]
+        return batches
+
+    def _all_batches(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed + epoch)
         perm = torch.randperm(len(self.lengths), generator=generator).tolist()
         megas = [perm[i : i + self.mega_batch_size] for i in range(0, len(perm), self.mega_batch_size)]
@@ -92,14 +119,30 @@ class LengthGroupedSampler(Sampler[int]):
             batches.insert(0, batches.pop(longest))
             rest = torch.randperm(len(batches) - 1, generator=generator).tolist()
             batches = batches[:1] + [batches[1 + b] for b in rest]
-        return [i for batch in batches + tail for i in batch]
+        return batches + tail
 
     def __iter__(self) -> Iterator[int]:
-        order = self.order(self.epoch)
+        batches = self.batches(self.epoch)
         if self._skip is not None and self._skip[0] == self.epoch:
-            order = order[self._skip[1] * self.batch_size :]
+            batches = batches[self._skip[1] :]
             self._skip = None
-        return iter(order)
+        return (i for batch in batches for i in batch)
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return sum(len(b) for b in self.batches(self.epoch))
+
+
+def shard_for_eval(examples: Sequence[Example], num_replicas: int, rank: int) -> list[Example]:
+    """Rank `rank`'s share of an evaluation split: every `num_replicas`-th example.
+
+    Ranks must run as many batches (FSDP gathers weights in every forward), so the shorter shares get
+    copies of the first examples marked `padding`, which the metrics skip: each paper counts once.
+    """
+    if num_replicas == 1:
+        return list(examples)
+    per_rank = -(-len(examples) // num_replicas)
+    padded = list(examples) + [
+        dataclasses.replace(examples[i % len(examples)], padding=True)
+        for i in range(per_rank * num_replicas - len(examples))
+    ]
+    return padded[rank::num_replicas]

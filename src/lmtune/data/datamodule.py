@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lmtune.data.batching import LengthGroupedSampler, PaddingCollator
+from lmtune.data.batching import LengthGroupedSampler, PaddingCollator, shard_for_eval
 from lmtune.data.formatting import (
     DEFAULT_SYSTEM_PROMPT,
     DEFAULT_USER_TEMPLATE,
@@ -101,6 +101,10 @@ class ArxivDataModule(L.LightningDataModule):
         """Download once (arXiv API fetch; cached per query), before any process reads the data."""
         self.source.prepare()
 
+    def wait_for_data(self) -> None:
+        """On processes other than rank 0: wait until rank 0's `prepare_data` has fetched the data."""
+        self.source.wait_until_prepared()
+
     def load_splits(self) -> dict[str, list[Record]]:
         """Records -> label set -> hash splits (limits applied); no tokenizer needed (the TF-IDF baseline uses it)."""
         if self.splits:
@@ -148,14 +152,22 @@ class ArxivDataModule(L.LightningDataModule):
         )
 
     # --- loaders ---------------------------------------------------------------------------------------
+    def _shard(self) -> tuple[int, int]:
+        """(processes sharing the data, this process's rank): (1, 0) unless under DDP/FSDP."""
+        kwargs = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        return kwargs.get("num_replicas", 1), kwargs.get("rank", 0)
+
     def train_dataloader(self) -> DataLoader:
         examples = self.examples["train"]
+        num_replicas, rank = self._shard()
         # without grouping, mega-batches of one batch: plain random batches, still resumable mid-epoch
         sampler = LengthGroupedSampler(
             [len(e.input_ids) for e in examples],
             self.batch_size,
             self.seed,
             mega_batch_factor=32 if self.group_by_length else 1,
+            num_replicas=num_replicas,
+            rank=rank,
         )
         if self._resume_skip:
             sampler.skip_batches(*self._resume_skip)
@@ -163,10 +175,10 @@ class ArxivDataModule(L.LightningDataModule):
         return self._loader(examples, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.examples["val"], self.eval_batch_size)
+        return self._loader(shard_for_eval(self.examples["val"], *self._shard()), self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.examples["test"], self.eval_batch_size)
+        return self._loader(shard_for_eval(self.examples["test"], *self._shard()), self.eval_batch_size)
 
     def _loader(self, examples, batch_size, **kwargs) -> DataLoader:
         # an own generator: creating an iterator must not draw from the global RNG that dropout uses,

@@ -34,6 +34,7 @@ class Example:
     prompt_length: int
     label_index: int
     truncated: bool = False
+    padding: bool = False  # a repeat that only evens out the ranks' eval batches; never counted
 
 
 class ChatFormatter:

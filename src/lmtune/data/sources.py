@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -114,6 +115,22 @@ class RecordSource:
                 f"(JSONL, CSV or Parquet with id, title, abstract, primary_category)."
             ) from None
         log.info("fetched %d arXiv records into %s", result.count, result.path)
+
+    def wait_until_prepared(self, timeout: float = 3600.0, poll: float = 2.0) -> None:
+        """Wait for another process (rank 0) to finish `prepare()`: its output is renamed into place whole."""
+        if self.kind != "arxiv_api" or self.query.get("refresh"):
+            return
+        manifest = FetchPaths.for_output(self.path).manifest
+        deadline = time.monotonic() + timeout
+        if not manifest.is_file():
+            log.info("waiting for rank 0 to fetch the arXiv data into %s", self.path)
+        while not manifest.is_file():
+            if time.monotonic() > deadline:
+                raise DataError(
+                    f"waited {timeout:.0f} s for rank 0 to fetch {self.path}; fetch it first with "
+                    f"`python src/fetch_arxiv.py` (or train from `data.path=`) and start again."
+                )
+            time.sleep(poll)
 
     def read(self, skips: SkipCounts) -> list[Record]:
         if self.kind == "hf":

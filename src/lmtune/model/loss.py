@@ -27,6 +27,18 @@ def masked_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head) -> t
     return F.cross_entropy(logits, targets, reduction="sum"), mask.sum()
 
 
+def masked_lm_loss_sum_via_forward(causal_lm, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `masked_lm_loss_sum`, through the causal LM's own forward (which FSDP needs to gather the head).
+
+    `logits_to_keep` takes one list of positions for all rows: the positions supervised in any row, so
+    the logits are B x (those positions) x V, still a small slice of the full B x T x V.
+    """
+    mask, targets = supervised_positions(batch["labels"])
+    keep = mask.any(0).nonzero().squeeze(1)
+    logits = causal_lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    return F.cross_entropy(logits[mask[:, keep]].float(), targets, reduction="sum"), mask.sum()
+
+
 def reference_masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The textbook version over full logits (B x T x V), mean over supervised tokens: for tests."""
     return F.cross_entropy(

@@ -10,6 +10,10 @@ Feature flags and their trade-offs:
   slower); non-reentrant, so LoRA weights still get gradients.
 - The loss projects onto the vocabulary only where a label is supervised (see `loss.py`); validation
   and test score every label's full answer (`evaluation/scoring.py`) for accuracy and macro-F1.
+- The loss is a mean over every supervised token of an optimizer step: all micro-batches of a gradient
+  accumulation window on all ranks (`on_before_optimizer_step`), not a mean of per-batch means.
+- Under FSDP (`trainer=fsdp`) each decoder layer is sharded in `configure_model` (`parallel.py`);
+  `compile=true` compiles each decoder layer in place (parameter names, checkpoints and exports unchanged).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from transformers import get_cosine_schedule_with_warmup
 from lmtune.errors import UserError
 from lmtune.evaluation.scoring import rank_scores
 from lmtune.model.loading import load_model
-from lmtune.model.loss import masked_lm_loss_sum
+from lmtune.model.loss import masked_lm_loss_sum, masked_lm_loss_sum_via_forward
+from lmtune.model.parallel import full_tensor, shard_decoder
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,7 @@ class CausalLMClassifier(L.LightningModule):
         answer_ids: list[list[int]],
         pad_token_id: int,
         gradient_checkpointing: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run's full config is logged by train()
@@ -76,15 +82,23 @@ class CausalLMClassifier(L.LightningModule):
             }
         )
         self.eval_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
+        self._window_tokens = 0  # supervised tokens in this optimizer step's micro-batches, this rank
 
     # --- model -----------------------------------------------------------------------------------------
-    def configure_model(self) -> None:
+    def configure_model(self, device: torch.device | None = None) -> None:
+        """Build the model on this process's device; under FSDP, shard it layer by layer."""
         if self.model is not None:
             return
         hp = self.hparams
-        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        if device is None:
+            device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         self.model = load_model(hp.pretrained, hp.model_cfg, hp.adapter_cfg, device, hp.gradient_checkpointing)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as found
+        if hp.get("compile"):
+            for layer in self.causal_lm.get_decoder().layers:
+                layer.compile()  # in place: no `_orig_mod.` in parameter names
+        if self._device_mesh is not None:  # set by ModelParallelStrategy (trainer=fsdp)
+            shard_decoder(self.causal_lm, self._device_mesh["data_parallel"])
 
     def on_fit_start(self) -> None:
         counts = parameter_counts(self)
@@ -100,6 +114,8 @@ class CausalLMClassifier(L.LightningModule):
     def supervised_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy over the answer tokens and their count."""
         lm = self.causal_lm
+        if self._device_mesh is not None:  # FSDP: the head's weights are gathered only in lm.forward
+            return masked_lm_loss_sum_via_forward(lm, batch)
         hidden = lm.get_decoder()(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state
@@ -113,6 +129,7 @@ class CausalLMClassifier(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss_sum, n_tokens = self.supervised_loss(batch)
         loss = loss_sum / n_tokens.clamp(min=1)
+        self._window_tokens += int(n_tokens)
         if not torch.isfinite(loss):
             ids = batch.get("ids", [])
             raise NonFiniteLossError(
@@ -122,13 +139,32 @@ class CausalLMClassifier(L.LightningModule):
                 f"trainer.precision=32-true, or check those papers; resume from the last good checkpoint."
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
-        return loss
+        # the gradient of the summed loss; on_before_optimizer_step divides by the step's token count
+        return loss_sum
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Make the step's gradient that of the mean loss over all its supervised tokens (before clipping).
+
+        Lightning divides each micro-batch's loss by `accumulate_grad_batches` and DDP/FSDP average the
+        gradients over ranks, so the gradients here are sum(token losses) / (accumulation x ranks).
+        Multiplying by accumulation x ranks / (supervised tokens of the step, summed over ranks) gives the
+        token-level mean, however unevenly the answer tokens fall across micro-batches and ranks.
+        """
+        tokens = torch.tensor(float(self._window_tokens), device=self.device)
+        self._window_tokens = 0
+        tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(float(tokens), 1.0)
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)  # a float: FSDP's gradients are DTensors
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         # One scoring pass gives both numbers: the true label's score is minus its summed answer loss,
         # so the eval loss needs no second forward pass.
         scores = self.score_labels(batch).to(self.device)
         labels = batch["label_index"]
+        # under DDP/FSDP, examples repeated only to give every rank as many batches don't count
+        scores, labels = scores[batch["real"]], labels[batch["real"]]
         n_tokens = sum(len(self.hparams.answer_ids[i]) for i in labels.tolist())
         loss_sum = -scores.gather(1, labels.unsqueeze(1)).sum()
         self.eval_loss[stage].update(loss_sum / n_tokens, weight=n_tokens)
@@ -164,15 +200,28 @@ class CausalLMClassifier(L.LightningModule):
 
     # --- checkpoints: trainable weights only -----------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
+        """The trainable weights, whole (gathered when FSDP-sharded: call on every rank)."""
+        return {n: full_tensor(p.detach()) for n, p in self.named_parameters() if p.requires_grad}
+
+    def standalone_copy(self, trainable: dict[str, torch.Tensor], device: torch.device) -> CausalLMClassifier:
+        """An unsharded module on `device` with the given trainable weights (from `trainable_state_dict`)."""
+        copy = type(self)(**self.hparams)
+        copy.configure_model(device)
+        copy.load_state_dict(trainable, strict=False)
+        return copy.to(device) if not self.hparams.adapter_cfg.get("quantization") else copy
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = self.trainable_state_dict()
-        checkpoint["torch_rng_state"] = torch.get_rng_state()
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
+        # every rank's RNG (their dropout masks differ), so a resumed run draws what an uninterrupted one would
+        states = [torch.get_rng_state()]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, torch.get_rng_state())
+        checkpoint["torch_rng_states"] = states
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.model is not None:
+        if self.model is not None and "state_dict" in checkpoint:  # FSDP2Strategy has loaded it already
             expected = {n for n, p in self.named_parameters() if p.requires_grad}
             missing = sorted(expected - set(checkpoint["state_dict"]))
             if missing:
@@ -180,5 +229,6 @@ class CausalLMClassifier(L.LightningModule):
                     f"checkpoint lacks {len(missing)} trainable weights (first: {missing[0]}); it was written "
                     f"with a different adapter config. Resume with the same adapter settings."
                 )
-        if "torch_rng_state" in checkpoint:
-            torch.set_rng_state(checkpoint["torch_rng_state"])
+        states = checkpoint.get("torch_rng_states") or [checkpoint.get("torch_rng_state")]
+        if states[0] is not None:
+            torch.set_rng_state(states[self.global_rank] if self.global_rank < len(states) else states[0])

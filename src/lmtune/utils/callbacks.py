@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import resource
 import sys
 import time
@@ -9,7 +11,12 @@ import time
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
+
+from lmtune.utils.checkpoints import AtomicCheckpointIO
+
+log = logging.getLogger(__name__)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -21,33 +28,61 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class TrainingStats(L.Callback):
-    """Counts real (non-padding) and supervised tokens and wall time of the training steps."""
+    """Throughput telemetry: real (non-padding) and supervised tokens/s, padding fraction, peak memory.
+
+    Logged as `throughput/*` every `log_every_n_steps` optimizer steps over the steps since the last log
+    (so a slow phase shows up), and for the whole run at the end of training (also in metrics.json).
+    Counts are this process's; under DDP/FSDP multiply tokens/s by the number of processes.
+    """
 
     def __init__(self):
-        self.tokens = self.supervised_tokens = self.padded_tokens = 0
-        self.seconds = 0.0
+        self.total = self._counters()
+        self.window = self._counters()
         self._start = None
+        self._last_logged_step = 0
+
+    @staticmethod
+    def _counters() -> dict:
+        return {"tokens": 0, "supervised_tokens": 0, "padded_tokens": 0, "seconds": 0.0}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.seconds += time.perf_counter() - self._start
-        self.tokens += int(batch["attention_mask"].sum())
-        self.padded_tokens += batch["attention_mask"].numel()
-        self.supervised_tokens += int((batch["labels"] != -100).sum())
+        counts = {
+            "seconds": time.perf_counter() - self._start,
+            "tokens": int(batch["attention_mask"].sum()),
+            "padded_tokens": batch["attention_mask"].numel(),
+            "supervised_tokens": int((batch["labels"] != -100).sum()),
+        }
+        for counters in (self.total, self.window):
+            for key, value in counts.items():
+                counters[key] += value
+        step = trainer.global_step
+        if trainer.logger is not None and step != self._last_logged_step and step % trainer.log_every_n_steps == 0:
+            trainer.logger.log_metrics(
+                {f"throughput/{k}": v for k, v in self._rates(self.window, trainer).items()}, step=step
+            )
+            self.window, self._last_logged_step = self._counters(), step
+
+    def _rates(self, counts: dict, trainer) -> dict:
+        seconds = max(counts["seconds"], 1e-9)
+        return {
+            "tokens_per_s": round(counts["tokens"] / seconds, 1),
+            "supervised_tokens_per_s": round(counts["supervised_tokens"] / seconds, 1),
+            "padding_fraction": round(1 - counts["tokens"] / counts["padded_tokens"], 4)
+            if counts["padded_tokens"]
+            else 0.0,
+            "peak_memory_mb": round(peak_memory_mb(trainer.strategy.root_device), 1),
+        }
 
     def summary(self, trainer) -> dict:
-        seconds = max(self.seconds, 1e-9)
         return {
-            "train_seconds": round(self.seconds, 2),
+            "train_seconds": round(self.total["seconds"], 2),
             "steps": trainer.global_step,
-            "tokens": self.tokens,
-            "supervised_tokens": self.supervised_tokens,
-            "tokens_per_s": round(self.tokens / seconds, 1),
-            "supervised_tokens_per_s": round(self.supervised_tokens / seconds, 1),
-            "padding_fraction": round(1 - self.tokens / self.padded_tokens, 4) if self.padded_tokens else 0.0,
-            "peak_memory_mb": round(peak_memory_mb(trainer.strategy.root_device), 1),
+            "tokens": self.total["tokens"],
+            "supervised_tokens": self.total["supervised_tokens"],
+            **self._rates(self.total, trainer),
         }
 
     def on_train_end(self, trainer, pl_module):
@@ -58,12 +93,49 @@ class TrainingStats(L.Callback):
 
 
 class LatestCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose `last.ckpt` always holds the newest state, for resuming.
+    """ModelCheckpoint whose `last.ckpt` always holds the newest state, for resuming (`ckpt_path=last`).
 
-    Lightning 2.6 refreshes `last.ckpt` only at steps where a top-k checkpoint was written, so once
-    `val/acc` stops improving, "last" would silently mean "best". This also writes it after every
-    validation and when training ends.
+    - Lightning 2.6 refreshes `last.ckpt` only at steps where a top-k checkpoint was written, so once
+      `val/acc` stops improving, "last" would silently mean "best". This also writes it after every
+      validation and when training ends, and every `every_n_train_steps` steps: unlike Lightning's option
+      of that name, this writes only last.ckpt, and the top-k are still ranked at each validation.
+    - On SIGTERM (a scheduler's preemption, `kill`), Lightning stops after the current step; this writes
+      `last.ckpt` at the end of that step first, the same step boundary as the periodic saves, so the run
+      resumes from there exactly. Skipped mid gradient accumulation and with several processes (ranks may
+      see the signal at different steps): those resume from the previous checkpoint.
+    - Writes are atomic (`AtomicCheckpointIO`, installed on the trainer at setup): a kill during a save
+      leaves the previous checkpoint, never a truncated one.
+    - Resumed into a new run folder (each Hydra run gets one), it keeps ranking against the interrupted
+      run's best checkpoints, so the best checkpoint (and the final metrics) are those of an uninterrupted
+      run. Those files stay where they are: ModelCheckpoint deletes only inside its own folder.
     """
+
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def __init__(self, every_n_train_steps: int | None = None, **kwargs):
+        # Lightning's every_n_train_steps would replace ranking at validation end by ranking the top-k with
+        # the previous validation's metric at every N-th step; here it only writes last.ckpt (for resume).
+        super().__init__(**kwargs)
+        self.last_every_n_train_steps = every_n_train_steps or 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # train_time_interval, if set
+        if self.save_last is not True or trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # mid gradient accumulation, the gradients so far would not be in the checkpoint
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        every = self.last_every_n_train_steps
+        periodic = every >= 1 and trainer.global_step % every == 0
+        sigterm = trainer.received_sigterm and trainer.world_size == 1
+        if periodic or sigterm:
+            ranked_step = self._last_global_step_saved
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._last_global_step_saved = ranked_step  # so this step's validation still ranks it for top-k
+        if sigterm:
+            log.warning("SIGTERM: saved %s at step %d; stopping", self.last_model_path, trainer.global_step)
 
     def on_validation_end(self, trainer, pl_module):
         super().on_validation_end(trainer, pl_module)
@@ -77,3 +149,18 @@ class LatestCheckpoint(ModelCheckpoint):
         if self.save_last and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             if self._last_global_step_saved != trainer.global_step:
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            return super().load_state_dict(state_dict)
+        # a new run folder: rank against the interrupted run's checkpoints that still exist (not its last.ckpt)
+        kept = {path: score for path, score in state_dict.get("best_k_models", {}).items() if os.path.isfile(path)}
+        self.best_k_models = kept
+        if kept:
+            best, worst = (max, min) if self.mode == "max" else (min, max)
+            self.best_model_path = best(kept, key=kept.get)
+            self.best_model_score = kept[self.best_model_path]
+            self.kth_best_model_path = worst(kept, key=kept.get)
+            self.kth_value = kept[self.kth_best_model_path]
+        elif os.path.isfile(state_dict.get("best_model_path") or ""):
+            self.best_model_path = state_dict["best_model_path"]

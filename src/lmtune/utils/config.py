@@ -1,12 +1,22 @@
-"""Config validation: every problem found at once, each naming the field and the fix, before any work starts."""
+"""Config validation: every problem found at once, each naming the field and the fix, before any work starts;
+and the config as loggers may see it, secrets redacted."""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import functools
+import logging
+import re
+import subprocess
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lmtune.data.sources import SOURCES as SOURCES_OF_DATA
 from lmtune.errors import UserError
 from lmtune.model.loading import SOURCES
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(UserError):
@@ -35,6 +45,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
             )
         if quant.get("quant_type") not in ("nf4", "fp4"):
             problems.append(f"adapter.quantization.quant_type={quant.get('quant_type')!r}: use nf4 or fp4.")
+    problems += strategy_problems(cfg)
     if cfg.optim.lr <= 0:
         problems.append(f"optim.lr={cfg.optim.lr}: must be positive.")
     source = cfg.data.get("source", "auto")
@@ -47,7 +58,104 @@ def config_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def strategy_name(trainer_cfg) -> str:
+    """'fsdp2', 'fsdp1', 'ddp' or 'single' (anything else) for a trainer config."""
+    strategy = trainer_cfg.get("strategy")
+    if isinstance(strategy, DictConfig):
+        target = str(strategy.get("_target_", ""))
+        return "fsdp2" if target.endswith(("FSDP2Strategy", "ModelParallelStrategy")) else "single"
+    strategy = str(strategy or "")
+    return "fsdp1" if strategy.startswith("fsdp") else "ddp" if strategy.startswith("ddp") else "single"
+
+
+def _on_cpu(trainer_cfg) -> bool:
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+
+
+def strategy_problems(cfg: DictConfig) -> list[str]:
+    """Distributed combinations that cannot work, each with the one that does."""
+    trainer, quant = cfg.trainer, cfg.adapter.get("quantization")
+    name, problems = strategy_name(trainer), []
+    if name == "fsdp1":
+        problems.append(
+            f"trainer.strategy={trainer.strategy}: FSDP1 needs uniform requires_grad per unit and pays gradient "
+            f"memory for the frozen base under LoRA; use trainer=fsdp (FSDP2, sharded per decoder layer)."
+        )
+    if name == "fsdp2" and quant and _on_cpu(trainer):
+        problems.append(
+            "trainer=fsdp with adapter=qlora on CPU: bitsandbytes' 4-bit CPU kernels cannot run on FSDP-sharded "
+            "weights; on CPU use adapter=lora with trainer=fsdp, or adapter=qlora with trainer=ddp; QLoRA + FSDP "
+            "needs CUDA (trainer.accelerator=gpu)."
+        )
+    return problems
+
+
+def fit_to_strategy(cfg: DictConfig) -> None:
+    """Settings a strategy requires, set rather than refused: FSDP shards only floating-point storage."""
+    quant = cfg.adapter.get("quantization")
+    if strategy_name(cfg.trainer) == "fsdp2" and quant:
+        compute = quant.get("compute_dtype") or "bfloat16"
+        if quant.get("storage_dtype") != compute:
+            log.info("FSDP: storing 4-bit weights as %s (adapter.quantization.storage_dtype) so they shard", compute)
+            quant.storage_dtype = compute
+
+
 def validate_config(cfg: DictConfig) -> None:
     problems = config_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+# Keys whose values never reach a logger: API keys, passwords, secrets, and auth tokens (not `pad_token` and the
+# like, which name vocabulary items). Matched on the last part of the key, case-insensitive, `-` read as `_`.
+SECRET_KEY = re.compile(
+    r"(^|_)(api_?key|secrets?|password|passwd|private_key|credentials?)($|_)"
+    r"|^((access|auth|api|hf|hub|bearer|refresh|session|wandb|github)_)?token$"
+)
+REDACTED = "***REDACTED***"
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+(?=@)", re.IGNORECASE)
+
+
+def is_secret_key(key) -> bool:
+    return bool(SECRET_KEY.search(str(key).rsplit(".", 1)[-1].lower().replace("-", "_")))
+
+
+def redact_secrets(obj):
+    """A copy of `obj` (dicts, lists, strings) with secret-looking keys' values and passwords in URLs replaced."""
+    if isinstance(obj, dict):
+        return {k: REDACTED if is_secret_key(k) and v is not None else redact_secrets(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact_secrets(v) for v in obj)
+    if isinstance(obj, str):
+        return _URL_PASSWORD.sub(rf"\g<head>{REDACTED}", obj)
+    return obj
+
+
+def redact_override(override: str) -> str:
+    """`+secrets.api_key=abc` -> `+secrets.api_key=***REDACTED***`; other overrides as redact_secrets leaves them."""
+    key, sep, value = override.partition("=")
+    if sep and is_secret_key(key.lstrip("+~")):
+        return f"{key}={REDACTED}"
+    return redact_secrets(override)
+
+
+def git_state(root) -> dict:
+    """`git/sha` and `git/dirty` (tracked files changed) of the checkout at `root`; empty outside a git checkout."""
+    try:
+        run = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True, timeout=10, check=True)
+        sha = run(["git", "rev-parse", "HEAD"]).stdout.strip()
+        dirty = bool(run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git/sha": sha, "git/dirty": dirty}
+
+
+def loggable_config(cfg: DictConfig) -> dict:
+    """What loggers get as hyperparameters: the resolved config, the command-line overrides and the git commit,
+    with secrets redacted (see `redact_secrets`)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if HydraConfig.initialized():
+        config["hydra/overrides"] = [redact_override(o) for o in HydraConfig.get().overrides.task]
+    config.update(git_state(cfg.paths.root_dir) if "paths" in cfg else {})
+    return redact_secrets(config)

@@ -5,7 +5,7 @@ export/
   tokenizer files with the chat template
   labels.json        the label set in class-index order
   formatting.json    prompt templates, end-of-turn token, max_length and answer token ids used in training
-  config.yaml        the resolved Hydra config of the run
+  config.yaml        the resolved Hydra config of the run (secrets redacted)
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from lmtune.utils.config import redact_secrets
 
 
 def export_model(module, tokenizer, formatter, cfg: DictConfig, out_dir: str | Path) -> Path:
@@ -33,5 +35,6 @@ def export_model(module, tokenizer, formatter, cfg: DictConfig, out_dir: str | P
         "base_model": module.hparams.pretrained,
     }
     (out_dir / "formatting.json").write_text(json.dumps(formatting, indent=1))
-    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    # secrets redacted: an export folder gets shared (the Hub, a W&B artifact); tokens come from the environment
+    OmegaConf.save(OmegaConf.create(redact_secrets(OmegaConf.to_container(cfg, resolve=True))), out_dir / "config.yaml")
     return out_dir

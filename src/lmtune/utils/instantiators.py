@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import datetime
+from pathlib import Path
 
 import hydra
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
+
+from lmtune.utils.config import redact_override
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +54,34 @@ def wandb_offline(requested: bool | None) -> bool:
     return not (os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read())
 
 
+def wandb_identity() -> tuple[str | None, str | None]:
+    """Default (group, name) of this job's W&B run. In a Hydra multirun (`-m`, an Optuna search, a SLURM array):
+    the sweep folder's name, and `<script>-<job num> <the job's overrides>` (secrets redacted); else no group and
+    `<script>-<time>`."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None, None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None, f"{hydra_cfg.job.name}-{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    # the job's overrides, secrets redacted, paths left out; `${x}` written as Hydra escapes it in sweep jobs,
+    # `$\{x\}`, because the name goes into the config, and instantiate would resolve even an escaped `\${x}`
+    overrides = [redact_override(o) for o in hydra_cfg.overrides.task if not o.startswith("paths.")]
+    name = " ".join([f"{hydra_cfg.job.name}-{hydra_cfg.job.num}", *overrides]).replace("${", "$\\{")
+    return Path(hydra_cfg.sweep.dir).name, name[:128]
+
+
 def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
-    """As callbacks; a W&B logger with `offline: null` goes offline when there is no API key."""
+    """As callbacks; a W&B logger with `offline: null` goes offline when there is no API key, and one with no
+    `group` or `name` gets them from `wandb_identity` (grouped by sweep in a multirun)."""
     for conf in (cfg or {}).values():
         if isinstance(conf, DictConfig) and str(conf.get("_target_", "")).endswith("WandbLogger"):
+            group, name = wandb_identity()
+            with open_dict(conf):
+                conf.group = conf.get("group") or group
+                conf.name = conf.get("name") or name
             conf.offline = wandb_offline(conf.get("offline"))
             if conf.offline:
                 conf.log_model = False  # W&B refuses to upload models offline
