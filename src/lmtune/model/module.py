@@ -199,6 +199,9 @@ class CausalLMClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- checkpoints: trainable weights only -----------------------------------------------------------
+    def trainable_names(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable weights, whole (gathered when FSDP-sharded: call on every rank)."""
         return {n: full_tensor(p.detach()) for n, p in self.named_parameters() if p.requires_grad}
@@ -211,7 +214,7 @@ class CausalLMClassifier(L.LightningModule):
         return copy.to(device) if not self.hparams.adapter_cfg.get("quantization") else copy
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        names = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in names}
         # every rank's RNG (their dropout masks differ), so a resumed run draws what an uninterrupted one would
         states = [torch.get_rng_state()]
@@ -222,8 +225,7 @@ class CausalLMClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.model is not None and "state_dict" in checkpoint:  # FSDP2Strategy has loaded it already
-            expected = {n for n, p in self.named_parameters() if p.requires_grad}
-            missing = sorted(expected - set(checkpoint["state_dict"]))
+            missing = sorted(self.trainable_names() - set(checkpoint["state_dict"]))
             if missing:
                 raise RuntimeError(
                     f"checkpoint lacks {len(missing)} trainable weights (first: {missing[0]}); it was written "

@@ -41,12 +41,11 @@ def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str | Path) -> str | None
             )
         path = found[-1]
     else:
-        path = Path(text).expanduser()
-        if path.is_dir():
-            inside = [path / "checkpoints" / LAST, path / LAST]
-            path = next((p for p in inside if p.is_file()), None)
+        path = named = Path(text).expanduser()
+        if named.is_dir():
+            path = next((p for p in (named / "checkpoints" / LAST, named / LAST) if p.is_file()), None)
             if path is None:
-                others = sorted(p.name for p in Path(text).expanduser().glob("**/*.ckpt"))
+                others = sorted(p.name for p in named.glob("**/*.ckpt"))
                 raise UserError(
                     f"ckpt_path={text}: no checkpoints/{LAST} in that folder"
                     + (f" (it holds {', '.join(others)}: name one of them)" if others else "")
