@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST := $(PY) -m pytest
 
-.PHONY: install test test-slow test-gpu test-all lint smoke data clean
+.PHONY: install test test-slow test-gpu test-all bench lint smoke data clean
 
 install: $(VENV)/.installed
 
@@ -30,8 +30,13 @@ test-gpu: install
 test-all: install
 	$(PYTEST) -q
 
+# ours vs the usual alternatives, ~75 min on 2 CPU cores (+ the GPU section on a CUDA machine); never part of
+# `make test`, which runs each benchmark script in its smoke form. Results: bench/results/, bench/README.md.
+bench: install
+	$(PY) bench/run.py $(ARGS)
+
 lint: install
-	$(VENV)/bin/ruff check src tests && $(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests bench && $(VENV)/bin/ruff format --check src tests bench
 
 smoke: install
 	$(PY) src/train.py experiment=smoke

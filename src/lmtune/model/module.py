@@ -19,6 +19,7 @@ Feature flags and their trade-offs:
 from __future__ import annotations
 
 import logging
+import math
 
 import lightning as L
 import torch
@@ -39,10 +40,20 @@ class NonFiniteLossError(UserError):
     """The loss became NaN or inf; the message names the step and the papers in the batch."""
 
 
+def _is_4bit(p: torch.Tensor) -> bool:
+    return getattr(p, "quant_state", None) is not None
+
+
 def parameter_counts(module: torch.nn.Module) -> dict:
-    """Total and trainable parameters: the LoRA trainable fraction belongs in every run's config."""
-    total = sum(p.numel() for p in module.parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    """Total and trainable parameters: the LoRA trainable fraction belongs in every run's config.
+
+    A 4-bit weight counts as the weight it stands for (`quant_state.shape`), not its packed storage.
+    """
+    sizes = [
+        (math.prod(p.quant_state.shape) if _is_4bit(p) else p.numel(), p.requires_grad) for p in module.parameters()
+    ]
+    total = sum(n for n, _ in sizes)
+    trainable = sum(n for n, grad in sizes if grad)
     return {
         "params/total": total,
         "params/trainable": trainable,

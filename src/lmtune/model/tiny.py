@@ -66,9 +66,13 @@ def build_tiny_model(
     num_key_value_heads: int = 2,
     intermediate_size: int = 128,
     seed: int = 0,
+    vocab_size: int | None = None,
+    tie_word_embeddings: bool = False,
+    rope_theta: float = 10000.0,
 ) -> LlamaForCausalLM:
+    """A random Llama; `vocab_size` larger than the tokenizer's gives a real model's embedding and head cost."""
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), vocab_size or 0),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_hidden_layers,
@@ -78,7 +82,8 @@ def build_tiny_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
+        rope_theta=rope_theta,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -1,0 +1,269 @@
+"""`make bench`: every benchmark in one run -> bench/results/<date>-<host>.json and the table in bench/README.md.
+
+Order matters: training throughput first (on a quiet machine), then accuracy (its fine-tuned export is what
+the evaluation benchmark scores), then evaluation throughput; the GPU section runs when CUDA is available.
+The JSON is rewritten after each part, so an interrupted run keeps what it measured.
+
+    python bench/run.py                    (the full CPU benchmark, about 75 minutes on 2 cores)
+    python bench/run.py --smoke --out /tmp/b --readme /tmp/b/README.md   (tiny model, a minute: what tests run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata as md
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+import accuracy  # noqa: E402
+import eval_throughput  # noqa: E402
+import train_throughput  # noqa: E402
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+    except OSError:
+        sha, dirty = "", ""
+    packages = ("torch", "transformers", "peft", "bitsandbytes", "lightning", "accelerate", "scikit-learn")
+    return {
+        "host": socket.gethostname(),
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "versions": {p: md.version(p) for p in packages},
+        "git": sha.strip() + ("-dirty" if dirty.strip() else ""),
+    }
+
+
+# --- the markdown table ---------------------------------------------------------------------------------
+def _f(x, fmt="{:.3f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def _shown(overrides: list[str]) -> str:
+    """Overrides as a reader would type them: adapter left out (one row each), paths relative to the repo."""
+    kept = [o for o in overrides if not o.startswith("adapter=")]
+    return " ".join(kept).replace(str(ROOT.parent), "..")
+
+
+# (header, result key, format, target for the ratio)
+CPU_COLUMNS = [
+    ("real tokens/s", "tokens_per_s", "{:.0f}", "≥ 2"),
+    ("steps/s", "steps_per_s", "{:.4f}", None),
+    ("padding", "padding_fraction", "{:.1%}", None),
+    ("train peak RSS MB", "train_peak_rss_mb", "{:.0f}", "≤ 0.6"),
+    ("process peak RSS MB", "process_peak_rss_mb", "{:.0f}", None),
+]
+GPU_COLUMNS = [
+    ("real tokens/s", "tokens_per_s", "{:.0f}", None),
+    ("padding", "padding_fraction", "{:.1%}", None),
+    ("peak GPU MB", "peak_gpu_memory_mb", "{:.0f}", None),
+    ("MFU", "mfu", "{:.1%}", None),
+]
+
+
+def _throughput_table(by_adapter: dict, columns: list) -> list[str]:
+    """One row per side and a ratio row per adapter (ratios exist for the metrics in METRICS)."""
+    lines = [
+        "| adapter | side | " + " | ".join(c[0] for c in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for adapter, r in by_adapter.items():
+        for side in ("ours", "baseline"):
+            cells = [_f(r[side].get(key), fmt) for _, key, fmt, _ in columns]
+            lines.append(f"| {adapter} | {side} | " + " | ".join(cells) + " |")
+        ratios = []
+        for _, key, _, target in columns:
+            ratio = r.get(f"{key}_ratio")
+            cell = "" if ratio is None else f"{ratio:.2f}x"
+            ratios.append(f"**{cell}** (target {target})" if cell and target else cell)
+        lines.append(f"| {adapter} | **ours / baseline** | " + " | ".join(ratios) + " |")
+    return lines
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        f"Measured {m['date']} on `{m['host']}`: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, "
+        f"GPU: {m['gpu'] or 'none'}; torch {m['versions']['torch']}, transformers {m['versions']['transformers']}, "
+        f"peft {m['versions']['peft']}, bitsandbytes {m['versions']['bitsandbytes']}, lightning "
+        f"{m['versions']['lightning']}; commit {m['git']}. Raw numbers: `{results['file']}`.",
+        "",
+    ]
+    train = results.get("train")
+    if train:
+        lines += [
+            f"**1. Training throughput** ({train['preset']} preset, {train['steps']} steps of which the first "
+            f"{train['warmup_steps']} are warm-up, median of {train['runs']} alternating runs; "
+            f"`{_shown(next(iter(train['results'].values()))['overrides'])}`)",
+            "",
+        ]
+        lines += _throughput_table(train["results"], CPU_COLUMNS)
+        lines.append("")
+    ev = results.get("eval")
+    if ev:
+        lines += [
+            f"**2. Evaluation throughput** ({ev['examples']} test papers, {ev['runs']} run(s) each, "
+            f"{ev['precision']}, mean prompt {ev['mean_prompt_tokens']:.0f} tokens, {len(ev['labels'])} labels of "
+            f"{min(ev['answer_tokens'])}-{max(ev['answer_tokens'])} answer tokens)",
+            "",
+            "| method | examples/s | accuracy | note |",
+            "|---|---|---|---|",
+            f"| rank scoring (ours) | {ev['rank']['examples_per_s']:.2f} | {ev['rank']['acc']:.3f} | "
+            "always a valid label |",
+            f"| `generate()` greedy, stops at end-of-turn | {ev['generate']['examples_per_s']:.2f} | "
+            f"{ev['generate']['acc']:.3f} | invalid answers {ev['generate']['invalid_rate']:.1%} |",
+            f"| prefill only (one pass per prompt) | {ev['prefill_only']['examples_per_s']:.2f} | – | "
+            "the prompt pass both must make: no method that reads the prompt is faster |",
+            f"| naive rank scoring (one pass per label) | {ev['naive_rank']['examples_per_s']:.2f} | – | "
+            f"first {ev['naive_rank']['examples']} papers; same label as ours on "
+            f"{ev['naive_rank']['same_labels']:.0%} |",
+            "",
+            f"Rank / generate: **{ev['rank_over_generate']:.2f}x** (target ≥ 5); they agree on "
+            f"{ev['agreement']:.1%} of the papers. Prefill only / generate, the most any scoring method could gain: "
+            f"{ev['prefill_only']['examples_per_s'] / ev['generate']['examples_per_s']:.2f}x. "
+            "Rank / naive rank scoring: "
+            f"**{ev['naive_rank']['rank_over_naive']:.1f}x**.",
+            "",
+        ]
+    acc = results.get("accuracy")
+    if acc:
+        b = acc["budget"]
+        names = {
+            "tfidf_same": f"TF-IDF + LR, the LM's {acc['rows']['tfidf_same']['train_examples']} training papers",
+            "tfidf_all": f"TF-IDF + LR, the whole train split ({acc['rows']['tfidf_all']['train_examples']} papers)",
+            "zero_shot": "SmolLM2 zero-shot (rank scoring)" if acc["experiment"] != "smoke" else "zero-shot",
+            "finetuned": f"fine-tuned ({acc['experiment']})",
+        }
+        lines += [
+            f"**3. Accuracy** (test split, {b['test_examples']} papers, {len(b['labels'])} labels; fine-tuning budget: "
+            f"{b['train_examples']} papers, {b['steps']} steps of {b['batch_size']} = {b['epochs']} epochs, "
+            f"{b['train_seconds']:.0f} s in training steps, {b['run_wall_seconds']:.0f} s for the whole run with "
+            f"validation and report; `{_shown(acc['overrides'])}`)",
+            "",
+            "| model | accuracy | macro-F1 |",
+            "|---|---|---|",
+        ]
+        for key, name in names.items():
+            row = acc["rows"][key]
+            lines.append(f"| {name} | {row['acc']:.3f} | {row['macro_f1']:.3f} |")
+        t = acc["targets"]
+        lines += [
+            "",
+            f"Target (beats TF-IDF on the same papers): **{'met' if t['beats_tfidf_same'] else 'missed'}**; "
+            f"stretch (beats TF-IDF on the whole train split): **{'met' if t['beats_tfidf_all'] else 'missed'}**.",
+            "",
+        ]
+    gpu = results.get("gpu")
+    if gpu is not None:
+        lines.append("**4. GPU** (Llama-3.2-1B shape, random weights, bf16-mixed, seq 512)")
+        lines.append("")
+        if not gpu.get("measured"):
+            lines.append(f"Not measured: {gpu['reason']}.")
+        else:
+            lines += _throughput_table(gpu["results"], GPU_COLUMNS)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write(results: dict, out: Path, readme: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    text = readme.read_text() if readme.is_file() else f"# Benchmarks\n\n{START}\n{END}\n"
+    if START not in text or END not in text:
+        text += f"\n{START}\n{END}\n"
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    readme.write_text(f"{head}{START}\n{render(results)}\n{END}{tail}")
+
+
+def main(a) -> dict:
+    stamp = dt.date.today().isoformat()
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
+    out = a.out / f"{stamp}-{host}.json"
+    work = a.work / f"{stamp}-{host}"
+    results = {"machine": machine(), "file": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out)}
+    parts = a.parts.split(",")
+    preset = "smoke" if a.smoke else "cpu"
+    extra = [] if a.smoke else [f"data.max_length={a.max_length}"]
+
+    if "train" in parts:
+        results["train"] = train_throughput.bench(
+            preset, a.adapters.split(","), a.runs, a.steps, a.warmup, work / "train", extra
+        )
+        write(results, out, a.readme)
+    export = None
+    if "accuracy" in parts:
+        experiment = "smoke" if a.smoke else "lora_arxiv"
+        data = [] if a.smoke else [f"data.path={accuracy.SHARED_ARXIV}", *a.accuracy_overrides]
+        results["accuracy"] = accuracy.bench(experiment, data, work / "accuracy")
+        export = results["accuracy"]["export"]
+        write(results, out, a.readme)
+    if "eval" in parts:
+        overrides = ["experiment=smoke"] if a.smoke else [f"data.path={accuracy.SHARED_ARXIV}"]
+        limit, naive = (8, 2) if a.smoke else (a.eval_limit, a.naive_limit)
+        results["eval"] = eval_throughput.bench(export or a.ckpt, overrides, limit, naive, a.eval_runs)
+        write(results, out, a.readme)
+    if "gpu" in parts:
+        if torch.cuda.is_available():
+            gpu = train_throughput.bench("gpu", ["lora", "qlora"], a.runs, a.steps, a.warmup, work / "gpu")
+            results["gpu"] = {"measured": True, **gpu}
+        else:
+            results["gpu"] = {"measured": False, "reason": "no CUDA device on this machine"}
+        write(results, out, a.readme)
+    return results
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model and sample data: checks the scripts run")
+    parser.add_argument("--parts", default="train,accuracy,eval,gpu")
+    parser.add_argument("--adapters", default="lora,qlora")
+    parser.add_argument("--runs", type=int, default=3, help="alternating runs per side (medians)")
+    parser.add_argument("--steps", type=int, default=7, help="optimizer steps per training-throughput run")
+    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
+    parser.add_argument("--max-length", type=int, default=512, help="data.max_length for the throughput runs")
+    parser.add_argument("--eval-limit", type=int, default=200)
+    parser.add_argument("--naive-limit", type=int, default=20)
+    parser.add_argument("--eval-runs", type=int, default=1)
+    parser.add_argument("--ckpt", default=None, help="export for the eval part when the accuracy part is skipped")
+    parser.add_argument("--accuracy-overrides", nargs="*", default=[], help="extra overrides for the fine-tune run")
+    parser.add_argument("--render", type=Path, help="only rewrite the README table from this results file")
+    parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument("--readme", type=Path, default=BENCH / "README.md")
+    parser.add_argument("--work", type=Path, default=ROOT / "logs" / "bench")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = parse()
+    if args.render:
+        write(json.loads(args.render.read_text()), args.render, args.readme)
+    else:
+        main(args)

@@ -1,0 +1,165 @@
+"""The benchmark scripts, in their smoke form (tiny model, sample data), so they cannot rot; and the pieces the
+benchmark's fairness rests on: the baseline trains on the same objective, the clock and the FLOP count."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT, SAMPLE
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+from clock import StepClock  # noqa: E402
+from hf_baseline import padded_to  # noqa: E402
+from train_throughput import flops_per_token, mfu  # noqa: E402
+
+from lmtune.data.batching import PaddingCollator  # noqa: E402
+from lmtune.data.formatting import ChatFormatter  # noqa: E402
+from lmtune.data.records import SkipCounts, read_records  # noqa: E402
+from lmtune.model.loss import masked_lm_loss_sum  # noqa: E402
+
+SMOKE_MAX_LENGTH, SMOKE_BATCH = 256, 8  # conf/experiment/smoke.yaml
+
+
+@pytest.fixture(scope="module")
+def smoke_bench(tmp_path_factory, cache_dir):
+    """`bench/run.py --smoke` once: every part, one run each, on the tiny model and the sample data."""
+    out = tmp_path_factory.mktemp("bench")
+    readme = out / "README.md"
+    readme.write_text("# Benchmarks\n\nintro kept\n\n<!-- results:start -->\nold table\n<!-- results:end -->\nkept\n")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--runs", "1", "--steps", "4"]
+        + ["--out", str(out), "--readme", str(readme), "--work", str(out / "work")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "LMTUNE_CACHE": str(cache_dir), "WANDB_MODE": "offline"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = out.glob("*.json")
+    return json.loads(result.read_text()), readme.read_text()
+
+
+def test_training_benchmark_measures_both_sides_with_their_own_padding(smoke_bench):
+    results, _ = smoke_bench
+    for adapter in ("lora", "qlora"):
+        r = results["train"]["results"][adapter]
+        ours, base = r["ours"]["runs"][0], r["baseline"]["runs"][0]
+        assert ours["timed_steps"] == base["timed_steps"] == 4 - 2  # warm-up left out on both sides
+        # the baseline pads every batch to max_length; ours only to the batch's longest example
+        assert base["padded_tokens"] == base["timed_steps"] * SMOKE_BATCH * SMOKE_MAX_LENGTH
+        assert ours["padding_fraction"] < base["padding_fraction"]
+        assert ours["params/total"] == base["params/total"] and ours["params/trainable"] == base["params/trainable"]
+        assert r["tokens_per_s_ratio"] == pytest.approx(r["ours"]["tokens_per_s"] / r["baseline"]["tokens_per_s"])
+        # the training-phase peak (VmHWM after a reset) is within the whole process's peak (getrusage; both KiB)
+        assert ours["train_peak_rss_mb"] is not None and ours["train_peak_rss_mb"] <= ours["process_peak_rss_mb"] + 1
+
+
+def test_accuracy_benchmark_compares_on_one_test_split(smoke_bench):
+    results, _ = smoke_bench
+    acc = results["accuracy"]
+    rows = acc["rows"]
+    assert len({row["n"] for row in rows.values()}) == 1  # every model scored on the same test papers
+    assert rows["finetuned"]["n"] == acc["budget"]["test_examples"]
+    assert rows["tfidf_same"]["train_examples"] == acc["budget"]["train_examples"]
+    assert rows["tfidf_all"]["train_examples"] >= rows["tfidf_same"]["train_examples"]
+    assert acc["targets"]["beats_tfidf_same"] == (rows["finetuned"]["acc"] > rows["tfidf_same"]["acc"])
+
+
+def test_eval_benchmark_rank_scoring_matches_the_naive_reference(smoke_bench):
+    ev = smoke_bench[0]["eval"]
+    assert ev["examples"] == 8
+    assert ev["naive_rank"]["same_labels"] == 1.0  # fp32 tiny model: the cached scoring picks the naive labels
+    assert ev["rank_over_generate"] == pytest.approx(ev["rank"]["examples_per_s"] / ev["generate"]["examples_per_s"])
+    assert 0.0 <= ev["agreement"] <= 1.0
+
+
+def test_results_table_replaces_only_its_section(smoke_bench):
+    results, readme = smoke_bench
+    assert readme.startswith("# Benchmarks\n\nintro kept\n") and readme.endswith("<!-- results:end -->\nkept\n")
+    assert "old table" not in readme
+    assert (
+        f"| lora | **ours / baseline** | **{results['train']['results']['lora']['tokens_per_s_ratio']:.2f}x**" in readme
+    )
+    if not torch.cuda.is_available():
+        assert "Not measured: no CUDA device on this machine." in readme  # never a guess
+
+
+def test_profile_script_runs(cache_dir):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "profile_step.py"), "--steps", "1", "experiment=smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "LMTUNE_CACHE": str(cache_dir)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ours" in proc.stdout and "baseline" in proc.stdout and "aten::" in proc.stdout
+
+
+def test_baseline_fixed_padding_trains_on_the_same_objective(tiny_dir, tiny_tokenizer):
+    """Fixed-length padding + HF's full-logit loss = our dynamic padding + supervised-position loss: the
+    benchmark compares the cost of one objective, not two objectives."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    records = read_records(SAMPLE, SkipCounts())[:4]
+    formatter = ChatFormatter(tiny_tokenizer, sorted({r.label for r in records}), max_length=256)
+    examples = formatter.format(records)
+    pad_id = tiny_tokenizer.pad_token_id
+
+    fixed = padded_to(examples, 256, pad_id)
+    batch = {k: torch.tensor([row[k] for row in fixed]) for k in fixed[0]}
+    assert batch["input_ids"].shape == (4, 256)
+    hf_loss = model(**batch).loss
+
+    dynamic = PaddingCollator(pad_id)(examples)
+    assert dynamic["input_ids"].shape[1] == max(len(e.input_ids) for e in examples) < 256
+    hidden = model.model(input_ids=dynamic["input_ids"], attention_mask=dynamic["attention_mask"]).last_hidden_state
+    loss_sum, n = masked_lm_loss_sum(hidden, dynamic["labels"], model.lm_head)
+    torch.testing.assert_close(loss_sum / n, hf_loss, rtol=0, atol=1e-5)
+
+
+def test_step_clock_leaves_out_warmup_steps(monkeypatch):
+    times = iter([10.0, 12.0, 13.0, 15.0])
+    monkeypatch.setattr("clock.time.perf_counter", lambda: next(times))
+    clock = StepClock(warmup_steps=2)
+    clock.start(torch.device("cpu"))
+    for real, padded in [(100, 128), (50, 64), (30, 32), (70, 96)]:
+        clock.step(real, padded)
+    r = clock.result()
+    # timed: steps 3 and 4, from the end of step 2 (t=12) to the end of step 4 (t=15)
+    assert (r["timed_steps"], r["tokens"], r["padded_tokens"], r["seconds"]) == (2, 100, 128, 3.0)
+    assert r["tokens_per_s"] == pytest.approx(100 / 3) and r["steps_per_s"] == pytest.approx(2 / 3)
+
+
+def test_flops_count_frozen_weights_at_four_per_token():
+    assert flops_per_token(1000, 1000) == 6000  # full fine-tuning: the usual 6·N
+    assert flops_per_token(1000, 10) == 4 * 990 + 6 * 10  # adapters: no weight gradients for the frozen base
+    run = {"gpu": "NVIDIA H100 80GB HBM3", "params/total": 10**9, "params/trainable": 0, "tokens_per_s": 1e4}
+    assert mfu(run) == pytest.approx(4e9 * 1e4 / 989e12)
+    assert mfu({**run, "gpu": "NVIDIA H100 PCIe"}) == pytest.approx(4e9 * 1e4 / 756e12)
+    assert mfu({**run, "gpu": None}) is None
+
+
+def test_gpu_preset_is_llama_3_2_1b_shaped(tiny_tokenizer):
+    """The GPU benchmark's random model has exactly Llama-3.2-1B's parameters (built on the meta device)."""
+    from hydra import compose, initialize_config_dir
+    from train_throughput import PRESETS
+
+    from lmtune.model.tiny import build_tiny_model
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train.yaml", overrides=[*PRESETS["gpu"], "adapter=qlora"])
+    assert (cfg.trainer.precision, cfg.data.max_length, cfg.model.source) == ("bf16-mixed", 512, "tiny_random")
+    with torch.device("meta"):
+        model = build_tiny_model(tiny_tokenizer, **cfg.model.tiny)
+    assert sum(p.numel() for p in model.parameters()) == 1_235_814_400  # meta-llama/Llama-3.2-1B
+    assert model.config.tie_word_embeddings and model.config.vocab_size == 128_256
