@@ -30,7 +30,7 @@ test-gpu: install
 test-all: install
 	$(PYTEST) -q
 
-# ours vs the usual alternatives, ~75 min on 2 CPU cores (+ the GPU section on a CUDA machine); never part of
+# ours vs the usual alternatives, ~1 hour on 2 CPU cores (+ the GPU section on a CUDA machine); never part of
 # `make test`, which runs each benchmark script in its smoke form. Results: bench/results/, bench/README.md.
 bench: install
 	$(PY) bench/run.py $(ARGS)

@@ -4,8 +4,8 @@ Order matters: training throughput first (on a quiet machine), then accuracy (it
 the evaluation benchmark scores), then evaluation throughput; the GPU section runs when CUDA is available.
 The JSON is rewritten after each part, so an interrupted run keeps what it measured.
 
-    python bench/run.py                    (the full CPU benchmark, about 75 minutes on 2 cores)
-    python bench/run.py --smoke --out /tmp/b --readme /tmp/b/README.md   (tiny model, a minute: what tests run)
+    python bench/run.py                    (the full CPU benchmark: 53 minutes on 2 cores)
+    python bench/run.py --smoke --out /tmp/b --readme /tmp/b/README.md   (tiny model, under a minute: what tests run)
 """
 
 from __future__ import annotations
