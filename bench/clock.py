@@ -47,6 +47,8 @@ def process_peak_rss_mb() -> float:
 
 class StepClock:
     def __init__(self, warmup_steps: int = 2):
+        if warmup_steps < 1:
+            raise ValueError("warmup_steps must be >= 1: the first timed step starts where the last warm-up step ends")
         self.warmup_steps = warmup_steps
         self.marks: list[tuple[float, int, int]] = []  # (time at step end, real tokens, padded tokens)
         self.phase_peak_reset = False
@@ -68,10 +70,7 @@ class StepClock:
         if len(self.marks) <= self.warmup_steps:
             raise RuntimeError(f"only {len(self.marks)} steps ran; need more than warmup_steps={self.warmup_steps}")
         timed = self.marks[self.warmup_steps :]
-        t0 = self.marks[self.warmup_steps - 1][0] if self.warmup_steps else None
-        if t0 is None:
-            raise RuntimeError("warmup_steps must be >= 1: the first timed step needs a start mark")
-        seconds = timed[-1][0] - t0
+        seconds = timed[-1][0] - self.marks[self.warmup_steps - 1][0]
         tokens = sum(m[1] for m in timed)
         padded = sum(m[2] for m in timed)
         out = {
