@@ -14,30 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
-
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-SHARED_ARXIV = ROOT.parent / "shared" / "data" / "arxiv" / "arxiv_cs.jsonl"
+from common import ROOT, SHARED_ARXIV, run_logged
 
 
 def run(script: str, overrides: list[str], work: Path) -> float:
     """`python src/<script> <overrides>` in its own run folder; the wall seconds it took."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PROJECT_ROOT": str(ROOT)}
-    work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with (work / "log.txt").open("w") as log:
-        cmd = [sys.executable, str(ROOT / "src" / script), *overrides, f"hydra.run.dir={work}"]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = "".join((work / "log.txt").read_text().splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"src/{script} failed (exit {proc.returncode}); log {work / 'log.txt'}:\n{tail}")
+    run_logged([sys.executable, str(ROOT / "src" / script), *overrides, f"hydra.run.dir={work}"], work / "log.txt")
     return time.perf_counter() - started
 
 
@@ -64,7 +52,6 @@ def bench(experiment: str, data_overrides: list[str], work: Path) -> dict:
         "zero_shot": _scores(finetune_dir / "zero_shot" / "eval_metrics.json"),
         "finetuned": finetuned,
     }
-    rows["tfidf_same"]["train_examples"] = data["train_examples"]
     return {
         "experiment": experiment,
         "overrides": common,

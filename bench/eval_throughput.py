@@ -14,23 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+from common import project_config
 
-ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PROJECT_ROOT", str(ROOT))
-sys.path.insert(0, str(ROOT / "src"))
-
-from lmtune.eval import load_for_eval  # noqa: E402
-from lmtune.evaluation.evaluate import predict_records  # noqa: E402
-from lmtune.evaluation.metrics import classification_metrics  # noqa: E402
-from lmtune.evaluation.scoring import left_pad, naive_rank_scores, rank_scores  # noqa: E402
+from lmtune.eval import load_for_eval
+from lmtune.evaluation.evaluate import predict_records
+from lmtune.evaluation.metrics import classification_metrics
+from lmtune.evaluation.scoring import left_pad, naive_rank_scores, rank_scores
 
 
 def _timed(fn):
@@ -54,8 +48,7 @@ def prefill_seconds(predictor, prompts: list[list[int]]) -> float:
 
 
 def bench(ckpt: str | None, overrides: list[str], limit: int, naive_limit: int, runs: int) -> dict:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("eval.yaml", overrides=[f"ckpt={ckpt if ckpt else 'null'}", "logger=none", *overrides])
+    cfg = project_config("eval", [f"ckpt={ckpt if ckpt else 'null'}", "logger=none", *overrides])
     predictor, dm = load_for_eval(cfg)
     records = dm.splits["test"][:limit]
     labels = predictor.labels

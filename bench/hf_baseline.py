@@ -16,25 +16,17 @@ differences measured are the loop, the padding, the order and the logits, not th
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
+import hydra
 import torch
-from hydra import compose, initialize_config_dir
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, default_data_collator
+from clock import StepClock, write_result
+from common import project_config
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PROJECT_ROOT", str(ROOT))
-sys.path.insert(0, str(ROOT / "src"))
-
-import hydra  # noqa: E402
-from clock import StepClock, write_result  # noqa: E402
-
-from lmtune.data.formatting import IGNORE_INDEX  # noqa: E402
-from lmtune.model.loading import load_tokenizer, quantization_config, resolve_pretrained  # noqa: E402
-from lmtune.model.module import parameter_counts  # noqa: E402
+from lmtune.data.formatting import IGNORE_INDEX
+from lmtune.model.loading import load_model, load_tokenizer, resolve_pretrained
+from lmtune.model.module import parameter_counts
 
 
 def padded_to(examples, max_length: int, pad_id: int) -> list[dict]:
@@ -52,16 +44,16 @@ def padded_to(examples, max_length: int, pad_id: int) -> list[dict]:
     return rows
 
 
-class ClockCallback(TrainerCallback):
-    def __init__(self, clock: StepClock, trainer_ref: list):
-        self.clock, self.trainer_ref = clock, trainer_ref
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.clock.start(args.device)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        real, padded = self.trainer_ref[0].last_batch_tokens
-        self.clock.step(real, padded)
+def training_data(overrides: list[str]):
+    """(config, data module set up for fit, model folder) of the run these overrides describe: the same papers
+    and token sequences as `src/train.py` with them."""
+    cfg = project_config("train", overrides)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    pretrained = resolve_pretrained(cfg.model, cfg.paths.cache_dir)
+    datamodule.tokenizer = load_tokenizer(pretrained, cfg.model.get("pad_token"))
+    datamodule.setup("fit")
+    return cfg, datamodule, pretrained
 
 
 class TokenCountingTrainer(Trainer):
@@ -75,35 +67,25 @@ class TokenCountingTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-def main(out: str, overrides: list[str], warmup_steps: int) -> dict:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train.yaml", overrides=overrides)
+class ClockCallback(TrainerCallback):
+    def __init__(self, clock: StepClock, trainer: TokenCountingTrainer):
+        self.clock, self.trainer = clock, trainer
 
-    # the same papers and token sequences as our run
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare_data()
-    pretrained = resolve_pretrained(cfg.model, cfg.paths.cache_dir)
-    tokenizer = load_tokenizer(pretrained, cfg.model.get("pad_token"))
-    datamodule.tokenizer = tokenizer
-    datamodule.setup("fit")
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.clock.start(args.device)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.clock.step(*self.trainer.last_batch_tokens)
+
+
+def main(out: str, overrides: list[str], warmup_steps: int) -> dict:
+    cfg, datamodule, pretrained = training_data(overrides)
     train_rows = padded_to(datamodule.examples["train"], cfg.data.max_length, datamodule.collator.pad_token_id)
 
     on_cpu = cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()
-    quant = cfg.adapter.get("quantization")
-    kwargs = {"dtype": getattr(torch, cfg.model.dtype)}
-    if quant:
-        kwargs.update(quantization_config=quantization_config(quant), device_map={"": "cpu" if on_cpu else 0})
-    model = AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
-    model.config.use_cache = False
-    lora = LoraConfig(
-        r=cfg.adapter.r,
-        lora_alpha=cfg.adapter.alpha,
-        lora_dropout=cfg.adapter.dropout,
-        target_modules=list(cfg.adapter.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, lora)
+    # the same base model and peft LoRA (QLoRA: 4-bit, placed at load) as ours; no activation checkpointing,
+    # as in the tutorials, whatever model.gradient_checkpointing says
+    model = load_model(pretrained, cfg.model, cfg.adapter, torch.device("cpu" if on_cpu else "cuda:0"))
 
     args = TrainingArguments(
         output_dir=str(Path(out).parent / "hf_trainer"),
@@ -123,15 +105,11 @@ def main(out: str, overrides: list[str], warmup_steps: int) -> dict:
         dataloader_num_workers=cfg.data.num_workers,
         remove_unused_columns=False,
     )
-    clock, trainer_ref = StepClock(warmup_steps), []
+    clock = StepClock(warmup_steps)
     trainer = TokenCountingTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_rows,
-        data_collator=default_data_collator,
-        callbacks=[ClockCallback(clock, trainer_ref)],
+        model=model, args=args, train_dataset=train_rows, data_collator=default_data_collator
     )
-    trainer_ref.append(trainer)
+    trainer.add_callback(ClockCallback(clock, trainer))
     trainer.train()
     result = {**clock.result(), **parameter_counts(model)}
     write_result(out, result)

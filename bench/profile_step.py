@@ -11,35 +11,18 @@ allocate the most memory, for each side.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
-from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+from hf_baseline import padded_to, training_data
 from torch.profiler import ProfilerActivity, profile
 
-ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PROJECT_ROOT", str(ROOT))
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import hydra  # noqa: E402
-from hf_baseline import padded_to  # noqa: E402
-
-from lmtune.model.loading import load_model, load_tokenizer, resolve_pretrained  # noqa: E402
-from lmtune.model.loss import masked_lm_loss_sum  # noqa: E402
+from lmtune.model.loading import load_model
+from lmtune.model.loss import masked_lm_loss_sum
 
 
 def main(overrides: list[str], steps: int, rows: int) -> None:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train.yaml", overrides=overrides)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare_data()
-    pretrained = resolve_pretrained(cfg.model, cfg.paths.cache_dir)
-    datamodule.tokenizer = load_tokenizer(pretrained, cfg.model.get("pad_token"))
-    datamodule.setup("fit")
+    cfg, datamodule, pretrained = training_data(overrides)
     examples = datamodule.examples["train"][: cfg.data.batch_size]
     pad_id = datamodule.collator.pad_token_id
     ours_batch = datamodule.collator(examples)

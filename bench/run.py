@@ -19,18 +19,13 @@ import platform
 import re
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
+import accuracy
+import eval_throughput
 import torch
-
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
-
-import accuracy  # noqa: E402
-import eval_throughput  # noqa: E402
-import train_throughput  # noqa: E402
+import train_throughput
+from common import BENCH, ROOT, SHARED_ARXIV
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -221,12 +216,12 @@ def main(a) -> dict:
     export = None
     if "accuracy" in parts:
         experiment = "smoke" if a.smoke else "lora_arxiv"
-        data = [] if a.smoke else [f"data.path={accuracy.SHARED_ARXIV}", *a.accuracy_overrides]
+        data = [] if a.smoke else [f"data.path={SHARED_ARXIV}", *a.accuracy_overrides]
         results["accuracy"] = accuracy.bench(experiment, data, work / "accuracy")
         export = results["accuracy"]["export"]
         write(results, out, a.readme)
     if "eval" in parts:
-        overrides = ["experiment=smoke"] if a.smoke else [f"data.path={accuracy.SHARED_ARXIV}"]
+        overrides = ["experiment=smoke"] if a.smoke else [f"data.path={SHARED_ARXIV}"]
         limit, naive = (8, 2) if a.smoke else (a.eval_limit, a.naive_limit)
         results["eval"] = eval_throughput.bench(export or a.ckpt, overrides, limit, naive, a.eval_runs)
         write(results, out, a.readme)

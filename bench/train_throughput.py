@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-SHARED_ARXIV = ROOT.parent / "shared" / "data" / "arxiv" / "arxiv_cs.jsonl"
+from common import BENCH, ROOT, SHARED_ARXIV, run_logged
 
 # The settings each preset trains with; `adapter=` is added per measured configuration.
 PRESETS = {
@@ -49,13 +45,7 @@ PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("
 
 
 def run_worker(cmd: list[str], out: Path, log: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(BENCH), "WANDB_MODE": "offline", "PROJECT_ROOT": str(ROOT)}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0 or not out.is_file():
-        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {proc.returncode}); log {log}:\n{tail}")
+    run_logged(cmd, log)
     return json.loads(out.read_text())
 
 

@@ -61,6 +61,9 @@ def test_training_benchmark_measures_both_sides_with_their_own_padding(smoke_ben
         assert r["tokens_per_s_ratio"] == pytest.approx(r["ours"]["tokens_per_s"] / r["baseline"]["tokens_per_s"])
         # the training-phase peak (VmHWM after a reset) is within the whole process's peak (getrusage; both KiB)
         assert ours["train_peak_rss_mb"] is not None and ours["train_peak_rss_mb"] <= ours["process_peak_rss_mb"] + 1
+    # QLoRA stores the same weights in 4 bits: the same parameter counts as LoRA, not the packed storage's
+    lora, qlora = (results["train"]["results"][a]["ours"] for a in ("lora", "qlora"))
+    assert (qlora["params/total"], qlora["params/trainable"]) == (lora["params/total"], lora["params/trainable"])
 
 
 def test_accuracy_benchmark_compares_on_one_test_split(smoke_bench):
@@ -151,13 +154,12 @@ def test_flops_count_frozen_weights_at_four_per_token():
 
 def test_gpu_preset_is_llama_3_2_1b_shaped(tiny_tokenizer):
     """The GPU benchmark's random model has exactly Llama-3.2-1B's parameters (built on the meta device)."""
-    from hydra import compose, initialize_config_dir
+    from common import project_config
     from train_throughput import PRESETS
 
     from lmtune.model.tiny import build_tiny_model
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train.yaml", overrides=[*PRESETS["gpu"], "adapter=qlora"])
+    cfg = project_config("train", [*PRESETS["gpu"], "adapter=qlora"])
     assert (cfg.trainer.precision, cfg.data.max_length, cfg.model.source) == ("bf16-mixed", 512, "tiny_random")
     with torch.device("meta"):
         model = build_tiny_model(tiny_tokenizer, **cfg.model.tiny)
