@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lmtune.model.module import parameter_counts
+from lmtune.model.module import parameter_counts, training_flops_per_token
 
 
 def reset_peak_rss() -> bool:
@@ -108,4 +108,12 @@ class LightningClock(L.Callback):
         self.clock.step(int(batch["attention_mask"].sum()), batch["attention_mask"].numel())
 
     def on_train_end(self, trainer, pl_module):
-        write_result(self.out, {**self.clock.result(), **parameter_counts(pl_module.causal_lm)})
+        write_result(
+            self.out,
+            {
+                **self.clock.result(),
+                **parameter_counts(pl_module.causal_lm),
+                "flops_per_token": training_flops_per_token(pl_module.causal_lm),
+                "precision": str(trainer.precision),
+            },
+        )

@@ -26,7 +26,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 
 from lmtune.data.formatting import IGNORE_INDEX
 from lmtune.model.loading import load_model, load_tokenizer, resolve_pretrained
-from lmtune.model.module import parameter_counts
+from lmtune.model.module import parameter_counts, training_flops_per_token
+from lmtune.utils.config import resolve_auto
 
 
 def padded_to(examples, max_length: int, pad_id: int) -> list[dict]:
@@ -48,6 +49,7 @@ def training_data(overrides: list[str]):
     """(config, data module set up for fit, model folder) of the run these overrides describe: the same papers
     and token sequences as `src/train.py` with them."""
     cfg = project_config("train", overrides)
+    resolve_auto(cfg)  # `auto` precision and dtype decided exactly as src/train.py decides them
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     pretrained = resolve_pretrained(cfg.model, cfg.paths.cache_dir)
@@ -97,6 +99,7 @@ def main(out: str, overrides: list[str], warmup_steps: int) -> dict:
         lr_scheduler_type="cosine",
         max_grad_norm=cfg.trainer.gradient_clip_val,
         bf16=str(cfg.trainer.precision).startswith("bf16"),
+        fp16=str(cfg.trainer.precision).startswith("16"),
         use_cpu=on_cpu,
         seed=cfg.seed,
         logging_steps=cfg.trainer.log_every_n_steps,
@@ -111,7 +114,12 @@ def main(out: str, overrides: list[str], warmup_steps: int) -> dict:
     )
     trainer.add_callback(ClockCallback(clock, trainer))
     trainer.train()
-    result = {**clock.result(), **parameter_counts(model)}
+    result = {
+        **clock.result(),
+        **parameter_counts(model),
+        "flops_per_token": training_flops_per_token(model),
+        "precision": str(cfg.trainer.precision),
+    }
     write_result(out, result)
     return result
 

@@ -31,6 +31,7 @@ def main(overrides: list[str], steps: int, rows: int) -> None:
 
     model = load_model(pretrained, cfg.model, cfg.adapter, torch.device("cpu")).train()
     bf16 = str(cfg.trainer.precision).startswith("bf16")
+    print(f"precision {cfg.trainer.precision}, frozen base {cfg.model.dtype}, LoRA dropout {cfg.adapter.dropout}")
 
     def ours():
         hidden = model.get_decoder()(

@@ -1,4 +1,4 @@
-"""`make bench`: every benchmark in one run -> bench/results/<date>-<host>.json and the table in bench/README.md.
+"""`make bench`: every benchmark in one run -> bench/results/<date>-<host>-<cpu>.json and the table in bench/README.md.
 
 Order matters: training throughput first (on a quiet machine), then accuracy (its fine-tuned export is what
 the evaluation benchmark scores), then evaluation throughput; the GPU section runs when CUDA is available.
@@ -23,11 +23,22 @@ from pathlib import Path
 
 import accuracy
 import eval_throughput
+import roofline
 import torch
 import train_throughput
 from common import BENCH, ROOT, SHARED_ARXIV
 
+from lmtune.utils.hardware import cpu_hardware, resolve_precision
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def machine_name() -> str:
+    """`<host>-<cpu>-<capability>[-bf16]`: results of different machines never share a file name."""
+    hw = cpu_hardware()
+    cpu = re.sub(r"\((r|tm)\)|\b(processor|cpu|core|with|radeon graphics)\b", "", hw.name.lower())
+    parts = [socket.gethostname(), *re.findall(r"[a-z0-9]+", cpu), hw.capability.lower()]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts) + ("-bf16" if hw.native_bf16 else ""))
 
 
 def machine() -> dict:
@@ -42,10 +53,14 @@ def machine() -> dict:
     except OSError:
         sha, dirty = "", ""
     packages = ("torch", "transformers", "peft", "bitsandbytes", "lightning", "accelerate", "scikit-learn")
+    hw = cpu_hardware()
     return {
         "host": socket.gethostname(),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "cpu": cpu,
+        "cpu_capability": hw.capability,
+        "cpu_native_bf16": hw.native_bf16,
+        "auto_precision": resolve_precision("auto", "auto")[0],
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
@@ -69,18 +84,36 @@ def _shown(overrides: list[str]) -> str:
 
 # (header, result key, format, target for the ratio)
 CPU_COLUMNS = [
-    ("real tokens/s", "tokens_per_s", "{:.0f}", "≥ 2"),
-    ("steps/s", "steps_per_s", "{:.4f}", None),
+    ("real tokens/s", "tokens_per_s", "{:.0f}", "≥ 2.5"),
     ("padding", "padding_fraction", "{:.1%}", None),
-    ("train peak RSS MB", "train_peak_rss_mb", "{:.0f}", "≤ 0.6"),
-    ("process peak RSS MB", "process_peak_rss_mb", "{:.0f}", None),
+    ("train peak RSS MB", "train_peak_rss_mb", "{:.0f}", "≤ 0.5"),
+    ("useful GFLOP/s", "useful_gflops", "{:.0f}", None),
+    ("MFU", "mfu", "{:.1%}", None),
+    ("of model-shaped rate", "roofline_fraction", "{:.0%}", None),
 ]
 GPU_COLUMNS = [
     ("real tokens/s", "tokens_per_s", "{:.0f}", None),
     ("padding", "padding_fraction", "{:.1%}", None),
     ("peak GPU MB", "peak_gpu_memory_mb", "{:.0f}", None),
+    ("useful TFLOP/s", "useful_gflops", "{:.0f}", None),
     ("MFU", "mfu", "{:.1%}", None),
+    ("of model-shaped rate", "roofline_fraction", "{:.0%}", None),
 ]
+
+
+def _limits_line(by_adapter: dict) -> list[str]:
+    """What MFU and the model-shaped share are measured against, per adapter."""
+    lines = []
+    for adapter, r in by_adapter.items():
+        lim = r.get("limits")
+        if lim:
+            lines.append(
+                f"- {adapter}: {r['ours'].get('precision', '?')}, {lim['dtype']} products; peak "
+                f"{lim['peak_gflops']:.0f} GFLOP/s ({lim['peak_source']}); the model's layer shapes at "
+                f"{lim['tokens']} tokens (forward + input gradient of q, k, v, o, gate, up, down): "
+                f"{lim['model_shaped_gflops']:.0f} GFLOP/s"
+            )
+    return lines
 
 
 def _throughput_table(by_adapter: dict, columns: list) -> list[str]:
@@ -105,7 +138,9 @@ def _throughput_table(by_adapter: dict, columns: list) -> list[str]:
 def render(results: dict) -> str:
     m = results["machine"]
     lines = [
-        f"Measured {m['date']} on `{m['host']}`: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, "
+        f"Measured {m['date']} on `{m['host']}`: {m['cpu']} ({m.get('cpu_capability', '?')}, native bf16 "
+        f"{'yes' if m.get('cpu_native_bf16') else 'no'}; `trainer.precision=auto` picks "
+        f"{m.get('auto_precision', '?')}), {m['cores']} cores, {m['memory_gb']} GiB, "
         f"GPU: {m['gpu'] or 'none'}; torch {m['versions']['torch']}, transformers {m['versions']['transformers']}, "
         f"peft {m['versions']['peft']}, bitsandbytes {m['versions']['bitsandbytes']}, lightning "
         f"{m['versions']['lightning']}; commit {m['git']}. Raw numbers: `{results['file']}`.",
@@ -120,7 +155,7 @@ def render(results: dict) -> str:
             "",
         ]
         lines += _throughput_table(train["results"], CPU_COLUMNS)
-        lines.append("")
+        lines += ["", *_limits_line(train["results"]), ""]
     ev = results.get("eval")
     if ev:
         lines += [
@@ -175,6 +210,17 @@ def render(results: dict) -> str:
             f"stretch (beats TF-IDF on the whole train split): **{'met' if t['beats_tfidf_all'] else 'missed'}**.",
             "",
         ]
+    roof = results.get("roofline")
+    if roof:
+        lines += [
+            f"**Matrix-product limits** ({roof['device']}, {roof['tokens']} tokens for the model's layer shapes)",
+            "",
+        ]
+        lines += ["| dtype | large square products GFLOP/s | model's layer shapes GFLOP/s |", "|---|---|---|"]
+        for dtype, d in roof["dtypes"].items():
+            squares = ", ".join(f"{n}³: {v:.0f}" for n, v in d["square_gflops"].items())
+            lines.append(f"| {dtype} | {squares} | {d['model_shaped_gflops']:.0f} |")
+        lines.append("")
     gpu = results.get("gpu")
     if gpu is not None:
         lines.append("**4. GPU** (Llama-3.2-1B shape, random weights, bf16-mixed, seq 512)")
@@ -183,8 +229,45 @@ def render(results: dict) -> str:
             lines.append(f"Not measured: {gpu['reason']}.")
         else:
             lines += _throughput_table(gpu["results"], GPU_COLUMNS)
+            lines += ["", *_limits_line(gpu["results"])]
         lines.append("")
     return "\n".join(lines)
+
+
+def other_machines(results: dict, folder: Path) -> list[str]:
+    """One row per earlier results file in `folder` (other machines, other days): they are kept, never
+    overwritten, and shown beside this run's."""
+    rows = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if "machine" not in doc or doc.get("file") == results.get("file") or "train" not in doc:
+            continue
+        m, lora = doc["machine"], doc["train"]["results"].get("lora", {})
+        ours = lora.get("ours", {})
+        cells = [
+            m["date"][:10],
+            f"`{m['host']}`: {m['cpu']} ({m.get('cpu_capability', '?')})",
+            ours.get("precision", "bf16-mixed (shipped then)"),
+            _f(ours.get("tokens_per_s"), "{:.0f}"),
+            _f(lora.get("tokens_per_s_ratio"), "{:.2f}x"),
+            _f(lora.get("train_peak_rss_mb_ratio"), "{:.2f}x"),
+            _f(ours.get("mfu"), "{:.1%}"),
+            f"`{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}`",
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return [
+        "**Other machines and earlier runs** (LoRA training throughput; each file keeps its whole run)",
+        "",
+        "| date | machine | precision | ours tokens/s | vs baseline | peak memory vs baseline | MFU | results |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def write(results: dict, out: Path, readme: Path) -> None:
@@ -195,14 +278,14 @@ def write(results: dict, out: Path, readme: Path) -> None:
         text += f"\n{START}\n{END}\n"
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{START}\n{render(results)}\n{END}{tail}")
+    table = "\n".join([render(results), *other_machines(results, out.parent)])
+    readme.write_text(f"{head}{START}\n{table}\n{END}{tail}")
 
 
 def main(a) -> dict:
     stamp = dt.date.today().isoformat()
-    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
-    out = a.out / f"{stamp}-{host}.json"
-    work = a.work / f"{stamp}-{host}"
+    out = a.out / f"{stamp}-{machine_name()}.json"
+    work = a.work / out.stem
     results = {"machine": machine(), "file": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out)}
     parts = a.parts.split(",")
     preset = "smoke" if a.smoke else "cpu"
@@ -232,13 +315,19 @@ def main(a) -> dict:
         else:
             results["gpu"] = {"measured": False, "reason": "no CUDA device on this machine"}
         write(results, out, a.readme)
+    if "roofline" in parts:  # the matrix-product limits alone (the train parts measure them beside each run)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = ["experiment=smoke"] if a.smoke else ["model=llama3_2_1b_random"] if device == "cuda" else []
+        results["roofline"] = roofline.bench(model, a.roofline_tokens, device, quick=a.smoke)
+        write(results, out, a.readme)
     return results
 
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model and sample data: checks the scripts run")
-    parser.add_argument("--parts", default="train,accuracy,eval,gpu")
+    parser.add_argument("--parts", default="train,accuracy,eval,gpu", help="also: roofline (the limits alone)")
+    parser.add_argument("--roofline-tokens", type=int, default=4096, help="rows of the roofline part's products")
     parser.add_argument("--adapters", default="lora,qlora")
     parser.add_argument("--runs", type=int, default=3, help="alternating runs per side (medians)")
     parser.add_argument("--steps", type=int, default=7, help="optimizer steps per training-throughput run")

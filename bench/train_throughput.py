@@ -17,7 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+import roofline
 from common import BENCH, ROOT, SHARED_ARXIV, run_logged
+
+from lmtune.utils.hardware import compute_dtype_name
 
 # The settings each preset trains with; `adapter=` is added per measured configuration.
 PRESETS = {
@@ -40,8 +43,6 @@ OURS_ONLY_TRAINING = [
     "callbacks=none",
     "optimized_metric=null",  # nothing validated, nothing to return to a sweep
 ]
-# Peak dense bf16 tensor FLOP/s by GPU name (vendor datasheets), for MFU; first match wins.
-PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12)]
 
 
 def run_worker(cmd: list[str], out: Path, log: Path) -> dict:
@@ -70,30 +71,41 @@ def baseline(overrides: list[str], work: Path, warmup: int) -> dict:
     return run_worker(cmd, out, work / "log.txt")
 
 
-def flops_per_token(params_total: int, params_trainable: int) -> int:
-    """Training FLOPs per token: 6 per weight (forward 2, input gradients 2, weight gradients 2) when the weight
-    trains; a frozen weight skips its weight gradient, so 4. Full fine-tuning is the usual 6·N; with adapters it
-    is 4·N_frozen + 6·N_adapter. Attention's sequence-length term is left out, as in the usual 6·N."""
-    return 4 * (params_total - params_trainable) + 6 * params_trainable
+def with_limits(result: dict, peak_gflops: float | None, model_shaped_gflops: float | None) -> dict:
+    """Useful FLOP/s of a side (matrix-product FLOPs per real token x real tokens/s, the same count for both
+    sides: `training_flops_per_token`), its MFU against the machine's peak and its share of the rate the
+    model's own layer shapes reach (`roofline.py`)."""
+    useful = result["flops_per_token"] * result["tokens_per_s"]
+    result["useful_gflops"] = useful / 1e9
+    result["mfu"] = useful / 1e9 / peak_gflops if peak_gflops else None
+    result["roofline_fraction"] = useful / 1e9 / model_shaped_gflops if model_shaped_gflops else None
+    return result
 
 
-def mfu(result: dict) -> float | None:
-    gpu = result.get("gpu")
-    peak = next((flops for name, flops in PEAK_BF16_FLOPS if gpu and name in gpu), None)
-    if peak is None:
-        return None
-    return flops_per_token(result["params/total"], result["params/trainable"]) * result["tokens_per_s"] / peak
-
-
-METRICS = ("tokens_per_s", "steps_per_s", "train_peak_rss_mb", "process_peak_rss_mb", "peak_gpu_memory_mb", "mfu")
+METRICS = (
+    "tokens_per_s",
+    "steps_per_s",
+    "train_peak_rss_mb",
+    "process_peak_rss_mb",
+    "peak_gpu_memory_mb",
+    "useful_gflops",
+    "mfu",
+    "roofline_fraction",
+)
 
 
 def summarize(runs: list[dict]) -> dict:
     """Medians over runs of every metric, plus the raw runs."""
-    for r in runs:
-        r["mfu"] = mfu(r)
     med = {k: statistics.median(r[k] for r in runs) for k in METRICS if all(r.get(k) is not None for r in runs)}
-    keep = ("padding_fraction", "timed_steps", "params/total", "params/trainable", "gpu")
+    keep = (
+        "padding_fraction",
+        "timed_steps",
+        "params/total",
+        "params/trainable",
+        "flops_per_token",
+        "precision",
+        "gpu",
+    )
     return {**med, **{k: runs[0][k] for k in keep if k in runs[0]}, "runs": runs}
 
 
@@ -119,9 +131,32 @@ def bench(preset: str, adapters: list[str], runs: int, steps: int, warmup: int, 
                     file=sys.stderr,
                     flush=True,
                 )
+        limits = machine_limits(overrides, measured["ours"])
+        for run in measured["ours"] + measured["baseline"]:
+            with_limits(run, limits["peak_gflops"], limits["model_shaped_gflops"])
         o, b = summarize(measured["ours"]), summarize(measured["baseline"])
-        results[adapter] = {"ours": o, "baseline": b, **ratios(o, b), "overrides": overrides}
+        results[adapter] = {"ours": o, "baseline": b, **ratios(o, b), "limits": limits, "overrides": overrides}
     return {"preset": preset, "runs": runs, "steps": steps, "warmup_steps": warmup, "results": results}
+
+
+def machine_limits(overrides: list[str], ours_runs: list[dict]) -> dict:
+    """The roofline in the runs' compute dtype, at the mean token count of our batches (padding included: those
+    are the rows the products have), measured right after the runs on the same machine."""
+    first = ours_runs[0]
+    tokens = round(statistics.mean(r["padded_tokens"] / r["timed_steps"] for r in ours_runs))
+    device = "cuda" if first.get("gpu") else "cpu"
+    measured = roofline.bench(overrides, tokens, device, quick=overrides[0] == "experiment=smoke")
+    dtype = compute_dtype_name(first["precision"])
+    limits = measured["dtypes"][dtype]
+    peak = measured.get("datasheet_bf16_gflops") if device == "cuda" and dtype != "float32" else None
+    return {
+        "dtype": dtype,
+        "tokens": tokens,
+        "peak_gflops": peak or limits["peak_gflops"],
+        "peak_source": "datasheet" if peak else "measured large products",
+        "model_shaped_gflops": limits["model_shaped_gflops"],
+        "roofline": measured,
+    }
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from clock import StepClock  # noqa: E402
 from hf_baseline import padded_to  # noqa: E402
-from train_throughput import flops_per_token, mfu  # noqa: E402
 
 from lmtune.data.batching import PaddingCollator  # noqa: E402
 from lmtune.data.formatting import ChatFormatter  # noqa: E402
@@ -61,6 +60,15 @@ def test_training_benchmark_measures_both_sides_with_their_own_padding(smoke_ben
         assert r["tokens_per_s_ratio"] == pytest.approx(r["ours"]["tokens_per_s"] / r["baseline"]["tokens_per_s"])
         # the training-phase peak (VmHWM after a reset) is within the whole process's peak (getrusage; both KiB)
         assert ours["train_peak_rss_mb"] is not None and ours["train_peak_rss_mb"] <= ours["process_peak_rss_mb"] + 1
+        # both sides credited with the same FLOPs per token; MFU and the model-shaped share from this machine's
+        # roofline, measured in the runs' compute dtype at our batches' token count
+        lim = r["limits"]
+        assert ours["flops_per_token"] == base["flops_per_token"] > 0 and ours["precision"] == base["precision"]
+        assert lim["dtype"] == {"bf16-mixed": "bfloat16"}.get(ours["precision"], "float32")
+        assert ours["useful_gflops"] == pytest.approx(ours["flops_per_token"] * ours["tokens_per_s"] / 1e9)
+        assert ours["mfu"] == pytest.approx(ours["useful_gflops"] / lim["peak_gflops"])
+        assert ours["roofline_fraction"] == pytest.approx(ours["useful_gflops"] / lim["model_shaped_gflops"])
+        assert lim["tokens"] == round(ours["padded_tokens"] / ours["timed_steps"])
     # QLoRA stores the same weights in 4 bits: the same parameter counts as LoRA, not the packed storage's
     lora, qlora = (results["train"]["results"][a]["ours"] for a in ("lora", "qlora"))
     assert (qlora["params/total"], qlora["params/trainable"]) == (lora["params/total"], lora["params/trainable"])
@@ -143,13 +151,20 @@ def test_step_clock_leaves_out_warmup_steps(monkeypatch):
     assert r["tokens_per_s"] == pytest.approx(100 / 3) and r["steps_per_s"] == pytest.approx(2 / 3)
 
 
-def test_flops_count_frozen_weights_at_four_per_token():
-    assert flops_per_token(1000, 1000) == 6000  # full fine-tuning: the usual 6·N
-    assert flops_per_token(1000, 10) == 4 * 990 + 6 * 10  # adapters: no weight gradients for the frozen base
-    run = {"gpu": "NVIDIA H100 80GB HBM3", "params/total": 10**9, "params/trainable": 0, "tokens_per_s": 1e4}
-    assert mfu(run) == pytest.approx(4e9 * 1e4 / 989e12)
-    assert mfu({**run, "gpu": "NVIDIA H100 PCIe"}) == pytest.approx(4e9 * 1e4 / 756e12)
-    assert mfu({**run, "gpu": None}) is None
+def test_flops_count_frozen_weights_at_four_per_token_and_leave_the_embedding_out(tiny_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from lmtune.model.module import training_flops_per_token
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    embedding = model.get_input_embeddings().weight.numel() + (
+        0 if model.config.tie_word_embeddings else model.get_output_embeddings().weight.numel()
+    )
+    body = sum(p.numel() for p in model.parameters()) - embedding
+    assert training_flops_per_token(model) == 6 * body  # full fine-tuning: the usual 6·N
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    adapter = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert training_flops_per_token(lora) == 4 * body + 6 * adapter  # no weight gradients for the frozen base
 
 
 def test_gpu_preset_is_llama_3_2_1b_shaped(tiny_tokenizer):
@@ -160,7 +175,7 @@ def test_gpu_preset_is_llama_3_2_1b_shaped(tiny_tokenizer):
     from lmtune.model.tiny import build_tiny_model
 
     cfg = project_config("train", [*PRESETS["gpu"], "adapter=qlora"])
-    assert (cfg.trainer.precision, cfg.data.max_length, cfg.model.source) == ("bf16-mixed", 512, "tiny_random")
+    assert (cfg.trainer.precision, cfg.data.max_length, cfg.model.source) == ("auto", 512, "tiny_random")
     with torch.device("meta"):
         model = build_tiny_model(tiny_tokenizer, **cfg.model.tiny)
     assert sum(p.numel() for p in model.parameters()) == 1_235_814_400  # meta-llama/Llama-3.2-1B

@@ -48,6 +48,13 @@ def test_smoke_run_writes_checkpoints_export_metrics_and_wandb_files(tmp_path, c
     assert all(
         0 <= h["throughput/padding_fraction"] < 1 and h["throughput/supervised_tokens_per_s"] > 0 for h in during
     )
+    # MFU from Lightning's ThroughputMonitor, against this machine's measured matrix-product peak
+    mfus = [h["throughput/mfu"] for h in during if "throughput/mfu" in h]
+    assert len(mfus) >= 4 and all(0 < m < 1 for m in mfus)
+    assert 0 < metrics["train"]["mfu"] < 1 and metrics["train"]["peak_flops"] > 1e9
+    # the precision that `auto` resolved to, and the hardware it was decided on, are in the run's config
+    assert run["config"]["trainer"]["precision"] == metrics["precision"] in ("bf16-mixed", "32-true")
+    assert run["config"]["hardware"]["name"] == metrics["hardware"]["name"] and metrics["hardware"]["capability"]
     assert run["config"]["adapter"]["r"] == 4 and run["config"]["data"]["path"].endswith("arxiv_sample.jsonl")
     assert 0 < run["config"]["params/trainable_fraction"] < 0.1
     assert "W&B runs offline" in proc.stdout + proc.stderr

@@ -4,7 +4,15 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, SAMPLE, compose_train
-from lmtune.utils.config import ConfigError, config_problems, fit_to_strategy, strategy_name, validate_config
+from lmtune.utils.config import (
+    ConfigError,
+    config_problems,
+    fit_to_strategy,
+    resolve_auto,
+    strategy_name,
+    validate_config,
+)
+from lmtune.utils.hardware import Hardware
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 DEBUGS = sorted(p.stem for p in (ROOT / "conf" / "debug").glob("*.yaml"))
@@ -85,6 +93,7 @@ def test_qlora_under_fsdp_stores_4bit_weights_in_a_dtype_fsdp_can_shard(tmp_path
         ["experiment=smoke", "trainer=fsdp", "trainer.accelerator=gpu", "adapter=qlora"], tmp_path, tmp_path
     )
     assert cfg.adapter.quantization.storage_dtype is None  # uint8 by default: FSDP cannot shard it
+    resolve_auto(cfg, Hardware("cuda", "NVIDIA H100 80GB HBM3", "sm_90", native_bf16=True, bf16_supported=True))
     fit_to_strategy(cfg)
     assert cfg.adapter.quantization.storage_dtype == cfg.adapter.quantization.compute_dtype == "bfloat16"
     ddp = compose_train(["experiment=smoke", "trainer=ddp", "adapter=qlora"], tmp_path, tmp_path)

@@ -63,6 +63,7 @@ def first_step_gradients(tmp_path, name: str, *overrides: str) -> dict[str, torc
         "trainer.max_steps=1",
         "trainer.gradient_clip_val=null",
         "adapter.dropout=0.0",  # dropout masks would depend on how the papers are batched
+        "trainer.precision=32-true",  # equal up to fp32 rounding, on every machine (auto may pick bf16)
         "trainer.val_check_interval=1",
         "+callbacks.grad_probe._target_=conftest.GradProbe",
         f"+callbacks.grad_probe.path={grads}",

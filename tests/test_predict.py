@@ -38,9 +38,10 @@ VISION = Paper(
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir):
-    """The smoke experiment trained once: its run folder, export and in-memory objects."""
+    """The smoke experiment trained once, in fp32 on every machine: its run folder, export and in-memory objects."""
     run = tmp_path_factory.mktemp("run")
-    metrics, objects = train(compose_train(["experiment=smoke", "logger=none"], run, cache_dir))
+    overrides = ["experiment=smoke", "logger=none", "trainer.precision=32-true"]
+    metrics, objects = train(compose_train(overrides, run, cache_dir))
     return run, objects
 
 
@@ -247,7 +248,7 @@ def test_scores_use_the_precision_the_run_was_trained_with(trained, cache_dir):
     dm = objects["datamodule"]
     texts = [Text(r.title, r.abstract, r.id) for r in dm.splits["test"][:4]]
     fp32 = Predictor.from_export(run / "export", cache_dir, torch.device("cpu"))
-    assert fp32.precision == "32-true"  # the smoke run trains in fp32
+    assert fp32.precision == "32-true"  # as the run was trained
     bf16 = Predictor.from_export(run / "export", cache_dir, torch.device("cpu"), precision="bf16-mixed")
     prompts = [ids for ids, _ in bf16.formatter.fit_prompts([(t.title, t.abstract) for t in texts])]
     with torch.autocast("cpu", dtype=torch.bfloat16):

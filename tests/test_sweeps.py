@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, compose_train, run_script
 from lmtune.utils.config import REDACTED, config_problems, redact_override, redact_secrets
+from lmtune.utils.hardware import frozen_dtype
 from lmtune.utils.metrics import optimized_metric
 from wandb_files import read_run
 
@@ -63,9 +64,10 @@ def test_grid_sweep_gives_each_job_its_folder_and_wandb_run_grouped_by_sweep(tmp
         # the resolved config, with the secret redacted, in the config, the overrides and the run name
         assert run["config"]["secrets"] == REDACTED and "+secrets.hf_token=***REDACTED***" in run["run"]["name"]
         assert "+secrets.hf_token=***REDACTED***" in run["config"]["hydra/overrides"]
-        assert (
-            run["config"]["model"] == yaml.safe_load((sweep / str(job) / ".hydra" / "config.yaml").read_text())["model"]
-        )
+        # as composed, with `auto` resolved for this machine
+        composed = yaml.safe_load((sweep / str(job) / ".hydra" / "config.yaml").read_text())["model"]
+        resolved = frozen_dtype(composed["dtype"], run["config"]["trainer"]["precision"], "lora")
+        assert composed["dtype"] == "auto" and run["config"]["model"] == {**composed, "dtype": resolved}
         if (ROOT / ".git").exists():
             assert re.fullmatch(r"[0-9a-f]{40}", run["config"]["git/sha"])
     assert runs[0]["run"]["id"] != runs[1]["run"]["id"]

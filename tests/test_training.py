@@ -53,8 +53,10 @@ def test_every_lora_b_gets_a_gradient_with_gradient_checkpointing(tmp_path, cach
     from lmtune.model.loading import load_tokenizer, resolve_pretrained
     from lmtune.model.module import CausalLMClassifier
     from lmtune.pipeline import _plain
+    from lmtune.utils.config import resolve_auto
 
     cfg = compose_train(["experiment=smoke", "model.gradient_checkpointing=true"], tmp_path, cache_dir)
+    resolve_auto(cfg)
     pretrained = resolve_pretrained(cfg.model, cache_dir)
     tokenizer = load_tokenizer(pretrained)
     dm = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer)
@@ -116,7 +118,7 @@ def test_resume_from_last_ckpt_matches_an_uninterrupted_run(tmp_path, cache_dir)
 
 
 def test_export_reloads_with_peft_and_predicts_like_the_trained_module(tmp_path, cache_dir):
-    cfg = compose_train(["experiment=smoke", "logger=none"], tmp_path, cache_dir)
+    cfg = compose_train(["experiment=smoke", "logger=none", "trainer.precision=32-true"], tmp_path, cache_dir)
     metrics, objects = train(cfg)
     module, dm = objects["module"], objects["datamodule"]
     export = tmp_path / "export"

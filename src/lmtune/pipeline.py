@@ -19,7 +19,7 @@ from lmtune.model.module import CausalLMClassifier, parameter_counts
 from lmtune.model.parallel import is_sharded
 from lmtune.utils.callbacks import TrainingStats
 from lmtune.utils.checkpoints import resolve_ckpt_path
-from lmtune.utils.config import fit_to_strategy, loggable_config, validate_config
+from lmtune.utils.config import fit_to_strategy, loggable_config, resolve_auto, validate_config
 from lmtune.utils.export import export_model
 from lmtune.utils.instantiators import instantiate_callbacks, instantiate_loggers
 from lmtune.utils.task import task_wrapper
@@ -45,6 +45,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     """Fine-tune, validate and test the best checkpoint, export the adapter; returns (metrics, objects)."""
     validate_config(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name / "runs")
+    resolve_auto(cfg)
     fit_to_strategy(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -72,7 +73,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         compile=cfg.compile,
     )
-    stats = TrainingStats()
+    stats = TrainingStats(cfg.paths.cache_dir)
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers)) + [stats]
     trainer: L.Trainer = hydra.utils.instantiate(
@@ -100,6 +101,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         "train": stats.summary(trainer),
         "data": datamodule.stats,
         "params": parameter_counts(module),
+        "precision": str(trainer.precision),
+        "hardware": _plain(cfg.hardware),
     }
     if trainer.is_global_zero and cfg.report.enabled:
         run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)

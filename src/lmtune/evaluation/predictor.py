@@ -21,6 +21,7 @@ from lmtune.data.formatting import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_TEMPLATE,
 from lmtune.errors import UserError
 from lmtune.evaluation.scoring import left_pad, rank_scores
 from lmtune.model.loading import load_base_model, load_tokenizer, resolve_pretrained
+from lmtune.utils.hardware import AUTO, frozen_dtype, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +171,21 @@ class Predictor:
             eot_token=model_cfg.get("eot_token"),
             chat_template_kwargs=model_cfg.get("chat_template_kwargs"),
         )
-        model = load_base_model(pretrained, model_cfg, None, device).to(device)
-        log.info("zero-shot: base model %s, labels %s, on %s", pretrained, formatter.labels, device)
-        return cls(model, formatter, tokenizer.pad_token_id, source=f"zero-shot {pretrained}", **kwargs)
+        # nothing trains here: `auto` precision and dtype are decided for this device as training would
+        precision, _, _ = resolve_precision(kwargs.pop("precision", None) or AUTO, device.type, cache_dir)
+        dtype = frozen_dtype(model_cfg.get("dtype") or "float32", precision, "lora")
+        model = load_base_model(pretrained, {**dict(model_cfg), "dtype": dtype}, None, device).to(device)
+        log.info(
+            "zero-shot: base model %s (%s, %s), labels %s, on %s",
+            pretrained,
+            dtype,
+            precision,
+            formatter.labels,
+            device,
+        )
+        return cls(
+            model, formatter, tokenizer.pad_token_id, source=f"zero-shot {pretrained}", precision=precision, **kwargs
+        )
 
     def scores(self, papers: list[Paper]) -> tuple[torch.Tensor, list[bool]]:
         """Rank scores (papers x labels) and whether each abstract had to be shortened."""

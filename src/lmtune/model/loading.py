@@ -116,6 +116,8 @@ def load_tokenizer(pretrained: str, pad_token: str | None = None):
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
+    if name == "auto":  # resolved by utils.config.resolve_auto (or Predictor.zero_shot) before any model loads
+        raise ModelConfigError("a dtype of 'auto' reached the model loader unresolved; this is a bug, please report it")
     return getattr(torch, name) if name else None
 
 

@@ -44,14 +44,17 @@ def _is_4bit(p: torch.Tensor) -> bool:
     return getattr(p, "quant_state", None) is not None
 
 
+def _size(p: torch.Tensor) -> int:
+    """Weights a parameter stands for: a 4-bit weight counts as its full shape, not its packed storage."""
+    return math.prod(p.quant_state.shape) if _is_4bit(p) else p.numel()
+
+
 def parameter_counts(module: torch.nn.Module) -> dict:
     """Total and trainable parameters: the LoRA trainable fraction belongs in every run's config.
 
     A 4-bit weight counts as the weight it stands for (`quant_state.shape`), not its packed storage.
     """
-    sizes = [
-        (math.prod(p.quant_state.shape) if _is_4bit(p) else p.numel(), p.requires_grad) for p in module.parameters()
-    ]
+    sizes = [(_size(p), p.requires_grad) for p in module.parameters()]
     total = sum(n for n, _ in sizes)
     trainable = sum(n for n, grad in sizes if grad)
     return {
@@ -59,6 +62,19 @@ def parameter_counts(module: torch.nn.Module) -> dict:
         "params/trainable": trainable,
         "params/trainable_fraction": trainable / max(total, 1),
     }
+
+
+def training_flops_per_token(causal_lm) -> int:
+    """Matrix-product FLOPs of one trained token: 6 per trained weight (forward 2, input gradient 2, weight
+    gradient 2), 4 per frozen weight (no weight gradient): 6·N for full fine-tuning, 4·N_frozen + 6·N_adapter
+    with LoRA/QLoRA. The embedding and the LM head are left out (a lookup, and a projection that our loss
+    applies at the answer positions only), as is attention's sequence-length term."""
+    tables = {id(m.weight) for m in (causal_lm.get_input_embeddings(), causal_lm.get_output_embeddings()) if m}
+    flops = 0
+    for p in causal_lm.parameters():
+        if id(p) not in tables:
+            flops += (6 if p.requires_grad else 4) * _size(p)
+    return flops
 
 
 class CausalLMClassifier(L.LightningModule):
@@ -94,6 +110,9 @@ class CausalLMClassifier(L.LightningModule):
         )
         self.eval_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
         self._window_tokens = 0  # supervised tokens in this optimizer step's micro-batches, this rank
+        # matrix-product FLOPs of the last training batch, read by Lightning's ThroughputMonitor (TrainingStats)
+        self.flops_per_token = 0
+        self.flops_per_batch = 0
 
     # --- model -----------------------------------------------------------------------------------------
     def configure_model(self, device: torch.device | None = None) -> None:
@@ -113,7 +132,8 @@ class CausalLMClassifier(L.LightningModule):
 
     def on_fit_start(self) -> None:
         counts = parameter_counts(self)
-        log.info("parameters: %s", counts)
+        self.flops_per_token = training_flops_per_token(self.causal_lm)
+        log.info("parameters: %s; %.2f GFLOP per trained token", counts, self.flops_per_token / 1e9)
         for logger in self.loggers:
             logger.log_hyperparams(counts)
 
@@ -139,6 +159,7 @@ class CausalLMClassifier(L.LightningModule):
     # --- steps -----------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss_sum, n_tokens = self.supervised_loss(batch)
+        self.flops_per_batch = self.flops_per_token * int(batch["attention_mask"].sum())
         loss = loss_sum / n_tokens.clamp(min=1)
         self._window_tokens += int(n_tokens)
         if not torch.isfinite(loss):

@@ -8,13 +8,13 @@ import resource
 import sys
 import time
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 
 from lmtune.utils.checkpoints import AtomicCheckpointIO
+from lmtune.utils.hardware import peak_flops
 
 log = logging.getLogger(__name__)
 
@@ -27,30 +27,43 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-class TrainingStats(L.Callback):
-    """Throughput telemetry: real (non-padding) and supervised tokens/s, padding fraction, peak memory.
+class TrainingStats(ThroughputMonitor):
+    """Training throughput: Lightning's ThroughputMonitor (FLOP/s and MFU from the module's `flops_per_batch`)
+    plus what it lacks: real (non-padding) and supervised tokens/s, the padding fraction and peak memory.
 
-    Logged as `throughput/*` every `log_every_n_steps` optimizer steps over the steps since the last log
-    (so a slow phase shows up), and for the whole run at the end of training (also in metrics.json).
-    Counts are this process's; under DDP/FSDP multiply tokens/s by the number of processes.
+    The MFU's peak is Lightning's datasheet figure on a GPU it knows, else `hardware.peak_flops`: the datasheet
+    for other known GPUs and, on CPU, a large matrix product measured once per machine in the run's compute
+    dtype. Logged as `throughput/*` every `log_every_n_steps` optimizer steps over the steps since the last log
+    (so a slow phase shows up), and for the whole run at the end of training (also in metrics.json). Counts
+    are this process's; under DDP/FSDP multiply tokens/s by the number of processes.
     """
 
-    def __init__(self):
+    def __init__(self, cache_dir: str | None = None):
+        super().__init__(batch_size_fn=lambda batch: batch["input_ids"].size(0))
+        self.cache_dir = cache_dir
         self.total = self._counters()
         self.window = self._counters()
-        self._start = None
-        self._last_logged_step = 0
+        self._batch_started = 0.0
 
     @staticmethod
     def _counters() -> dict:
         return {"tokens": 0, "supervised_tokens": 0, "padded_tokens": 0, "seconds": 0.0}
 
+    def setup(self, trainer, pl_module, stage):
+        # Lightning's rolling window reports nothing until it is full: make it one logging interval
+        self.kwargs["window_size"] = max(2, trainer.log_every_n_steps + 1)
+        super().setup(trainer, pl_module, stage)
+        if self.available_flops is None:
+            self.available_flops = peak_flops(trainer.strategy.root_device, trainer.precision, self.cache_dir)
+            for throughput in self._throughputs.values():
+                throughput.available_flops = self.available_flops
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
+        self._batch_started = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         counts = {
-            "seconds": time.perf_counter() - self._start,
+            "seconds": time.perf_counter() - self._batch_started,
             "tokens": int(batch["attention_mask"].sum()),
             "padded_tokens": batch["attention_mask"].numel(),
             "supervised_tokens": int((batch["labels"] != -100).sum()),
@@ -58,12 +71,20 @@ class TrainingStats(L.Callback):
         for counters in (self.total, self.window):
             for key, value in counts.items():
                 counters[key] += value
-        step = trainer.global_step
-        if trainer.logger is not None and step != self._last_logged_step and step % trainer.log_every_n_steps == 0:
-            trainer.logger.log_metrics(
-                {f"throughput/{k}": v for k, v in self._rates(self.window, trainer).items()}, step=step
-            )
-            self.window, self._last_logged_step = self._counters(), step
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def _compute(self, trainer, iter_num=None) -> None:
+        """Log Lightning's FLOP/s and MFU next to ours as `throughput/*`, for training steps only: evaluation
+        batches would log at their own batch index, which moves the logger's step backwards."""
+        if trainer.state.stage != RunningStage.TRAINING or not trainer._logger_connector.should_update_logs:
+            return
+        lightning = self._throughputs[RunningStage.TRAINING].compute()
+        metrics = self._rates(self.window, trainer)
+        for ours, theirs in (("flops_per_s", "device/flops_per_sec"), ("mfu", "device/mfu")):
+            if theirs in lightning:
+                metrics[ours] = lightning[theirs]
+        trainer._logger_connector.log_metrics({f"throughput/{k}": v for k, v in metrics.items()})
+        self.window = self._counters()
 
     def _rates(self, counts: dict, trainer) -> dict:
         seconds = max(counts["seconds"], 1e-9)
@@ -77,19 +98,25 @@ class TrainingStats(L.Callback):
         }
 
     def summary(self, trainer) -> dict:
+        """The whole run: time in training steps (data loading excluded), tokens, rates, FLOP/s and MFU."""
+        flops_per_token = getattr(trainer.lightning_module, "flops_per_token", 0)
+        flops_per_s = flops_per_token * self.total["tokens"] / max(self.total["seconds"], 1e-9)
         return {
             "train_seconds": round(self.total["seconds"], 2),
             "steps": trainer.global_step,
             "tokens": self.total["tokens"],
             "supervised_tokens": self.total["supervised_tokens"],
             **self._rates(self.total, trainer),
+            "flops_per_token": flops_per_token,
+            "flops_per_s": round(flops_per_s),
+            "peak_flops": self.available_flops,
+            "mfu": round(flops_per_s / self.available_flops, 4) if self.available_flops else None,
         }
 
     def on_train_end(self, trainer, pl_module):
         if trainer.global_step and trainer.logger is not None:
-            trainer.logger.log_metrics(
-                {f"throughput/{k}": v for k, v in self.summary(trainer).items()}, step=trainer.global_step
-            )
+            numbers = {k: v for k, v in self.summary(trainer).items() if isinstance(v, (int, float))}
+            trainer.logger.log_metrics({f"throughput/{k}": v for k, v in numbers.items()}, step=trainer.global_step)
 
 
 class LatestCheckpoint(ModelCheckpoint):

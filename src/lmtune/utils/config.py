@@ -10,11 +10,12 @@ import subprocess
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmtune.data.sources import SOURCES as SOURCES_OF_DATA
 from lmtune.errors import UserError
 from lmtune.model.loading import SOURCES
+from lmtune.utils.hardware import AUTO, Hardware, compute_dtype_name, frozen_dtype, measure_probe, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,25 @@ def strategy_problems(cfg: DictConfig) -> list[str]:
             "needs CUDA (trainer.accelerator=gpu)."
         )
     return problems
+
+
+def resolve_auto(cfg: DictConfig, hardware: Hardware | None = None, measure=measure_probe) -> Hardware:
+    """Decide every `auto` that depends on the machine, once, in the config itself (so the W&B config, the
+    export's config.yaml and eval/predict see the resolved values): `trainer.precision`, the frozen base's
+    `model.dtype` and QLoRA's `compute_dtype`. The hardware it was decided on goes in `cfg.hardware`."""
+    trainer = cfg.trainer
+    precision, hw, why = resolve_precision(
+        trainer.precision, trainer.get("accelerator"), cfg.paths.cache_dir, hardware, measure
+    )
+    cfg.trainer.precision = precision
+    cfg.model.dtype = frozen_dtype(cfg.model.get("dtype", "float32"), precision, cfg.adapter.kind)
+    quant = cfg.adapter.get("quantization")
+    if quant and str(quant.get("compute_dtype")) == AUTO:
+        quant.compute_dtype = compute_dtype_name(precision)
+    with open_dict(cfg):
+        cfg.hardware = {k.removeprefix("hardware/"): v for k, v in hw.as_dict().items()} | {"precision_reason": why}
+    log.info("precision %s (%s; %s); frozen base stored as %s", precision, why, hw.describe(), cfg.model.dtype)
+    return hw
 
 
 def fit_to_strategy(cfg: DictConfig) -> None:
