@@ -13,7 +13,14 @@ from safetensors import safe_open
 from conftest import compose_train
 from lmtune.pipeline import train
 from lmtune.utils.config import resolve_auto
-from lmtune.utils.hardware import Hardware, choose_precision, cpu_hardware, measure_probe, resolve_precision
+from lmtune.utils.hardware import (
+    Hardware,
+    choose_precision,
+    cpu_hardware,
+    measure_probe,
+    peak_flops,
+    resolve_precision,
+)
 
 # the machines users land on, as torch and /proc/cpuinfo describe them
 EPYC_AVX2 = Hardware("cpu", "AMD EPYC 7B13", "AVX2", native_bf16=False, bf16_supported=False, threads=2)
@@ -105,6 +112,17 @@ def test_this_machine_is_described_and_its_probe_measures_both_dtypes():
     assert rates["fp32"] > 0 and rates["bf16"] > 0
 
 
+def test_measuring_the_machine_leaves_the_global_rng_alone(tmp_path):
+    """The peak is measured on a run's first start and read from the cache after: if the measurement drew from
+    the global RNG, the adapters' initialization (and so every result) would depend on the cache."""
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    measure_probe((64, 32, 32), seconds=0.01)
+    assert peak_flops(torch.device("cpu"), "32-true", tmp_path) > 0  # measured: nothing cached yet
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_a_bf16_stored_base_trains_like_the_fp32_one(tmp_path, cache_dir):
     """Same loss within bf16 tolerance; adapters stay fp32 (in memory, checkpoint and export); the record says
     which precision and dtype the run resolved to."""
@@ -133,3 +151,35 @@ def test_a_bf16_stored_base_trains_like_the_fp32_one(tmp_path, cache_dir):
         assert exported["hardware"]["name"] == summary["hardware"]["name"]
         runs[dtype] = metrics
     assert runs["bfloat16"]["val/loss"] == pytest.approx(runs["float32"]["val/loss"], rel=2e-2)
+
+
+def test_skipping_peft_input_casts_under_autocast_changes_nothing_but_the_copies(tiny_dir):
+    """bf16 base, fp32 LoRA, bf16 autocast: the same loss and LoRA gradients, bit for bit, without peft's
+    bf16 -> fp32 copy of every adapted layer's input (which autocast would copy straight back)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.model.loading import adapter_inputs_as_they_come
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False))
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    results = []
+    for skip in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if skip:
+                with adapter_inputs_as_they_come(model):
+                    loss = model(input_ids=ids, labels=ids).loss
+            else:
+                loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert grads and all(g.dtype == torch.float32 for g in grads.values())
+        results.append((loss.detach(), grads))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
+    # outside autocast the cast stays on (a bf16 input cannot meet an fp32 LoRA weight without it)
+    with adapter_inputs_as_they_come(model):
+        assert torch.isfinite(model(input_ids=ids).logits).all()

@@ -123,6 +123,13 @@ def choose_precision(hw: Hardware, measure: Callable[[], dict] | None = None) ->
     return "32-true", "no native bf16 instruction; bf16 measured no faster than fp32 (emulated)"
 
 
+def _operands(*shapes: tuple[int, ...], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Random matrices from a private generator: a measurement (cached on one run, skipped on the next) must not
+    move the global RNG, or the adapters' initialization would depend on whether the cache existed."""
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=generator, dtype=dtype) for shape in shapes]
+
+
 def _rate(fn, flops: float, seconds: float) -> float:
     fn()  # warm-up: kernel selection, weight packing
     n, start = 0, time.perf_counter()
@@ -136,7 +143,7 @@ def measure_probe(shape: tuple[int, int, int] = PROBE_SHAPE, seconds: float = PR
     """GFLOP/s of `F.linear` at a model's layer shape: fp32, and fp32 weights under bf16 autocast (what
     `bf16-mixed` does)."""
     m, k, n = shape
-    x, w = torch.randn(m, k), torch.randn(n, k)
+    x, w = _operands((m, k), (n, k))
     flops = 2 * m * k * n
 
     def bf16():
@@ -229,6 +236,6 @@ def cpu_peak(size: int = 4096, seconds: float = 0.5) -> dict:
     out = {}
     with torch.no_grad():
         for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-            a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+            a, b = _operands((size, size), (size, size), dtype=dtype)
             out[name] = round(_rate(lambda a=a, b=b: a @ b, flops, seconds), 1)
     return out
