@@ -77,20 +77,29 @@ def model_shaped(shapes, tokens: int, dtype: torch.dtype, device: torch.device, 
 def square(size: int, dtype: torch.dtype, device: torch.device, seconds: float = 0.5) -> float:
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
-    return 2 * size**3 / _seconds_per_call(lambda: a @ b, device, seconds) / 1e9
+    # x·Wᵀ as a linear layer computes it: a plain bf16 `a @ b` runs in a generic kernel on CPUs without native bf16
+    return 2 * size**3 / _seconds_per_call(lambda: torch.nn.functional.linear(a, b), device, seconds) / 1e9
 
 
-def bench(model_overrides: list[str], tokens: int, device: str = "cpu", quick: bool = False) -> dict:
-    """`quick`: small squares and short timings, for the smoke form (checks the code, not the machine)."""
+def bench(model_overrides: list[str], tokens: int, device: str = "cpu", quick: bool = False, dtypes=None) -> dict:
+    """`quick`: small squares and short timings, for the smoke form (checks the code, not the machine).
+
+    `dtypes` default: fp32 and bf16, except on a CPU without bf16 support, where bf16 is left out: torch runs
+    its input-gradient products (`dy·W`) in a generic kernel there (measured on an AVX2 EPYC: about 1 GFLOP/s,
+    minutes per product), and `auto` never picks it."""
     sizes, seconds = ((256,), 0.01) if quick else ((2048, 4096), 0.15)
     cfg = project_config("train", model_overrides)
     shapes = layer_shapes(AutoConfig.from_pretrained(resolve_pretrained(cfg.model, cfg.paths.cache_dir)))
     dev = torch.device(device)
-    out = {"device": device, "tokens": tokens, "shapes": shapes, "dtypes": {}}
+    out = {"device": device, "tokens": tokens, "shapes": shapes, "dtypes": {}, "skipped": {}}
     if dev.type == "cpu":
         hw = cpu_hardware()
         out["cpu"] = {"name": hw.name, "capability": hw.capability, "native_bf16": hw.native_bf16}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        if dtypes is None and not (hw.native_bf16 or hw.bf16_supported):
+            dtypes = ("float32",)
+            out["skipped"]["bfloat16"] = "no bf16 support on this CPU (products run in a generic kernel)"
+    for name in dtypes or ("float32", "bfloat16"):
+        dtype = getattr(torch, name)
         squares = {str(n): round(square(n, dtype, dev, 3 * seconds), 1) for n in sizes}
         shaped = model_shaped(shapes, tokens, dtype, dev, seconds)
         out["dtypes"][name] = {

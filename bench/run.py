@@ -220,6 +220,8 @@ def render(results: dict) -> str:
         for dtype, d in roof["dtypes"].items():
             squares = ", ".join(f"{n}³: {v:.0f}" for n, v in d["square_gflops"].items())
             lines.append(f"| {dtype} | {squares} | {d['model_shaped_gflops']:.0f} |")
+        for dtype, why in roof.get("skipped", {}).items():
+            lines.append(f"| {dtype} | not measured: {why} | |")
         lines.append("")
     gpu = results.get("gpu")
     if gpu is not None:

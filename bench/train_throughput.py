@@ -145,8 +145,8 @@ def machine_limits(overrides: list[str], ours_runs: list[dict]) -> dict:
     first = ours_runs[0]
     tokens = round(statistics.mean(r["padded_tokens"] / r["timed_steps"] for r in ours_runs))
     device = "cuda" if first.get("gpu") else "cpu"
-    measured = roofline.bench(overrides, tokens, device, quick=overrides[0] == "experiment=smoke")
     dtype = compute_dtype_name(first["precision"])
+    measured = roofline.bench(overrides, tokens, device, quick=overrides[0] == "experiment=smoke", dtypes=(dtype,))
     limits = measured["dtypes"][dtype]
     peak = measured.get("datasheet_bf16_gflops") if device == "cuda" and dtype != "float32" else None
     return {

@@ -40,7 +40,8 @@ def run_script(
         **os.environ,
         "WANDB_MODE": "offline",
         "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": str(ROOT / "tests"),
+        # tests/ first, then whatever the caller had (the GPU check runs the source tree from PYTHONPATH)
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p),
         **(env or {}),
     }
     env.pop("WANDB_API_KEY", None)

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from lmtune.data.batching import PaddingCollator
 from lmtune.data.formatting import IGNORE_INDEX, ChatFormatter
 from lmtune.data.records import Record
-from lmtune.evaluation.scoring import naive_rank_scores, rank_scores
+from lmtune.evaluation.scoring import PrefixTree, naive_rank_scores, rank_scores
 from lmtune.model.loss import masked_lm_loss_sum, masked_lm_loss_sum_via_forward, reference_masked_lm_loss
 from lmtune.model.module import CausalLMClassifier
 
@@ -79,6 +79,8 @@ def test_shared_prefix_rank_scores_equal_naive_per_label_scores(tiny_dir, tiny_t
     labels = ["cs.CL", "cs.CV", "cs.LG", "math.OC", "q-bio.NC"]  # answers of different token lengths
     formatter = ChatFormatter(tiny_tokenizer, labels)
     assert len({len(a) for a in formatter.answer_ids}) > 1
+    # the cs.* answers share their first tokens: fed once, and no label's last token is fed
+    assert len(PrefixTree(formatter.answer_ids).tokens) < sum(len(a) - 1 for a in formatter.answer_ids)
     prompts = [formatter.prompt_ids(f"Title {i}", "word " * (3 + 7 * i)) for i in range(4)]  # uneven lengths
     fast = rank_scores(model, prompts, formatter.answer_ids, tiny_tokenizer.pad_token_id)
     naive = naive_rank_scores(model, prompts, formatter.answer_ids)

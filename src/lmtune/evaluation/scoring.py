@@ -46,19 +46,19 @@ def _rank_scores(causal_lm, prompts: list[list[int]], answers: list[list[int]], 
     )
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (P, V): the first answer token
     scores = first[:, [a[0] for a in answers]]  # (P, L): each label's first answer token
-    # The remaining answer tokens of *all* labels go in one row per prompt, on top of the prompt's cache: a
-    # block-diagonal causal mask keeps each label's tokens from seeing the other labels' (tree attention).
-    # One small pass, and the prompt cache is used as is instead of being copied once per label.
-    feeds = [a[:-1] for a in answers]  # token k of a label predicts its token k + 1
-    owner = torch.tensor([j for j, f in enumerate(feeds) for _ in f], device=device)
-    offset = torch.tensor([k for f in feeds for k in range(len(f))], device=device)
-    if owner.numel() == 0:
+    # The rest of every label's answer goes in one row per prompt, on top of the prompt's cache, as a prefix
+    # tree: a prefix that several labels share (`cs`, `.` of `cs.CL`, `cs.CV`, ...) is fed once, and a label's
+    # last token is never fed (nothing is predicted after it). Each fed token attends to the prompt and to its
+    # own ancestors in the tree only (tree attention), so one small pass scores every label and the prompt
+    # cache is used as is instead of being copied once per label.
+    tree = PrefixTree(answers)
+    if not tree.tokens:
         return scores
-    feed_len = owner.numel()
-    feed = torch.tensor([t for f in feeds for t in f], device=device).expand(num_prompts, feed_len)
+    feed_len = len(tree.tokens)
+    feed = torch.tensor(tree.tokens, device=device).expand(num_prompts, feed_len)
     prompt_len = prompt_mask.sum(-1, keepdim=True)  # (P, 1)
-    positions = prompt_len + offset  # each label continues the prompt
-    within = (owner[:, None] == owner[None, :]) & (offset[None, :] <= offset[:, None])  # (T, T)
+    positions = prompt_len + torch.tensor(tree.depths, device=device)  # each node continues the prompt
+    within = tree.ancestor_or_self.to(device)  # (T, T)
     allowed = torch.cat(
         [prompt_mask.bool()[:, None, :].expand(num_prompts, feed_len, -1), within.expand(num_prompts, -1, -1)], dim=-1
     )[:, None]  # (P, 1, T, prompt + T)
@@ -69,9 +69,29 @@ def _rank_scores(causal_lm, prompts: list[list[int]], answers: list[list[int]], 
         past_key_values=out.past_key_values,
         use_cache=True,
     ).logits.float()
-    targets = torch.tensor([t for a in answers for t in a[1:]], device=device)
-    token_lp = torch.log_softmax(logits, dim=-1).gather(-1, targets.expand(num_prompts, -1).unsqueeze(-1)).squeeze(-1)
-    return scores.index_add(1, owner, token_lp)
+    node, target, owner = (t.to(device) for t in (tree.node, tree.target, tree.owner))
+    logprobs = torch.log_softmax(logits, dim=-1)[:, node, target]  # (P, answer tokens after the first)
+    return scores.index_add(1, owner, logprobs)
+
+
+class PrefixTree:
+    """The answers' proper prefixes (each fed once), and for every answer token after the first: the node whose
+    output predicts it (`node`), the token (`target`) and its label (`owner`)."""
+
+    def __init__(self, answers: list[list[int]]):
+        index: dict[tuple[int, ...], int] = {}
+        node, target, owner = [], [], []
+        for label, answer in enumerate(answers):
+            for k in range(1, len(answer)):
+                prefix = tuple(answer[:k])
+                node.append(index.setdefault(prefix, len(index)))
+                target.append(answer[k])
+                owner.append(label)
+        prefixes = list(index)
+        self.tokens = [p[-1] for p in prefixes]
+        self.depths = [len(p) - 1 for p in prefixes]
+        self.ancestor_or_self = torch.tensor([[q == p[: len(q)] for q in prefixes] for p in prefixes], dtype=torch.bool)
+        self.node, self.target, self.owner = torch.tensor(node), torch.tensor(target), torch.tensor(owner)
 
 
 def _as_attention_mask(causal_lm, allowed: torch.Tensor) -> torch.Tensor:

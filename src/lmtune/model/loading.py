@@ -168,6 +168,8 @@ def load_model(pretrained: str, model_cfg, adapter_cfg, device: torch.device, gr
         raise ModelConfigError(f"adapter.kind={kind!r} is not one of lora, none.")
     from peft import LoraConfig, get_peft_model
 
+    from lmtune.model.fused_lora import fuse_lora_layers
+
     targets = adapter_cfg["target_modules"]
     lora = LoraConfig(
         r=adapter_cfg["r"],
@@ -177,4 +179,6 @@ def load_model(pretrained: str, model_cfg, adapter_cfg, device: torch.device, gr
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    fuse_lora_layers(model)  # same weights and results, fewer passes over each layer's output
+    return model
