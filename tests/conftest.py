@@ -160,7 +160,9 @@ class SnapshotAtFitStart(L.Callback):
         self.frozen = {
             k: v.detach().clone() for k, v in pl_module.model.state_dict().items() if f"model.{k}" not in trainable
         }
-        self.checkpointing = pl_module.causal_lm.is_activation_checkpointing
+        lm = pl_module.causal_lm
+        mlp_wrapped = "forward" in vars(lm.get_decoder().layers[0].mlp)  # loading.checkpoint_mlps
+        self.checkpointing = "mlp" if mlp_wrapped else lm.is_activation_checkpointing
 
 
 class GradProbe(L.Callback):

@@ -15,7 +15,7 @@ from lmtune.model.module import NonFiniteLossError
 from lmtune.pipeline import train
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+@pytest.mark.parametrize("checkpointing", [False, True, "mlp"], ids=["plain", "gradient_checkpointing", "mlp"])
 def test_lora_b_learns_and_base_stays_frozen(tmp_path, cache_dir, checkpointing):
     cfg = compose_train(
         [
@@ -33,7 +33,7 @@ def test_lora_b_learns_and_base_stays_frozen(tmp_path, cache_dir, checkpointing)
     _, objects = train(cfg)
     module = objects["module"]
     (before,) = [c for c in objects["trainer"].callbacks if isinstance(c, SnapshotAtFitStart)]
-    assert before.checkpointing is checkpointing
+    assert before.checkpointing == checkpointing
     after = module.trainable_state_dict()
     lora_b = [k for k in after if "lora_B" in k]
     assert lora_b and set(after) == set(before.trainable) and all("lora_" in k for k in after)
@@ -230,3 +230,37 @@ def test_debug_presets_run(tmp_path, cache_dir, debug, steps, files):
     metrics, objects = train(cfg)
     assert objects["trainer"].global_step == steps and "test/acc" in metrics
     assert all((tmp_path / name).is_file() for name in files)
+
+
+def test_mlp_checkpointing_keeps_less_for_the_backward_pass_and_gives_the_same_gradients(tiny_dir):
+    """Selective checkpointing (`model.gradient_checkpointing=mlp`): the bytes autograd keeps between forward and
+    backward shrink, and the LoRA gradients are the same as without checkpointing."""
+    from lmtune.model.loading import load_model
+
+    adapter = {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "up_proj", "down_proj"]}
+    ids = torch.randint(0, 100, (2, 40))
+    results = {}
+    for mode in (False, "mlp"):
+        torch.manual_seed(0)
+        model = load_model(tiny_dir, {"dtype": "float32"}, adapter, torch.device("cpu"), mode).train()
+        with torch.no_grad():  # B starts at zero: move it so A gets a gradient too
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn_like(param) * 0.1)
+        kept = []
+
+        def pack(t, kept=kept):
+            kept.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results[mode] = (sum(kept), loss.detach(), grads)
+    (plain_bytes, plain_loss, plain_grads), (mlp_bytes, mlp_loss, mlp_grads) = results[False], results["mlp"]
+    assert mlp_bytes < 0.8 * plain_bytes, (mlp_bytes, plain_bytes)
+    torch.testing.assert_close(mlp_loss, plain_loss, rtol=0, atol=0)
+    assert set(mlp_grads) == set(plain_grads) and all(g is not None for g in mlp_grads.values())
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(mlp_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)

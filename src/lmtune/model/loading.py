@@ -6,6 +6,7 @@ directory, so every later step (training, export, `PeftModel.from_pretrained`) l
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -23,6 +24,8 @@ from lmtune.errors import UserError
 log = logging.getLogger(__name__)
 
 SOURCES = ("hub", "gguf", "tiny_random")
+# model.gradient_checkpointing: off, whole decoder layers, or only the MLP blocks (their activations are the largest)
+CHECKPOINTING = (False, True, "mlp")
 
 
 class ModelConfigError(UserError):
@@ -150,12 +153,31 @@ def load_base_model(pretrained: str, model_cfg, quant_cfg, device: torch.device)
     return model
 
 
-def load_model(pretrained: str, model_cfg, adapter_cfg, device: torch.device, gradient_checkpointing: bool = False):
-    """The base causal LM with adapters attached (or fully trainable for `adapter=none`)."""
+def checkpoint_mlps(causal_lm) -> int:
+    """Selective activation checkpointing: each decoder layer's MLP keeps only its input for the backward pass
+    and recomputes the rest there. The MLP's four `tokens x intermediate` tensors (gate, up, the activation and
+    their product) are the largest a layer keeps; attention's are kept. Non-reentrant, so LoRA weights inside
+    the MLP still get gradients. Returns the number of MLPs wrapped."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = causal_lm.get_decoder().layers
+    for layer in layers:
+        layer.mlp.forward = functools.partial(checkpoint, layer.mlp.forward, use_reentrant=False)
+    return len(layers)
+
+
+def load_model(
+    pretrained: str, model_cfg, adapter_cfg, device: torch.device, gradient_checkpointing: bool | str = False
+):
+    """The base causal LM with adapters attached (or fully trainable for `adapter=none`).
+
+    `gradient_checkpointing`: False, True (whole decoder layers) or "mlp" (only the MLP blocks)."""
     quant = adapter_cfg.get("quantization")
     model = load_base_model(pretrained, model_cfg, quant, device)
     model.config.use_cache = False
-    if gradient_checkpointing:
+    if gradient_checkpointing == "mlp":
+        checkpoint_mlps(model)
+    elif gradient_checkpointing:
         # non-reentrant: LoRA weights get gradients even though the frozen embeddings' outputs need none
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     kind = adapter_cfg["kind"]

@@ -7,7 +7,8 @@ Feature flags and their trade-offs:
   on the fly; saves memory, costs some speed. The model is created in `configure_model`, already placed,
   because bitsandbytes weights must not be moved or recast afterwards.
 - gradient_checkpointing: recomputes activations in the backward pass (less memory, about a third
-  slower); non-reentrant, so LoRA weights still get gradients.
+  slower); non-reentrant, so LoRA weights still get gradients. "mlp" recomputes only the MLP blocks, whose
+  activations are the largest (selective checkpointing).
 - The loss projects onto the vocabulary only where a label is supervised (see `loss.py`); validation
   and test score every label's full answer (`evaluation/scoring.py`) for accuracy and macro-F1.
 - The loss is a mean over every supervised token of an optimizer step: all micro-batches of a gradient
@@ -87,7 +88,7 @@ class CausalLMClassifier(L.LightningModule):
         labels: list[str],
         answer_ids: list[list[int]],
         pad_token_id: int,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | str = False,
         compile: bool = False,
     ):
         super().__init__()

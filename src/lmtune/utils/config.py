@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmtune.data.sources import SOURCES as SOURCES_OF_DATA
 from lmtune.errors import UserError
-from lmtune.model.loading import SOURCES
+from lmtune.model.loading import CHECKPOINTING, SOURCES
 from lmtune.utils.hardware import AUTO, Hardware, compute_dtype_name, frozen_dtype, measure_probe, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,11 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"model.source={model.source!r}: use one of {', '.join(SOURCES)}.")
     if model.source == "hub" and not model.get("name_or_path"):
         problems.append("model.name_or_path is empty: give a hub id or a local folder.")
+    if model.get("gradient_checkpointing", False) not in CHECKPOINTING:
+        problems.append(
+            f"model.gradient_checkpointing={model.gradient_checkpointing!r}: use false, true (whole decoder layers) "
+            f"or mlp (only the MLP blocks: most of the memory for less recomputation)."
+        )
     if adapter.kind not in ("lora", "none"):
         problems.append(f"adapter.kind={adapter.kind!r}: use adapter=lora, adapter=qlora or adapter=none.")
     quant = adapter.get("quantization")
