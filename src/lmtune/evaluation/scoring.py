@@ -31,12 +31,15 @@ def rank_scores(
     Prompts go in chunks of at most `max_rows // num_labels` to bound the memory of the logits.
     """
     chunk = max(1, max_rows // len(answers))
+    tree = PrefixTree(answers)  # the same for every chunk
     return torch.cat(
-        [_rank_scores(causal_lm, prompts[i : i + chunk], answers, pad_id) for i in range(0, len(prompts), chunk)]
+        [_rank_scores(causal_lm, prompts[i : i + chunk], answers, tree, pad_id) for i in range(0, len(prompts), chunk)]
     )
 
 
-def _rank_scores(causal_lm, prompts: list[list[int]], answers: list[list[int]], pad_id: int) -> torch.Tensor:
+def _rank_scores(
+    causal_lm, prompts: list[list[int]], answers: list[list[int]], tree: PrefixTree, pad_id: int
+) -> torch.Tensor:
     device = next(causal_lm.parameters()).device
     num_prompts = len(prompts)
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
@@ -51,7 +54,6 @@ def _rank_scores(causal_lm, prompts: list[list[int]], answers: list[list[int]], 
     # last token is never fed (nothing is predicted after it). Each fed token attends to the prompt and to its
     # own ancestors in the tree only (tree attention), so one small pass scores every label and the prompt
     # cache is used as is instead of being copied once per label.
-    tree = PrefixTree(answers)
     if not tree.tokens:
         return scores
     feed_len = len(tree.tokens)
