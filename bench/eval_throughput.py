@@ -2,7 +2,10 @@
 
 Both run through `src/eval.py`'s own code (`load_for_eval`, `predict_records`) on one loaded model, in
 alternating order. Beside them, two references on the same prompts explain the ratio:
-- prefill only: one forward pass over each prompt, which both methods must pay (the floor for either);
+- prefill only: one forward pass over each whole prompt, which generation must pay (the floor for either as
+  long as every prompt is encoded in full);
+- prefill of what differs: the same, but the opening that every prompt shares (the system turn) is encoded once,
+  as rank scoring does (the floor for rank scoring);
 - naive rank scoring: one full forward per (paper, label), what rank scoring without a shared prompt cache costs
   (on the first `--naive-limit` papers; it must pick the same labels).
 
@@ -24,7 +27,13 @@ from common import project_config
 from lmtune.eval import load_for_eval
 from lmtune.evaluation.evaluate import predict_records
 from lmtune.evaluation.metrics import classification_metrics
-from lmtune.evaluation.scoring import left_pad, naive_rank_scores, rank_scores
+from lmtune.evaluation.scoring import (
+    SharedPrefix,
+    encode_prompts,
+    naive_rank_scores,
+    rank_scores,
+    shared_prefix_length,
+)
 
 
 def _timed(fn):
@@ -34,16 +43,16 @@ def _timed(fn):
 
 
 @torch.no_grad()
-def prefill_seconds(predictor, prompts: list[list[int]]) -> float:
-    """One forward over every prompt, chunked and ordered as rank scoring does: the cost both methods share."""
+def prefill_seconds(predictor, prompts: list[list[int]], share_prefix: bool) -> float:
+    """One forward over every prompt, chunked and ordered as rank scoring does (with `share_prefix`, the prompts'
+    common opening is encoded once, as rank scoring does)."""
     prompts = sorted(prompts, key=len)
     chunk = max(1, predictor.max_rows // len(predictor.labels))
-    device = next(predictor.causal_lm.parameters()).device
     started = time.perf_counter()
-    for i in range(0, len(prompts), chunk):
-        ids, mask = left_pad(prompts[i : i + chunk], predictor.pad_id)
-        with predictor._autocast():
-            predictor.causal_lm(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1)
+    with predictor._autocast():
+        shared = SharedPrefix.of(predictor.causal_lm, prompts) if share_prefix else None
+        for i in range(0, len(prompts), chunk):
+            encode_prompts(predictor.causal_lm, prompts[i : i + chunk], predictor.pad_id, shared)
     return time.perf_counter() - started
 
 
@@ -67,7 +76,8 @@ def bench(ckpt: str | None, overrides: list[str], limit: int, naive_limit: int, 
     n = len(records)
     metrics = {m: classification_metrics(p.true, p.pred, p.labels, p.probs) for m, p in preds.items()}
     prompts = [ids for ids, _ in predictor.formatter.fit_prompts([(r.title, r.abstract) for r in records])]
-    prefill = prefill_seconds(predictor, prompts)
+    prefill = prefill_seconds(predictor, prompts, share_prefix=False)
+    prefill_shared = prefill_seconds(predictor, prompts, share_prefix=True)
 
     few = prompts[:naive_limit]
     answers = predictor.formatter.answer_ids
@@ -98,6 +108,12 @@ def bench(ckpt: str | None, overrides: list[str], limit: int, naive_limit: int, 
         "rank_over_generate": rank_eps / generate_eps,
         "agreement": sum(a == b for a, b in zip(preds["rank"].pred, preds["generate"].pred, strict=True)) / n,
         "prefill_only": {"examples_per_s": n / prefill},
+        "prefill_shared_prefix_once": {
+            "examples_per_s": n / prefill_shared,
+            "shared_prefix_tokens": shared_prefix_length(prompts),
+        },
+        "rank_over_prefill": rank_eps / (n / prefill),
+        "rank_over_prefill_shared_prefix_once": rank_eps / (n / prefill_shared),
         "naive_rank": {
             "examples": len(few),
             "examples_per_s": len(few) / naive_s,

@@ -221,3 +221,11 @@ def test_paths_are_not_shared_between_query_cache_files(tmp_path):
     b = RecordSource(arxiv_query={"categories": ["cs.CL"]}, arxiv={"base_url": "http://b"}, cache_dir=tmp_path)
     c = RecordSource(arxiv_query={"categories": ["cs.CL"], "date_to": "2024-12-31"}, cache_dir=tmp_path)
     assert len({a.path, b.path, c.path}) == 3 and a.path.parent == Path(tmp_path) / "arxiv"
+
+
+def test_a_single_class_stops_at_start_up_naming_it(tiny_tokenizer, tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text("".join(json.dumps({**r, "primary_category": "cs.CL"}) + "\n" for r in SAMPLE_ROWS[:20]))
+    dm = ArxivDataModule(tiny_tokenizer, path=str(path))
+    with pytest.raises(DataError, match=r"one\.jsonl: 1 label after filtering: cs\.CL; need at least 2"):
+        dm.load_splits()

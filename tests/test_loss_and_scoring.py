@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from lmtune.data.batching import PaddingCollator
 from lmtune.data.formatting import IGNORE_INDEX, ChatFormatter
 from lmtune.data.records import Record
-from lmtune.evaluation.scoring import PrefixTree, naive_rank_scores, rank_scores
+from lmtune.evaluation.scoring import MIN_SHARED_PREFIX, PrefixTree, SharedPrefix, naive_rank_scores, rank_scores
 from lmtune.model.loss import masked_lm_loss_sum, masked_lm_loss_sum_via_forward, reference_masked_lm_loss
 from lmtune.model.module import CausalLMClassifier
 
@@ -82,6 +82,8 @@ def test_shared_prefix_rank_scores_equal_naive_per_label_scores(tiny_dir, tiny_t
     # the cs.* answers share their first tokens: fed once, and no label's last token is fed
     assert len(PrefixTree(formatter.answer_ids).tokens) < sum(len(a) - 1 for a in formatter.answer_ids)
     prompts = [formatter.prompt_ids(f"Title {i}", "word " * (3 + 7 * i)) for i in range(4)]  # uneven lengths
+    # the system turn is encoded once for all prompts, then continued per prompt
+    assert SharedPrefix.of(model, prompts).length >= MIN_SHARED_PREFIX
     fast = rank_scores(model, prompts, formatter.answer_ids, tiny_tokenizer.pad_token_id)
     naive = naive_rank_scores(model, prompts, formatter.answer_ids)
     torch.testing.assert_close(fast, naive, rtol=0, atol=1e-4)
@@ -89,6 +91,20 @@ def test_shared_prefix_rank_scores_equal_naive_per_label_scores(tiny_dir, tiny_t
     torch.testing.assert_close(chunked, naive, rtol=0, atol=1e-4)  # one prompt per chunk
     probs = fast.softmax(-1)
     torch.testing.assert_close(probs.sum(-1), torch.ones(4))
+
+
+def test_shared_prefix_is_the_longest_common_opening_and_leaves_each_prompt_a_token(tiny_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    opening = list(range(3, 3 + 12))
+    assert SharedPrefix.of(model, [opening + [40, 41], opening + [42], opening + [40, 43, 44]]).length == 12
+    assert SharedPrefix.of(model, [opening + [40], opening]).length == 11  # the shorter prompt keeps its last token
+    assert SharedPrefix.of(model, [opening, opening]).length == 11  # identical prompts
+    assert SharedPrefix.of(model, [opening[:5] + [40] * 9, opening]) is None  # too short to pay off
+    assert SharedPrefix.of(model, [opening]) is None  # nothing to share
+    prompts = [opening + [40, 41], opening + [42], opening]
+    answers = [[50, 51], [50, 52, 53], [60]]
+    scores = rank_scores(model, prompts, answers, pad_id=0)
+    torch.testing.assert_close(scores, naive_rank_scores(model, prompts, answers), rtol=0, atol=1e-4)
 
 
 def test_rank_scores_score_the_training_tokens(tiny_dir, tiny_tokenizer):

@@ -143,3 +143,50 @@ def test_splits_are_stable_when_the_file_grows():
     # the split of an id depends on nothing but the id (and the fractions and salt)
     assert all(split_of(i, 0.1, 0.1) == before[i] for i in reversed(ids))
     assert sum(split_of(i, 0.1, 0.1, salt="other") != before[i] for i in ids) > 200
+
+
+def test_gzipped_jsonl_and_csv_are_read_as_streams(tmp_path):
+    import gzip
+
+    rows = [record(1), record(2, "cs.CV")]
+    plain = read_records(write_jsonl(tmp_path / "a.jsonl", rows), SkipCounts())
+    packed = tmp_path / "papers.jsonl.gz"
+    packed.write_bytes(gzip.compress((tmp_path / "a.jsonl").read_bytes()))
+    assert read_records(packed, SkipCounts()) == plain
+    csv_packed = tmp_path / "papers.CSV.gz"
+    csv_packed.write_bytes(gzip.compress(b'id,title,abstract,primary_category\n1,Title 1,"A, b",cs.CL\n'))
+    assert [(r.id, r.abstract) for r in read_records(csv_packed, SkipCounts())] == [("1", "A, b")]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".csv.gz"])
+def test_a_truncated_archive_is_an_error_naming_the_file(tmp_path, suffix):
+    import gzip
+
+    if suffix == ".csv.gz":
+        text = "id,title,abstract,primary_category\n" + "".join(f"{i},T{i},Abstract {i}.,cs.CL\n" for i in range(3000))
+    else:
+        text = "".join(json.dumps(record(i)) + "\n" for i in range(3000))
+    whole = gzip.compress(text.encode())
+    path = tmp_path / f"papers{suffix}"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=rf"papers{suffix.replace('.', r'.')}: after line \d+: .*truncated.*gzip -t"):
+        read_records(path, SkipCounts())
+
+
+def test_compressed_parquet_and_unknown_types_name_the_readable_ones(tmp_path):
+    path = tmp_path / "a.parquet.gz"
+    path.write_bytes(b"x")
+    with pytest.raises(DataError, match=r"unknown file type '\.parquet\.gz'.*'\.jsonl\.gz'"):
+        read_records(path, SkipCounts())
+
+
+def test_byte_order_mark_and_crlf_line_ends_are_accepted(tmp_path):
+    rows = [record(1), record(2, "cs.CV")]
+    expected = read_records(write_jsonl(tmp_path / "a.jsonl", rows), SkipCounts())
+    windows = tmp_path / "windows.jsonl"
+    windows.write_bytes(b"\xef\xbb\xbf" + b"".join(json.dumps(r).encode() + b"\r\n" for r in rows))
+    assert read_records(windows, SkipCounts()) == expected
+    windows_csv = tmp_path / "windows.csv"
+    windows_csv.write_bytes(b"\xef\xbb\xbfid,title,abstract,primary_category\r\n1,Title,\"Line one,\r\ntwo\",cs.CL\r\n")
+    (only,) = read_records(windows_csv, SkipCounts())
+    assert (only.id, only.abstract, only.label) == ("1", "Line one, two", "cs.CL")

@@ -234,7 +234,7 @@ def test_debug_presets_run(tmp_path, cache_dir, debug, steps, files):
 
 def test_mlp_checkpointing_keeps_less_for_the_backward_pass_and_gives_the_same_gradients(tiny_dir):
     """Selective checkpointing (`model.gradient_checkpointing=mlp`): the bytes autograd keeps between forward and
-    backward shrink, and the LoRA gradients are the same as without checkpointing."""
+    backward shrink (the MLPs' and the norms' before them), and the LoRA gradients are the same as without checkpointing."""
     from lmtune.model.loading import load_model
 
     adapter = {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "up_proj", "down_proj"]}
@@ -259,7 +259,8 @@ def test_mlp_checkpointing_keeps_less_for_the_backward_pass_and_gives_the_same_g
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         results[mode] = (sum(kept), loss.detach(), grads)
     (plain_bytes, plain_loss, plain_grads), (mlp_bytes, mlp_loss, mlp_grads) = results[False], results["mlp"]
-    assert mlp_bytes < 0.8 * plain_bytes, (mlp_bytes, plain_bytes)
+    # 0.57 with the norm in front of each MLP inside its checkpoint, 0.63 with the MLP alone
+    assert mlp_bytes < 0.6 * plain_bytes, (mlp_bytes, plain_bytes)
     torch.testing.assert_close(mlp_loss, plain_loss, rtol=0, atol=0)
     assert set(mlp_grads) == set(plain_grads) and all(g is not None for g in mlp_grads.values())
     for name, grad in plain_grads.items():

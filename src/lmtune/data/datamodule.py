@@ -112,6 +112,11 @@ class ArxivDataModule(L.LightningDataModule):
         self.skips = SkipCounts()
         records = self.source.read(self.skips)
         self.labels = choose_labels(records, self.top_k, self.requested_labels or self.source.categories)
+        if len(self.labels) < 2:
+            raise DataError(
+                f"{self.source.where}: {len(self.labels)} label after filtering: {', '.join(self.labels)}; need at "
+                f"least 2 to classify. Give a file with two or more classes, or check data.labels and data.top_k."
+            )
         splits = split_records(records, self.labels, self.val_fraction, self.test_fraction, self.split_salt, self.skips)
         if self.overfit:
             splits = {name: splits["train"][: self.overfit] for name in SPLITS}

@@ -8,9 +8,11 @@ raises `DataError` naming the file, the line and the fix.
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 import logging
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -98,10 +100,39 @@ def iter_jsonl(path: Path, columns: Mapping[str, str] | None = None) -> Iterator
         yield obj
 
 
+def _open(path: Path, mode: str):
+    """The file, gunzipped on the fly (streamed) for `.gz`."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    if mode == "rb":
+        return opener(path, "rb")
+    # a byte-order mark (as Windows tools write it) is dropped; the csv module handles CRLF with newline=""
+    return opener(path, "rt", encoding="utf-8-sig", newline="")
+
+
+READ_ERRORS = (EOFError, zlib.error, OSError)  # a truncated or corrupt archive; gzip.BadGzipFile is an OSError
+
+
+def _broken_archive(path: Path, error: Exception, where: str) -> DataError:
+    return DataError(
+        f"{where}: the file breaks off mid-read ({error}): a truncated or corrupt archive. Download or compress "
+        f"{path.name} again (`gzip -t {path.name}` checks an archive)."
+    )
+
+
 def iter_jsonl_lines(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a broken line is a DataError naming file:line."""
-    with path.open("rb") as f:
-        for lineno, raw_line in enumerate(f, start=1):
+    """(line number, object) for each non-blank line; a broken line is a DataError naming file:line.
+    A UTF-8 byte-order mark and CRLF line ends are accepted."""
+    lineno = 0
+    with _open(path, "rb") as f:
+        lines = iter(f)
+        while True:
+            try:
+                raw_line = next(lines)
+            except StopIteration:
+                return
+            except READ_ERRORS as e:
+                raise _broken_archive(path, e, f"{path}: after line {lineno}") from None
+            lineno += 1
             try:
                 line = raw_line.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -110,6 +141,8 @@ def iter_jsonl_lines(path: Path) -> Iterator[tuple[int, dict]]:
                     f"({raw_line[e.start : e.start + 4]!r}). Re-encode the file as UTF-8 "
                     f"(for example `iconv -f latin1 -t utf-8`) or fix that line."
                 ) from None
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
             if not line.strip():
                 continue
             try:
@@ -150,13 +183,18 @@ def check_columns(where: str, names: Iterable[str], columns: Mapping[str, str] |
 
 
 def _iter_csv(path: Path, columns: Mapping[str, str] | None) -> Iterator[dict]:
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
+    with _open(path, "rt") as f:
+        reader = csv.DictReader(f)
+        try:
             check_columns(str(path), reader.fieldnames or [], columns)
             yield from reader
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: bytes that are not UTF-8 at byte {e.start}. Re-encode the file as UTF-8.") from None
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{path}: bytes that are not UTF-8 ({e.object[e.start : e.start + 4]!r}) near line "
+                f"{reader.line_num + 1}. Re-encode the file as UTF-8 (for example `iconv -f latin1 -t utf-8`)."
+            ) from None
+        except READ_ERRORS as e:
+            raise _broken_archive(path, e, f"{path}: after line {reader.line_num}") from None
 
 
 def _iter_parquet(path: Path, columns: Mapping[str, str] | None) -> Iterator[dict]:
@@ -171,6 +209,18 @@ def _iter_parquet(path: Path, columns: Mapping[str, str] | None) -> Iterator[dic
 
 
 READERS = {".jsonl": iter_jsonl, ".json": iter_jsonl, ".csv": _iter_csv, ".parquet": _iter_parquet}
+GZIP_READABLE = (".jsonl", ".json", ".csv")  # read as a stream; Parquet compresses inside the file
+
+
+def reader_for(path: Path):
+    """The reader of a file by its type: `.jsonl`, `.csv`, `.parquet`, or `.jsonl.gz` / `.csv.gz`."""
+    suffixes = [s.lower() for s in path.suffixes]
+    kind = suffixes[-2] if suffixes[-1:] == [".gz"] and len(suffixes) > 1 else suffixes[-1] if suffixes else ""
+    gz = suffixes[-1:] == [".gz"]
+    if kind in READERS and (not gz or kind in GZIP_READABLE):
+        return READERS[kind]
+    known = sorted(READERS) + [f"{k}.gz" for k in GZIP_READABLE]
+    raise DataError(f"{path}: unknown file type '{''.join(path.suffixes[-2 if gz else -1 :])}'; use one of {known}.")
 
 
 def read_records(path: str | Path, skips: SkipCounts, columns: Mapping[str, str] | None = None) -> list[Record]:
@@ -181,10 +231,7 @@ def read_records(path: str | Path, skips: SkipCounts, columns: Mapping[str, str]
             f"data file not found: {path.resolve()}. Point `data.path=` at a JSONL, CSV or Parquet file "
             f"of arXiv records (id, title, abstract, primary_category)."
         )
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"{path}: unknown file type '{path.suffix}'; use one of {sorted(READERS)}.")
-    return records_from_rows(reader(path, columns), str(path), skips, columns)
+    return records_from_rows(reader_for(path)(path, columns), str(path), skips, columns)
 
 
 def records_from_rows(

@@ -2,13 +2,19 @@
 
 Each prompt is encoded once; every label's answer tokens are then scored in one short pass on top of that
 prompt's KV cache (tree attention), so the cost is one prompt pass plus a few tokens per label instead of one
-full pass per label, and the cache is never copied. A prediction is always a valid
-label, and the scores give a probability over the label set (softmax of the summed log-probabilities).
+full pass per label, and the cache is never copied. The opening that every prompt shares (the chat template's
+system turn, with its list of labels) is encoded once per call, not once per prompt. A prediction is always a
+valid label, and the scores give a probability over the label set (softmax of the summed log-probabilities).
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
+
+# Below this many shared tokens, encoding the opening once saves less than the cache copies cost.
+MIN_SHARED_PREFIX = 8
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,21 +38,26 @@ def rank_scores(
     """
     chunk = max(1, max_rows // len(answers))
     tree = PrefixTree(answers)  # the same for every chunk
+    shared = SharedPrefix.of(causal_lm, prompts)
     return torch.cat(
-        [_rank_scores(causal_lm, prompts[i : i + chunk], answers, tree, pad_id) for i in range(0, len(prompts), chunk)]
+        [
+            _rank_scores(causal_lm, prompts[i : i + chunk], answers, tree, shared, pad_id)
+            for i in range(0, len(prompts), chunk)
+        ]
     )
 
 
 def _rank_scores(
-    causal_lm, prompts: list[list[int]], answers: list[list[int]], tree: PrefixTree, pad_id: int
+    causal_lm,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    tree: PrefixTree,
+    shared: SharedPrefix | None,
+    pad_id: int,
 ) -> torch.Tensor:
     device = next(causal_lm.parameters()).device
     num_prompts = len(prompts)
-    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, pad_id))
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = causal_lm(
-        input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True, logits_to_keep=1
-    )
+    out, prompt_mask = encode_prompts(causal_lm, prompts, pad_id, shared)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (P, V): the first answer token
     scores = first[:, [a[0] for a in answers]]  # (P, L): each label's first answer token
     # The rest of every label's answer goes in one row per prompt, on top of the prompt's cache, as a prefix
@@ -74,6 +85,61 @@ def _rank_scores(
     node, target, owner = (t.to(device) for t in (tree.node, tree.target, tree.owner))
     logprobs = torch.log_softmax(logits, dim=-1)[:, node, target]  # (P, answer tokens after the first)
     return scores.index_add(1, owner, logprobs)
+
+
+def encode_prompts(causal_lm, prompts: list[list[int]], pad_id: int, shared: SharedPrefix | None = None):
+    """One forward over the prompts (left-padded, logits of the last position only), continuing the shared
+    prefix's cache when there is one. Returns the model output and the key mask over the whole cache (the
+    shared prefix, the padding, each prompt's own tokens)."""
+    device = next(causal_lm.parameters()).device
+    start = shared.length if shared else 0
+    ids, mask = (t.to(device) for t in left_pad([p[start:] for p in prompts], pad_id))
+    positions = start + (mask.cumsum(-1) - 1).clamp(min=0)
+    if shared:
+        mask = torch.cat([mask.new_ones(len(prompts), start), mask], dim=-1)
+    out = causal_lm(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=shared.cache_for(len(prompts)) if shared else None,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out, mask
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """How many opening tokens all prompts share, leaving every prompt at least one token of its own (whose
+    output predicts the first answer token); 0 for a single prompt."""
+    if len(prompts) < 2:
+        return 0
+    low, high = min(prompts), max(prompts)  # the common prefix of all is the common prefix of these two
+    length = 0
+    while length < min(len(low), len(high)) and low[length] == high[length]:
+        length += 1
+    return min(length, min(map(len, prompts)) - 1)
+
+
+class SharedPrefix:
+    """The tokens every prompt opens with, encoded once; each chunk of prompts continues a copy of its cache."""
+
+    def __init__(self, causal_lm, tokens: list[int]):
+        device = next(causal_lm.parameters()).device
+        self.length = len(tokens)
+        self.cache = causal_lm(
+            input_ids=torch.tensor([tokens], device=device), use_cache=True, logits_to_keep=1
+        ).past_key_values
+
+    @classmethod
+    def of(cls, causal_lm, prompts: list[list[int]]) -> SharedPrefix | None:
+        """The prompts' common opening encoded, or None when it is too short to pay off."""
+        length = shared_prefix_length(prompts)
+        return cls(causal_lm, prompts[0][:length]) if length >= MIN_SHARED_PREFIX else None
+
+    def cache_for(self, rows: int):
+        cache = copy.deepcopy(self.cache)  # the chunk's passes append to it
+        cache.batch_repeat_interleave(rows)
+        return cache
 
 
 class PrefixTree:

@@ -154,16 +154,31 @@ def load_base_model(pretrained: str, model_cfg, quant_cfg, device: torch.device)
 
 
 def checkpoint_mlps(causal_lm) -> int:
-    """Selective activation checkpointing: each decoder layer's MLP keeps only its input for the backward pass
-    and recomputes the rest there. The MLP's four `tokens x intermediate` tensors (gate, up, the activation and
-    their product) are the largest a layer keeps; attention's are kept. Non-reentrant, so LoRA weights inside
-    the MLP still get gradients. Returns the number of MLPs wrapped."""
+    """Selective activation checkpointing: each decoder layer's MLP, with the norm in front of it, keeps only its
+    input for the backward pass and recomputes the rest there. The MLP's four `tokens x intermediate` tensors
+    (gate, up, the activation and their product) are the largest a layer keeps, and the norm's fp32 copies come
+    next; attention's are kept. Non-reentrant, so LoRA weights inside the MLP still get gradients. The norm
+    stays where it is in the module tree (same weights, same state dict); only its call moves into the MLP's
+    checkpoint, and its own forward becomes the identity. Returns the number of MLPs wrapped."""
     from torch.utils.checkpoint import checkpoint
 
     layers = causal_lm.get_decoder().layers
     for layer in layers:
-        layer.mlp.forward = functools.partial(checkpoint, layer.mlp.forward, use_reentrant=False)
+        mlp = layer.mlp.forward
+        norm = getattr(layer, "post_attention_layernorm", None)  # Llama-style: norm -> MLP -> residual add
+        if norm is not None:
+            mlp = functools.partial(_norm_then, norm.forward, mlp)
+            norm.forward = _identity
+        layer.mlp.forward = functools.partial(checkpoint, mlp, use_reentrant=False)
     return len(layers)
+
+
+def _norm_then(norm, mlp, hidden):
+    return mlp(norm(hidden))
+
+
+def _identity(hidden):
+    return hidden
 
 
 def load_model(
