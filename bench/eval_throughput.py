@@ -75,7 +75,7 @@ def bench(ckpt: str | None, overrides: list[str], limit: int, naive_limit: int, 
             )
     n = len(records)
     metrics = {m: classification_metrics(p.true, p.pred, p.labels, p.probs) for m, p in preds.items()}
-    prompts = [ids for ids, _ in predictor.formatter.fit_prompts([(r.title, r.abstract) for r in records])]
+    prompts = [ids for ids, _ in predictor.formatter.fit_prompts([r.fields for r in records])]
     prefill = prefill_seconds(predictor, prompts, share_prefix=False)
     prefill_shared = prefill_seconds(predictor, prompts, share_prefix=True)
 

@@ -1,4 +1,4 @@
-"""Predict arXiv categories: `python src/predict.py ckpt=<export dir> arxiv_id=2401.01234`."""
+"""Predict labels with a trained export: `python src/predict.py ckpt=<export> input=rows.jsonl` (conf/predict.yaml)."""
 
 import os
 import sys

@@ -16,7 +16,7 @@ import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
@@ -53,6 +53,53 @@ def run_script(
         text=True,
         timeout=timeout,
     )
+
+
+def arxiv_task() -> dict:
+    """The task settings of conf/data/arxiv.yaml (prompts; label, id and truncate columns), read from the config
+    itself, so tests that build the pieces directly use exactly what training uses."""
+    data = OmegaConf.load(ROOT / "conf" / "data" / "arxiv.yaml")
+    keys = ("prompt", "label_column", "label_is_list", "id_column", "truncate_column")
+    generic = OmegaConf.load(ROOT / "conf" / "data" / "text_classification.yaml")
+    return {
+        k: OmegaConf.to_container(data[k]) if k in data and OmegaConf.is_config(data[k]) else data.get(k, generic[k])
+        for k in keys
+    }
+
+
+def arxiv_spec():
+    from lmtune.data.records import RecordSpec
+
+    task = arxiv_task()
+    return RecordSpec.of(("title", "abstract"), task["label_column"], task["id_column"], task["label_is_list"])
+
+
+def arxiv_formatter(tokenizer, labels, max_length: int = 512, **kwargs):
+    """The arXiv task's ChatFormatter, as the data module builds it."""
+    from lmtune.data.formatting import ChatFormatter
+
+    task = arxiv_task()
+    prompts = {
+        "system_prompt": task["prompt"]["system"],
+        "user_template": task["prompt"]["user"],
+        "truncate_column": task["truncate_column"],
+    }
+    return ChatFormatter(tokenizer, labels, max_length, **{**prompts, **kwargs})
+
+
+def arxiv_datamodule(tokenizer=None, path=None, **kwargs):
+    """TextClassificationDataModule with the arXiv task's settings (conf/data/arxiv.yaml)."""
+    from lmtune.data.datamodule import TextClassificationDataModule
+
+    task = arxiv_task()
+    return TextClassificationDataModule(tokenizer, path, **{**task, **kwargs})
+
+
+def paper(id: str, title: str, abstract: str, label: str):
+    """An arXiv record: the prompt's two columns and the primary category."""
+    from lmtune.data.records import Record
+
+    return Record(id=id, fields={"title": title, "abstract": abstract}, label=label)
 
 
 def compose_train(overrides: list[str], output_dir: Path, cache_dir: Path):

@@ -273,10 +273,18 @@ def test_fetch_multi_page_exact_output_and_manifest(server, make_client, tmp_pat
     assert sorted(p.name for p in out.parent.iterdir()) == ["arxiv.jsonl", "arxiv.manifest.json"]  # no temp files
 
 
-def test_fetch_stops_at_max_results(server, make_client, tmp_path):
+def test_fetch_stops_at_max_results_and_logs_progress_per_page(server, make_client, tmp_path, caplog):
     server.serve_papers(PAPERS)
-    result = fetch_records(make_client(), ["cs.CL"], 3, tmp_path / "a.jsonl", page_size=2)
+    with caplog.at_level("INFO", logger="lmtune.utils.progress"):
+        result = fetch_records(make_client(), ["cs.CL"], 3, tmp_path / "a.jsonl", page_size=2)
     assert (result.count, result.pages) == (3, 2)
+    # stderr is not a terminal under pytest: a log line per page with the count, the rate and the time left
+    lines = [r.getMessage() for r in caplog.records if r.name == "lmtune.utils.progress"]
+    assert [line.split(",")[0] for line in lines] == [
+        "fetching from arXiv: 2/3 records (66%)",
+        "fetching from arXiv: 3/3 records (100%)",
+    ]
+    assert all("records/s" in line and "left" in line for line in lines)
     assert server.starts() == [0, 2]
     assert read_jsonl(tmp_path / "a.jsonl") == [expected(p) for p in PAPERS[:3]]
 

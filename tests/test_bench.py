@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, SAMPLE
+from conftest import ROOT, SAMPLE, arxiv_formatter, arxiv_spec
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -20,7 +20,6 @@ from clock import StepClock  # noqa: E402
 from hf_baseline import padded_to  # noqa: E402
 
 from lmtune.data.batching import PaddingCollator  # noqa: E402
-from lmtune.data.formatting import ChatFormatter  # noqa: E402
 from lmtune.data.records import SkipCounts, read_records  # noqa: E402
 from lmtune.model.loss import masked_lm_loss_sum  # noqa: E402
 
@@ -121,8 +120,8 @@ def test_baseline_fixed_padding_trains_on_the_same_objective(tiny_dir, tiny_toke
     """Fixed-length padding + HF's full-logit loss = our dynamic padding + supervised-position loss: the
     benchmark compares the cost of one objective, not two objectives."""
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    records = read_records(SAMPLE, SkipCounts())[:4]
-    formatter = ChatFormatter(tiny_tokenizer, sorted({r.label for r in records}), max_length=256)
+    records = read_records(SAMPLE, SkipCounts(), arxiv_spec())[:4]
+    formatter = arxiv_formatter(tiny_tokenizer, sorted({r.label for r in records}), max_length=256)
     examples = formatter.format(records)
     pad_id = tiny_tokenizer.pad_token_id
 

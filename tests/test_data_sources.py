@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE, api_settings, compose_train, run_script
+from conftest import SAMPLE, api_settings, arxiv_datamodule, arxiv_spec, compose_train, run_script
 from fake_arxiv import PAPERS, Paper, Reply, closed_port_url, expected, read_jsonl
 from lmtune.data.arxiv_api import ArxivClient, fetch_dataset
-from lmtune.data.datamodule import ArxivDataModule
+from lmtune.data.datamodule import TextClassificationDataModule
 from lmtune.data.records import DataError
 from lmtune.pipeline import train
 
@@ -30,15 +30,15 @@ SAMPLE_PAPERS = [
 SAMPLE_LABELS = ["cs.CL", "cs.CV", "cs.RO"]
 
 
-def datamodule(tokenizer, **kwargs) -> ArxivDataModule:
+def datamodule(tokenizer, **kwargs) -> TextClassificationDataModule:
     options = dict(top_k=3, val_fraction=0.2, test_fraction=0.2, max_length=256, **kwargs)
-    dm = ArxivDataModule(tokenizer, **options)
+    dm = arxiv_datamodule(tokenizer, **options)
     dm.prepare_data()
     dm.setup("fit")
     return dm
 
 
-def examples_by_split(dm: ArxivDataModule) -> dict:
+def examples_by_split(dm: TextClassificationDataModule) -> dict:
     return {split: [(e.id, e.input_ids, e.labels) for e in examples] for split, examples in dm.examples.items()}
 
 
@@ -119,7 +119,7 @@ def test_api_source_gives_the_same_examples_as_the_file_and_is_cached_per_query(
 
 
 def test_api_source_without_network_fails_at_once_naming_data_path(tiny_tokenizer, tmp_path):
-    dm = ArxivDataModule(
+    dm = arxiv_datamodule(
         tiny_tokenizer, arxiv_query=api_query(), arxiv=api_settings(closed_port_url()), cache_dir=str(tmp_path)
     )
     started = time.monotonic()
@@ -194,11 +194,11 @@ def test_hf_source_with_a_column_mapping_gives_the_same_examples_as_the_file(tin
 
 def test_source_settings_that_cannot_work_are_named(tiny_tokenizer):
     with pytest.raises(DataError, match="data.source=file needs `data.path=`"):
-        ArxivDataModule(tiny_tokenizer, source="file")
+        arxiv_datamodule(tiny_tokenizer, source="file")
     with pytest.raises(DataError, match="data.source=hf needs `data.hf_name=`"):
-        ArxivDataModule(tiny_tokenizer, source="hf")
+        arxiv_datamodule(tiny_tokenizer, source="hf")
     with pytest.raises(DataError, match="data.source='web': use one of auto, file, arxiv_api, hf"):
-        ArxivDataModule(tiny_tokenizer, source="web", path="x.jsonl")
+        arxiv_datamodule(tiny_tokenizer, source="web", path="x.jsonl")
 
 
 def test_file_source_reads_renamed_csv_columns(tiny_tokenizer, tmp_path):
@@ -217,15 +217,16 @@ def test_file_source_reads_renamed_csv_columns(tiny_tokenizer, tmp_path):
 def test_paths_are_not_shared_between_query_cache_files(tmp_path):
     from lmtune.data.sources import RecordSource
 
-    a = RecordSource(arxiv_query={"categories": ["cs.CL"]}, arxiv={"base_url": "http://a"}, cache_dir=tmp_path)
-    b = RecordSource(arxiv_query={"categories": ["cs.CL"]}, arxiv={"base_url": "http://b"}, cache_dir=tmp_path)
-    c = RecordSource(arxiv_query={"categories": ["cs.CL"], "date_to": "2024-12-31"}, cache_dir=tmp_path)
+    spec, query = arxiv_spec(), {"categories": ["cs.CL"]}
+    a = RecordSource(spec, arxiv_query=query, arxiv={"base_url": "http://a"}, cache_dir=tmp_path)
+    b = RecordSource(spec, arxiv_query=query, arxiv={"base_url": "http://b"}, cache_dir=tmp_path)
+    c = RecordSource(spec, arxiv_query={**query, "date_to": "2024-12-31"}, cache_dir=tmp_path)
     assert len({a.path, b.path, c.path}) == 3 and a.path.parent == Path(tmp_path) / "arxiv"
 
 
 def test_a_single_class_stops_at_start_up_naming_it(tiny_tokenizer, tmp_path):
     path = tmp_path / "one.jsonl"
     path.write_text("".join(json.dumps({**r, "primary_category": "cs.CL"}) + "\n" for r in SAMPLE_ROWS[:20]))
-    dm = ArxivDataModule(tiny_tokenizer, path=str(path))
+    dm = arxiv_datamodule(tiny_tokenizer, path=str(path))
     with pytest.raises(DataError, match=r"one\.jsonl: 1 label after filtering: cs\.CL; need at least 2"):
         dm.load_splits()

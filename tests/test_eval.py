@@ -117,7 +117,7 @@ def test_eval_cli_writes_every_output_and_a_real_wandb_run(trained, cache_dir, t
     assert wandb_run["summary"]["test/generate/invalid_rate"] == pytest.approx(generated["invalid_rate"])
     (table_file,) = (wandb_dir / "files" / "media" / "table" / "test" / "rank").glob("predictions_*.table.json")
     logged = json.loads(table_file.read_text())
-    assert logged["columns"] == ["id", "title", "true", "predicted", "p(predicted)"]
+    assert logged["columns"] == ["id", "title", "abstract", "true", "predicted", "p(predicted)"]  # the prompt's
     assert [row[0] for row in logged["data"]] == test_ids
     assert list((wandb_dir / "files" / "media" / "images" / "test" / "rank").glob("confusion_matrix_image_*.png"))
 

@@ -5,6 +5,7 @@ import doctest
 import pytest
 import torch
 
+from conftest import SAMPLE, arxiv_datamodule, arxiv_formatter, paper
 from lmtune.data import batching
 from lmtune.data.batching import LengthGroupedSampler, PaddingCollator
 from lmtune.data.formatting import IGNORE_INDEX, ChatFormatter
@@ -15,12 +16,7 @@ LABELS = ["cs.AI", "cs.CL", "cs.CV", "cs.LG", "cs.RO"]
 
 
 def records(n=10):
-    return [
-        Record(
-            id=f"r{i}", title=f"A study {i} of things", abstract="We show that words " * (i + 1), label=LABELS[i % 5]
-        )
-        for i in range(n)
-    ]
+    return [paper(f"r{i}", f"A study {i} of things", "We show that words " * (i + 1), LABELS[i % 5]) for i in range(n)]
 
 
 def supervised_text(tokenizer, example):
@@ -39,17 +35,17 @@ def tokenizer(request, tiny_tokenizer, smollm2_tokenizer):
 
 
 def test_supervised_tokens_are_exactly_category_and_end_of_turn(tokenizer):
-    formatter = ChatFormatter(tokenizer, LABELS, max_length=512)
+    formatter = arxiv_formatter(tokenizer, LABELS, max_length=512)
     examples = formatter.format(records())
     for r, e in zip(records(), examples, strict=False):
         assert supervised_text(tokenizer, e) == r.label + tokenizer.eos_token
         assert e.labels[: e.prompt_length] == [IGNORE_INDEX] * e.prompt_length
-        assert e.input_ids[: e.prompt_length] == formatter.prompt_ids(r.title, r.abstract)
+        assert e.input_ids[: e.prompt_length] == formatter.prompt_ids(r.fields)
         assert e.input_ids[e.prompt_length :] == formatter.answer_ids[LABELS.index(r.label)]
     # the prompt is the template's rendering with the generation prompt, and nothing of the answer
     first = records(1)[0]
     rendered = tokenizer.apply_chat_template(
-        formatter.messages(first.title, first.abstract), tokenize=False, add_generation_prompt=True
+        formatter.messages(first.fields), tokenize=False, add_generation_prompt=True
     )
     assert tokenizer.decode(examples[0].input_ids[: examples[0].prompt_length]) == rendered
 
@@ -57,7 +53,7 @@ def test_supervised_tokens_are_exactly_category_and_end_of_turn(tokenizer):
 def test_smollm2_end_of_turn_is_its_pad_token_and_stays_supervised(smollm2_tokenizer):
     tok = smollm2_tokenizer
     assert tok.pad_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
-    examples = ChatFormatter(tok, LABELS, max_length=512).format(records(4))
+    examples = arxiv_formatter(tok, LABELS, max_length=512).format(records(4))
     batch = PaddingCollator(tok.pad_token_id, pad_to_multiple_of=8)(examples)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
@@ -71,31 +67,31 @@ def test_smollm2_end_of_turn_is_its_pad_token_and_stays_supervised(smollm2_token
 
 
 def test_smollm2_no_default_system_prompt_is_injected(smollm2_tokenizer):
-    formatter = ChatFormatter(smollm2_tokenizer, LABELS)
+    formatter = arxiv_formatter(smollm2_tokenizer, LABELS)
     text = smollm2_tokenizer.decode(formatter.format(records(1))[0].input_ids)
     assert "You are a helpful AI assistant" not in text
     assert text.startswith("<|im_start|>system\nYou classify arXiv papers") and "cs.AI, cs.CL, cs.CV" in text
 
 
 def test_long_abstract_is_truncated_never_the_answer(tokenizer):
-    formatter = ChatFormatter(tokenizer, LABELS, max_length=160)
-    long = Record(id="long", title="T", abstract="many words here " * 300, label="cs.CV")
+    formatter = arxiv_formatter(tokenizer, LABELS, max_length=160)
+    long = paper("long", "T", "many words here " * 300, "cs.CV")
     (e,) = formatter.format([long])
     assert e.truncated and len(e.input_ids) <= 160
     assert supervised_text(tokenizer, e) == "cs.CV" + tokenizer.eos_token
-    with pytest.raises(DataError, match=r"record long: the prompt without any abstract.*raise data.max_length"):
-        ChatFormatter(tokenizer, LABELS, max_length=20).format([long])
+    with pytest.raises(DataError, match=r"record long: the prompt without any of its 'abstract'.*raise data\.max_"):
+        arxiv_formatter(tokenizer, LABELS, max_length=20).format([long])
 
 
 def test_shortened_prompt_does_not_depend_on_the_label_and_matches_prediction(tokenizer):
     labels = ["cs.CV", "physics.comp-ph"]  # answers of different token lengths
-    formatter = ChatFormatter(tokenizer, labels, max_length=160)
+    formatter = arxiv_formatter(tokenizer, labels, max_length=160)
     assert len({len(a) for a in formatter.answer_ids}) == 2
     abstract = "many words here " * 300
-    a, b = formatter.format([Record("a", "T", abstract, "cs.CV"), Record("b", "T", abstract, "physics.comp-ph")])
+    a, b = formatter.format([paper("a", "T", abstract, "cs.CV"), paper("b", "T", abstract, "physics.comp-ph")])
     prompt = a.input_ids[: a.prompt_length]
     assert a.truncated and b.truncated and prompt == b.input_ids[: b.prompt_length]  # no hint of the label
-    assert formatter.fit_prompts([("T", abstract)]) == [(prompt, True)]
+    assert formatter.fit_prompts([{"title": "T", "abstract": abstract}]) == [(prompt, True)]
     assert max(len(a.input_ids), len(b.input_ids)) <= 160
 
 
@@ -107,14 +103,14 @@ def test_template_drift_is_a_clear_error(tiny_tokenizer):
         "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
     )
     with pytest.raises(DataError, match="not a token prefix of the full conversation"):
-        ChatFormatter(drifting, LABELS)
+        arxiv_formatter(drifting, LABELS)
 
 
 def test_missing_chat_template_is_a_clear_error():
     tok = build_tiny_tokenizer()
     tok.chat_template = None
     with pytest.raises(DataError, match="has no chat template"):
-        ChatFormatter(tok, LABELS)
+        arxiv_formatter(tok, LABELS)
 
 
 def test_collator_doctest():
@@ -149,17 +145,14 @@ def test_length_grouped_sampler_is_a_deterministic_grouped_permutation():
 def test_chat_template_kwargs_pin_template_variables(tiny_tokenizer):
     tok = build_tiny_tokenizer()
     tok.chat_template = "{% if date_string is defined %}Today Date: {{ date_string }}\n{% endif %}" + CHAT_TEMPLATE
-    formatter = ChatFormatter(tok, LABELS, chat_template_kwargs={"date_string": "26 Jul 2024"})
+    formatter = arxiv_formatter(tok, LABELS, chat_template_kwargs={"date_string": "26 Jul 2024"})
     (example,) = formatter.format(records(1))
     assert tok.decode(example.input_ids).startswith("Today Date: 26 Jul 2024\n")
     assert supervised_text(tok, example) == "cs.AI" + tok.eos_token
 
 
 def test_every_example_of_the_sample_data_is_supervised(tiny_tokenizer):
-    from conftest import SAMPLE
-    from lmtune.data.datamodule import ArxivDataModule
-
-    dm = ArxivDataModule(tiny_tokenizer, str(SAMPLE), top_k=3, max_length=128)
+    dm = arxiv_datamodule(tiny_tokenizer, str(SAMPLE), top_k=3, max_length=128)
     dm.setup()
     examples = [e for split in dm.examples.values() for e in split]
     assert len(examples) == 96 and dm.stats["truncated"]["train"] > 0
@@ -176,3 +169,82 @@ def test_pad_token_option(tiny_dir):
     assert tok.pad_token_id == tok.eos_token_id
     with pytest.raises(ModelConfigError, match="model.pad_token='<nope>' is not in the vocabulary"):
         load_tokenizer(tiny_dir, pad_token="<nope>")
+
+
+TICKET_PROMPTS = {
+    "system_prompt": "Route the ticket to one queue: {labels}.",
+    "user_template": "Subject: {subject}\n\n{body}",
+}
+
+
+def ticket(i: str, subject: str, body: str, queue: str) -> Record:
+    return Record(id=i, fields={"subject": subject, "body": body}, label=queue)
+
+
+def test_a_task_of_its_own_columns_with_labels_of_any_spelling(tokenizer):
+    labels = ["billing", "access", "5 stars"]
+    formatter = ChatFormatter(tokenizer, labels, 512, **TICKET_PROMPTS)
+    assert formatter.columns == ("subject", "body")
+    examples = formatter.format(
+        [ticket("t1", "Refund", "Charged twice.", "5 stars"), ticket("t2", "Login", "No.", "access")]
+    )
+    assert [supervised_text(tokenizer, e) for e in examples] == [
+        "5 stars" + tokenizer.eos_token,
+        "access" + tokenizer.eos_token,
+    ]
+    prompt = tokenizer.decode(examples[0].input_ids[: examples[0].prompt_length])
+    assert "Route the ticket to one queue: billing, access, 5 stars." in prompt
+    assert "Subject: Refund\n\nCharged twice." in prompt
+
+
+def test_the_longest_column_is_shortened_by_default_or_the_configured_one(tiny_tokenizer):
+    labels = ["billing", "access"]
+    long_body = ticket("t", "Printer jams", "the printer jams again " * 200, "billing")
+    (e,) = ChatFormatter(tiny_tokenizer, labels, 160, **TICKET_PROMPTS).format([long_body])
+    text = tiny_tokenizer.decode(e.input_ids[: e.prompt_length])
+    assert e.truncated and len(e.input_ids) <= 160 and "Subject: Printer jams\n\nthe printer" in text  # body cut
+    subject_cut = ChatFormatter(tiny_tokenizer, labels, 160, truncate_column="subject", **TICKET_PROMPTS)
+    with pytest.raises(DataError, match=r"record t: the prompt without any of its 'subject' is \d+ tokens"):
+        subject_cut.format([long_body])  # the body alone is too long: cutting the subject cannot help
+    (short,) = subject_cut.format([ticket("s", "Printer " * 200, "It jams.", "access")])
+    assert short.truncated and len(short.input_ids) <= 160 and "It jams." in tiny_tokenizer.decode(short.input_ids)
+
+
+@pytest.mark.parametrize(
+    ("prompts", "message"),
+    [
+        ({"system_prompt": "Queue for {body}: {labels}."}, r"data\.prompt\.system uses \{body\}: only \{labels\}"),
+        ({"user_template": "Ticket: {}"}, r"'\{\}' is not a column name"),
+        ({"user_template": "Ticket {0}"}, r"'\{0\}' is not a column name"),
+        ({"user_template": "Just text"}, r"reads no column; name one"),
+        ({"user_template": "Subject: {subject"}, r"data\.prompt\.user=.*write a literal brace as \{\{"),
+        (
+            {"truncate_column": "title"},
+            r"data\.truncate_column='title' is not a column the prompt reads \(subject, body\)",
+        ),
+    ],
+)
+def test_a_broken_prompt_setting_is_named(tiny_tokenizer, prompts, message):
+    with pytest.raises(DataError, match=message):
+        ChatFormatter(tiny_tokenizer, ["billing", "access"], 512, **{**TICKET_PROMPTS, **prompts})
+
+
+# The arXiv task's token ids on the sample data with the tiny tokenizer, as computed by the code before the task
+# became configurable (commit 3e1721c): conf/data/arxiv.yaml must reproduce them exactly, and the same splits.
+ARXIV_SAMPLE_DIGEST = "78137571fbe79679026bc2aa3c21319d433db380b4ec95cedad534ac29795d8b"
+
+
+def test_the_arxiv_task_gives_the_same_examples_and_splits_as_before(tiny_tokenizer):
+    import hashlib
+    import json
+
+    dm = arxiv_datamodule(tiny_tokenizer, str(SAMPLE), top_k=3, max_length=128, val_fraction=0.2, test_fraction=0.2)
+    dm.setup()
+    seen = {
+        split: [[e.id, e.input_ids, e.labels, e.truncated] for e in examples] for split, examples in dm.examples.items()
+    }
+    assert hashlib.sha256(json.dumps(seen).encode()).hexdigest() == ARXIV_SAMPLE_DIGEST
+    assert dm.formatter.system_prompt == (
+        "You classify arXiv papers by their primary category. "
+        "Answer with exactly one of these categories and nothing else: cs.CL, cs.CV, cs.RO."
+    )

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import pytest
 
+from conftest import arxiv_spec, paper
 from lmtune.data.hf_source import iter_hf_rows
-from lmtune.data.records import DataError, Record, SkipCounts, records_from_rows
+from lmtune.data.records import DataError, SkipCounts, records_from_rows
 
 datasets = pytest.importorskip("datasets")
 
 THEIR_COLUMNS = {"id": "paper_id", "title": "paper_title", "abstract": "summary", "primary_category": "label"}
+ARXIV = arxiv_spec()
+THEIRS = replace(ARXIV, rename=THEIR_COLUMNS)
 
 
 @pytest.fixture(autouse=True)
@@ -63,16 +67,15 @@ def test_saved_dataset_with_mapped_columns_gives_exact_records(tmp_path):
     folder = tmp_path / "saved"
     datasets.Dataset.from_dict(_their_rows()).save_to_disk(str(folder))
 
-    rows, where = iter_hf_rows(str(folder), columns=THEIR_COLUMNS)
+    rows, where = iter_hf_rows(str(folder), spec=THEIRS)
     skips = SkipCounts()
-    records = records_from_rows(rows, where, skips, THEIR_COLUMNS)
+    records = records_from_rows(rows, where, skips, THEIRS)
 
     assert where == f"hf:{folder}"
     assert records == [
-        Record(id="2101.00001", title="Sparse attention for long documents", abstract="We study sparse attention.",
-               label="cs.CL"),
-        Record(id="2101.00002", title="Graph nets", abstract="Message passing on graphs.", label="cs.LG"),
-        Record(id="2101.00004", title="Robust RL", abstract="Policies that adapt.", label="cs.AI"),
+        paper("2101.00001", "Sparse attention for long documents", "We study sparse attention.", "cs.CL"),
+        paper("2101.00002", "Graph nets", "Message passing on graphs.", "cs.LG"),
+        paper("2101.00004", "Robust RL", "Policies that adapt.", "cs.AI"),
     ]  # fmt: skip
     assert skips.counts == {"missing or empty 'abstract'": 1}
 
@@ -81,7 +84,7 @@ def test_rows_are_yielded_unrenamed_as_plain_dicts(tmp_path):
     folder = tmp_path / "saved"
     datasets.Dataset.from_dict(_their_rows()).with_format("numpy").save_to_disk(str(folder))
 
-    rows, _ = iter_hf_rows(str(folder), columns=THEIR_COLUMNS)
+    rows, _ = iter_hf_rows(str(folder), spec=THEIRS)
     first = next(rows)
 
     assert type(first) is dict
@@ -111,9 +114,9 @@ def test_saved_dataset_dict_selects_the_split(tmp_path):
     train_rows, train_where = iter_hf_rows(str(folder), split="train")
     test_rows, test_where = iter_hf_rows(str(folder), split="test")
 
-    assert [r.id for r in records_from_rows(train_rows, train_where, SkipCounts())] == ["a1", "a2", "a3"]
-    assert records_from_rows(test_rows, test_where, SkipCounts()) == [
-        Record(id="b1", title="Title b1", abstract="Abstract b1", label="cs.LG")
+    assert [r.id for r in records_from_rows(train_rows, train_where, SkipCounts(), ARXIV)] == ["a1", "a2", "a3"]
+    assert records_from_rows(test_rows, test_where, SkipCounts(), ARXIV) == [
+        paper("b1", "Title b1", "Abstract b1", "cs.LG")
     ]
     assert test_where == f"hf:{folder}[test]"
 
@@ -139,10 +142,10 @@ def test_local_folder_of_jsonl_files_goes_through_load_dataset(tmp_path, offline
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
 
     rows, where = iter_hf_rows(str(folder), split="test")
-    records = records_from_rows(rows, where, SkipCounts())
+    records = records_from_rows(rows, where, SkipCounts(), ARXIV)
 
     assert where == f"hf:{folder}[test]"
-    assert records == [Record(id="x1", title="Paper x1", abstract="About x1.", label="cs.CV")]
+    assert records == [paper("x1", "Paper x1", "About x1.", "cs.CV")]
     assert any(offline_hf.rglob("*.arrow"))  # the built table went to the tmp cache, not the user's home
 
 
@@ -151,7 +154,7 @@ def test_missing_column_without_mapping_names_the_field_and_data_columns(tmp_pat
     datasets.Dataset.from_dict(_their_rows()).save_to_disk(str(folder))
 
     with pytest.raises(DataError) as err:
-        iter_hf_rows(str(folder))
+        iter_hf_rows(str(folder), spec=ARXIV)
 
     message = str(err.value)
     assert "abstract" in message and "id" in message

@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import arxiv_formatter, paper
 from lmtune.data.batching import PaddingCollator
-from lmtune.data.formatting import IGNORE_INDEX, ChatFormatter
-from lmtune.data.records import Record
+from lmtune.data.formatting import IGNORE_INDEX
 from lmtune.evaluation.scoring import MIN_SHARED_PREFIX, PrefixTree, SharedPrefix, naive_rank_scores, rank_scores
 from lmtune.model.loss import masked_lm_loss_sum, masked_lm_loss_sum_via_forward, reference_masked_lm_loss
 from lmtune.model.module import CausalLMClassifier
@@ -39,8 +39,8 @@ def test_loss_equals_reference_full_logit_cross_entropy(tiny_dir):
 
 
 def test_compile_gives_the_same_loss_and_gradients(tiny_dir, tiny_tokenizer):
-    formatter = ChatFormatter(tiny_tokenizer, ["cs.CL", "math.OC", "q-bio.NC"])  # answers of uneven length
-    records = [Record(f"p{i}", f"Title {i}", "word " * (5 + 9 * i), formatter.labels[i % 3]) for i in range(4)]
+    formatter = arxiv_formatter(tiny_tokenizer, ["cs.CL", "math.OC", "q-bio.NC"])  # answers of uneven length
+    records = [paper(f"p{i}", f"Title {i}", "word " * (5 + 9 * i), formatter.labels[i % 3]) for i in range(4)]
     batch = PaddingCollator(tiny_tokenizer.pad_token_id)(formatter.format(records))
     results = []
     for compile in (False, True):
@@ -77,11 +77,12 @@ def test_compile_gives_the_same_loss_and_gradients(tiny_dir, tiny_tokenizer):
 def test_shared_prefix_rank_scores_equal_naive_per_label_scores(tiny_dir, tiny_tokenizer, attention):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation=attention).eval()
     labels = ["cs.CL", "cs.CV", "cs.LG", "math.OC", "q-bio.NC"]  # answers of different token lengths
-    formatter = ChatFormatter(tiny_tokenizer, labels)
+    formatter = arxiv_formatter(tiny_tokenizer, labels)
     assert len({len(a) for a in formatter.answer_ids}) > 1
     # the cs.* answers share their first tokens: fed once, and no label's last token is fed
     assert len(PrefixTree(formatter.answer_ids).tokens) < sum(len(a) - 1 for a in formatter.answer_ids)
-    prompts = [formatter.prompt_ids(f"Title {i}", "word " * (3 + 7 * i)) for i in range(4)]  # uneven lengths
+    rows = [{"title": f"Title {i}", "abstract": "word " * (3 + 7 * i)} for i in range(4)]  # uneven lengths
+    prompts = [formatter.prompt_ids(row) for row in rows]
     # the system turn is encoded once for all prompts, then continued per prompt
     assert SharedPrefix.of(model, prompts).length >= MIN_SHARED_PREFIX
     fast = rank_scores(model, prompts, formatter.answer_ids, tiny_tokenizer.pad_token_id)
@@ -110,8 +111,8 @@ def test_shared_prefix_is_the_longest_common_opening_and_leaves_each_prompt_a_to
 def test_rank_scores_score_the_training_tokens(tiny_dir, tiny_tokenizer):
     """A label's score is minus the summed training loss of that example: scorer and trainer agree."""
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-    formatter = ChatFormatter(tiny_tokenizer, ["cs.CL", "cs.CV"])
-    example = formatter.format([Record("x", "T", "Some abstract.", "cs.CV")])[0]
+    formatter = arxiv_formatter(tiny_tokenizer, ["cs.CL", "cs.CV"])
+    example = formatter.format([paper("x", "T", "Some abstract.", "cs.CV")])[0]
     batch = PaddingCollator(tiny_tokenizer.pad_token_id)([example])
     with torch.no_grad():
         hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state

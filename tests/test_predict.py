@@ -11,12 +11,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from conftest import ROOT, SAMPLE, api_settings, compose_train, run_script
+from conftest import ROOT, SAMPLE, api_settings, arxiv_spec, compose_train, run_script
 from fake_arxiv import Paper, Reply, closed_port_url, read_jsonl
 from lmtune.data.records import SkipCounts, read_records
 from lmtune.errors import UserError
-from lmtune.evaluation.predictor import Paper as Text
-from lmtune.evaluation.predictor import Predictor, find_export
+from lmtune.evaluation.predictor import Predictor, Row, find_export
 from lmtune.evaluation.scoring import rank_scores
 from lmtune.pipeline import train
 from lmtune.predict import predict, verbatim_ids
@@ -140,7 +139,7 @@ def test_cli_errors_exit_nonzero_with_one_line_and_before_loading_the_model(trai
         ("arxiv_id=2403.1", f"ckpt={run}"): "error: arxiv_id=2403.1: not an arXiv id",
         ("arxiv_id=2403.00010", f"ckpt={run}", f"arxiv.base_url={closed_port_url()}"): "cannot reach the arXiv API",
         ("title=x", "abstract=y", f"ckpt={tmp_path / 'nowhere'}"): "not a trained export",
-        (f"ckpt={run}",): "give exactly one of: arxiv_id=",
+        (f"ckpt={run}",): "give exactly one of: input=",
         ("arxiv_id=2403.00010",): "error: ckpt= is required",
     }
     for args, message in cases.items():
@@ -158,11 +157,11 @@ def test_prompts_and_scores_are_exactly_those_of_training(trained, cache_dir):
     run, objects = trained
     module, dm = objects["module"], objects["datamodule"]
     predictor = Predictor.from_export(run / "export", cache_dir, torch.device("cpu"))
-    records = {r.id: r for r in read_records(SAMPLE, SkipCounts())}
+    records = {r.id: r for r in read_records(SAMPLE, SkipCounts(), arxiv_spec())}
     examples = dm.examples["test"]
-    texts = [Text(records[e.id].title, records[e.id].abstract, e.id) for e in examples]
+    texts = [Row(records[e.id].fields, e.id) for e in examples]
 
-    fitted = predictor.formatter.fit_prompts([(t.title, t.abstract) for t in texts])
+    fitted = predictor.formatter.fit_prompts([t.fields for t in texts])
     assert [ids for ids, _ in fitted] == [e.input_ids[: e.prompt_length] for e in examples]
     assert predictor.formatter.answer_ids == dm.formatter.answer_ids
 
@@ -179,9 +178,9 @@ def test_prompts_and_scores_are_exactly_those_of_training(trained, cache_dir):
 def test_long_abstracts_are_shortened_as_in_training(trained, cache_dir):
     run, _ = trained
     predictor = Predictor.from_export(run / "export", cache_dir, torch.device("cpu"))
-    (prediction,) = predictor.predict([Text("A title", "robot " * 2000)])
+    (prediction,) = predictor.predict([Row({"title": "A title", "abstract": "robot " * 2000})])
     assert prediction.truncated and prediction.category in LABELS
-    ((ids, truncated),) = predictor.formatter.fit_prompts([("A title", "robot " * 2000)])
+    ((ids, truncated),) = predictor.formatter.fit_prompts([{"title": "A title", "abstract": "robot " * 2000}])
     assert truncated and len(ids) + max(map(len, predictor.formatter.answer_ids)) <= predictor.formatter.max_length
 
 
@@ -198,23 +197,23 @@ def test_batch_file_mixes_text_and_ids_and_marks_unknown_ids(trained, api, cache
     ]
     papers.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     shown = []
-    with pytest.raises(UserError, match=r"1 of 3 papers in .*papers.jsonl could not be predicted"):
+    with pytest.raises(UserError, match=r"1 of 3 rows in .*papers.jsonl could not be predicted"):
         predict(predict_cfg([f"ckpt={run}", f"input={papers}"], cache_dir, api.url), emit=shown.append)
     out = read_jsonl(tmp_path / "papers.predictions.jsonl")
     assert [r.get("id") for r in out] == ["own-1", "2403.00010", "2403.99999"]
     assert out[0]["true"] == "cs.CV" and out[0]["category"] in LABELS and out[1]["title"] == ROBOT.title
     for r in out[:2]:
         assert_distribution(r["probs"])
-    assert out[2] == {"line": 3, "id": "2403.99999", "error": "arXiv has no paper with id 2403.99999"}
+    assert out[2] == {"where": f"{papers}:3", "id": "2403.99999", "error": "arXiv has no paper with id 2403.99999"}
     assert [q["id_list"] for q in api.requests] == ["2403.00010,2403.99999"]  # one request for all ids
-    assert shown[0] == f"accuracy on 1 labelled papers: {float(out[0]['category'] == 'cs.CV'):.3f}"
+    assert shown[0] == f"accuracy on 1 labelled rows: {float(out[0]['category'] == 'cs.CV'):.3f}"
 
 
 def test_batch_file_problems_name_the_line(trained, cache_dir, tmp_path):
     run, _ = trained
     papers = tmp_path / "papers.jsonl"
     papers.write_text(json.dumps({"title": "only a title"}) + "\n")
-    with pytest.raises(UserError, match=r"papers.jsonl:1: needs `title` and `abstract`, or an arXiv `id`"):
+    with pytest.raises(UserError, match=r"papers.jsonl:1: needs `title`, `abstract` .*, or an arXiv `id`"):
         predict(predict_cfg([f"ckpt={run}", f"input={papers}"], cache_dir, ""))
     papers.write_text('{"title": "x", "abstract": "y"}\n{"title": \n')
     with pytest.raises(UserError, match=r"papers.jsonl:2: malformed JSON"):
@@ -246,11 +245,11 @@ def test_find_export_accepts_the_run_folder_and_explains_a_ckpt_file(trained, tm
 def test_scores_use_the_precision_the_run_was_trained_with(trained, cache_dir):
     run, objects = trained
     dm = objects["datamodule"]
-    texts = [Text(r.title, r.abstract, r.id) for r in dm.splits["test"][:4]]
+    texts = [Row(r.fields, r.id) for r in dm.splits["test"][:4]]
     fp32 = Predictor.from_export(run / "export", cache_dir, torch.device("cpu"))
     assert fp32.precision == "32-true"  # as the run was trained
     bf16 = Predictor.from_export(run / "export", cache_dir, torch.device("cpu"), precision="bf16-mixed")
-    prompts = [ids for ids, _ in bf16.formatter.fit_prompts([(t.title, t.abstract) for t in texts])]
+    prompts = [ids for ids, _ in bf16.formatter.fit_prompts([t.fields for t in texts])]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = rank_scores(bf16.causal_lm, prompts, bf16.formatter.answer_ids, bf16.pad_id)
     assert torch.equal(bf16.scores(texts)[0], expected)

@@ -6,14 +6,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import arxiv_spec
 from lmtune.data.records import (
     DataError,
+    RecordSpec,
     SkipCounts,
     choose_labels,
     read_records,
     split_of,
     split_records,
 )
+
+ARXIV = arxiv_spec()
 
 
 def record(i, label="cs.CL", **overrides):
@@ -35,22 +39,22 @@ def write_jsonl(path, rows):
 
 def test_reads_jsonl_and_collapses_whitespace(tmp_path):
     skips = SkipCounts()
-    records = read_records(write_jsonl(tmp_path / "a.jsonl", [record(1), record(2, "cs.CV")]), skips)
+    records = read_records(write_jsonl(tmp_path / "a.jsonl", [record(1), record(2, "cs.CV")]), skips, ARXIV)
     assert [(r.id, r.label) for r in records] == [("2401.00001", "cs.CL"), ("2401.00002", "cs.CV")]
-    assert records[0].abstract == "Abstract of paper 1."
+    assert records[0].fields["abstract"] == "Abstract of paper 1."
     assert skips.total == 0
 
 
 def test_missing_file_names_path_and_fix(tmp_path):
     with pytest.raises(DataError, match=r"not found: .*nope\.jsonl.*data\.path="):
-        read_records(tmp_path / "nope.jsonl", SkipCounts())
+        read_records(tmp_path / "nope.jsonl", SkipCounts(), ARXIV)
 
 
 def test_malformed_json_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(record(1)) + "\n" + json.dumps(record(2)) + "\n" + '{"id": "3", "title": \n')
     with pytest.raises(DataError, match=r"bad\.jsonl:3: malformed JSON"):
-        read_records(path, SkipCounts())
+        read_records(path, SkipCounts(), ARXIV)
 
 
 def test_non_utf8_bytes_name_the_line(tmp_path):
@@ -62,13 +66,13 @@ def test_non_utf8_bytes_name_the_line(tmp_path):
         + b"\n"
     )
     with pytest.raises(DataError, match=r"latin1\.jsonl:2: bytes that are not UTF-8.*iconv"):
-        read_records(path, SkipCounts())
+        read_records(path, SkipCounts(), ARXIV)
 
 
 def test_empty_and_missing_fields_are_counted_skips(tmp_path):
     rows = [record(1), record(2, abstract="   "), record(3, title=None), {"id": "x", "title": "t", "abstract": "a"}]
     skips = SkipCounts()
-    records = read_records(write_jsonl(tmp_path / "a.jsonl", rows), skips)
+    records = read_records(write_jsonl(tmp_path / "a.jsonl", rows), skips, ARXIV)
     assert [r.id for r in records] == ["2401.00001"]
     assert skips.counts == {
         "missing or empty 'abstract'": 1,
@@ -80,7 +84,7 @@ def test_empty_and_missing_fields_are_counted_skips(tmp_path):
 
 def test_duplicate_ids_are_counted(tmp_path):
     skips = SkipCounts()
-    records = read_records(write_jsonl(tmp_path / "a.jsonl", [record(1), record(1, "cs.CV")]), skips)
+    records = read_records(write_jsonl(tmp_path / "a.jsonl", [record(1), record(1, "cs.CV")]), skips, ARXIV)
     assert len(records) == 1 and records[0].label == "cs.CL"
     assert skips.counts == {"duplicate id": 1}
 
@@ -89,14 +93,14 @@ def test_primary_category_falls_back_to_first_category(tmp_path):
     row = record(1)
     del row["primary_category"]
     row["categories"] = ["cs.RO", "cs.AI"]
-    assert read_records(write_jsonl(tmp_path / "a.jsonl", [row]), SkipCounts())[0].label == "cs.RO"
+    assert read_records(write_jsonl(tmp_path / "a.jsonl", [row]), SkipCounts(), ARXIV)[0].label == "cs.RO"
 
 
 def test_csv_with_string_categories(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text('id,title,abstract,categories\n2401.1,T,"A, with comma",cs.CV cs.LG\n2401.2,T2,A2,"[\'cs.CL\']"\n')
-    records = read_records(path, SkipCounts())
-    assert [(r.id, r.label, r.abstract) for r in records] == [
+    records = read_records(path, SkipCounts(), ARXIV)
+    assert [(r.id, r.label, r.fields["abstract"]) for r in records] == [
         ("2401.1", "cs.CV", "A, with comma"),
         ("2401.2", "cs.CL", "A2"),
     ]
@@ -105,27 +109,27 @@ def test_csv_with_string_categories(tmp_path):
 def test_csv_missing_column_is_an_error_naming_it(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text("id,title,primary_category\n1,T,cs.CL\n")
-    with pytest.raises(DataError, match=r"a\.csv: missing column\(s\) abstract"):
-        read_records(path, SkipCounts())
+    with pytest.raises(DataError, match=r"a\.csv: the prompt \(data\.prompt\.user\) reads column\(s\) 'abstract'"):
+        read_records(path, SkipCounts(), ARXIV)
 
 
 def test_parquet(tmp_path):
     path = tmp_path / "a.parquet"
     pq.write_table(pa.Table.from_pylist([record(1), record(2, "cs.CV")]), path)
-    assert [r.label for r in read_records(path, SkipCounts())] == ["cs.CL", "cs.CV"]
+    assert [r.label for r in read_records(path, SkipCounts(), ARXIV)] == ["cs.CL", "cs.CV"]
 
 
 def test_unknown_file_type(tmp_path):
     path = tmp_path / "a.txt"
     path.write_text("x")
     with pytest.raises(DataError, match=r"unknown file type '\.txt'"):
-        read_records(path, SkipCounts())
+        read_records(path, SkipCounts(), ARXIV)
 
 
 def test_top_k_labels_and_unknown_labels_are_dropped_and_counted(tmp_path):
     rows = [record(i, "cs.CL") for i in range(5)] + [record(10 + i, "cs.CV") for i in range(3)] + [record(20, "cs.RO")]
     skips = SkipCounts()
-    records = read_records(write_jsonl(tmp_path / "a.jsonl", rows), skips)
+    records = read_records(write_jsonl(tmp_path / "a.jsonl", rows), skips, ARXIV)
     labels = choose_labels(records, top_k=2, labels=None)
     assert labels == ["cs.CL", "cs.CV"]
     splits = split_records(records, labels, 0.2, 0.2, "", skips)
@@ -149,13 +153,13 @@ def test_gzipped_jsonl_and_csv_are_read_as_streams(tmp_path):
     import gzip
 
     rows = [record(1), record(2, "cs.CV")]
-    plain = read_records(write_jsonl(tmp_path / "a.jsonl", rows), SkipCounts())
+    plain = read_records(write_jsonl(tmp_path / "a.jsonl", rows), SkipCounts(), ARXIV)
     packed = tmp_path / "papers.jsonl.gz"
     packed.write_bytes(gzip.compress((tmp_path / "a.jsonl").read_bytes()))
-    assert read_records(packed, SkipCounts()) == plain
+    assert read_records(packed, SkipCounts(), ARXIV) == plain
     csv_packed = tmp_path / "papers.CSV.gz"
     csv_packed.write_bytes(gzip.compress(b'id,title,abstract,primary_category\n1,Title 1,"A, b",cs.CL\n'))
-    assert [(r.id, r.abstract) for r in read_records(csv_packed, SkipCounts())] == [("1", "A, b")]
+    assert [(r.id, r.fields["abstract"]) for r in read_records(csv_packed, SkipCounts(), ARXIV)] == [("1", "A, b")]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl.gz", ".csv.gz"])
@@ -170,23 +174,76 @@ def test_a_truncated_archive_is_an_error_naming_the_file(tmp_path, suffix):
     path = tmp_path / f"papers{suffix}"
     path.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(DataError, match=rf"papers{suffix.replace('.', r'.')}: after line \d+: .*truncated.*gzip -t"):
-        read_records(path, SkipCounts())
+        read_records(path, SkipCounts(), ARXIV)
 
 
 def test_compressed_parquet_and_unknown_types_name_the_readable_ones(tmp_path):
     path = tmp_path / "a.parquet.gz"
     path.write_bytes(b"x")
     with pytest.raises(DataError, match=r"unknown file type '\.parquet\.gz'.*'\.jsonl\.gz'"):
-        read_records(path, SkipCounts())
+        read_records(path, SkipCounts(), ARXIV)
 
 
 def test_byte_order_mark_and_crlf_line_ends_are_accepted(tmp_path):
     rows = [record(1), record(2, "cs.CV")]
-    expected = read_records(write_jsonl(tmp_path / "a.jsonl", rows), SkipCounts())
+    expected = read_records(write_jsonl(tmp_path / "a.jsonl", rows), SkipCounts(), ARXIV)
     windows = tmp_path / "windows.jsonl"
     windows.write_bytes(b"\xef\xbb\xbf" + b"".join(json.dumps(r).encode() + b"\r\n" for r in rows))
-    assert read_records(windows, SkipCounts()) == expected
+    assert read_records(windows, SkipCounts(), ARXIV) == expected
     windows_csv = tmp_path / "windows.csv"
-    windows_csv.write_bytes(b"\xef\xbb\xbfid,title,abstract,primary_category\r\n1,Title,\"Line one,\r\ntwo\",cs.CL\r\n")
-    (only,) = read_records(windows_csv, SkipCounts())
-    assert (only.id, only.abstract, only.label) == ("1", "Line one, two", "cs.CL")
+    windows_csv.write_bytes(b'\xef\xbb\xbfid,title,abstract,primary_category\r\n1,Title,"Line one,\r\ntwo",cs.CL\r\n')
+    (only,) = read_records(windows_csv, SkipCounts(), ARXIV)
+    assert (only.id, only.fields["abstract"], only.label) == ("1", "Line one, two", "cs.CL")
+
+
+TICKETS = RecordSpec.of(("subject", "body"), "queue")
+
+
+def test_any_columns_make_a_record_and_a_file_without_ids_gets_stable_text_hashes(tmp_path):
+    rows = [
+        {"subject": "Refund", "body": "Charged  twice.", "queue": "billing"},
+        {"subject": "Login", "body": "Cannot sign in.", "queue": "access"},
+        {"subject": "Refund", "body": "Charged  twice.", "queue": "billing"},  # the same text again
+    ]
+    skips = SkipCounts()
+    records = read_records(write_jsonl(tmp_path / "t.jsonl", rows), skips, TICKETS)
+    assert [(r.fields, r.label) for r in records] == [
+        ({"subject": "Refund", "body": "Charged twice."}, "billing"),
+        ({"subject": "Login", "body": "Cannot sign in."}, "access"),
+    ]
+    assert skips.counts == {"duplicate text (no id column)": 1}
+    # the id depends on the row's text only: the same rows in a longer file, in another order, keep their ids
+    grown = read_records(
+        write_jsonl(tmp_path / "g.jsonl", [{"subject": "New", "body": "B", "queue": "x"}, *rows[::-1]]),
+        SkipCounts(),
+        TICKETS,
+    )
+    assert {r.id for r in records} <= {r.id for r in grown} and len(records[0].id) == 16
+
+
+def test_a_prompt_column_the_file_lacks_names_the_column_the_file_and_its_columns(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"subject": "Refund", "text": "Charged twice.", "queue": "billing"}])
+    with pytest.raises(DataError) as e:
+        read_records(path, SkipCounts(), TICKETS)
+    message = str(e.value)
+    assert "t.jsonl" in message and "'body'" in message and "['queue', 'subject', 'text']" in message
+    assert "\n" not in message
+
+
+def test_a_missing_label_column_names_the_setting(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("subject,body,stars\nRefund,Charged twice.,5 stars\n")
+    with pytest.raises(DataError, match=r"no label column 'queue'.*data\.label_column"):
+        read_records(path, SkipCounts(), TICKETS)
+
+
+def test_an_empty_id_cell_is_a_counted_skip_and_renamed_columns_are_read(tmp_path):
+    spec = RecordSpec.of(("text",), "stars", id="review_id", rename={"text": "review"})
+    rows = [
+        {"review_id": "r1", "review": "Great.", "stars": "5 stars"},
+        {"review_id": "", "review": "Bad.", "stars": "1 star"},
+    ]
+    skips = SkipCounts()
+    (only,) = read_records(write_jsonl(tmp_path / "r.jsonl", rows), skips, spec)
+    assert (only.id, only.fields, only.label) == ("r1", {"text": "Great."}, "5 stars")
+    assert skips.counts == {"missing or empty 'review_id'": 1}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT, compose_train
-from lmtune.evaluation.predictor import Paper, Predictor
+from lmtune.evaluation.predictor import Predictor, Row
 from lmtune.evaluation.scoring import rank_scores
 from lmtune.pipeline import train
 
@@ -60,9 +60,9 @@ def test_smollm2_learns_on_arxiv(adapter, tmp_path, shared_arxiv):
     examples = dm.examples["test"][:8]
     predictor = Predictor.from_export(tmp_path / "export", ROOT / ".cache", torch.device("cpu"))
     assert predictor.precision == "bf16-mixed"  # scored as the run was validated
-    papers = [Paper(records[e.id]["title"], records[e.id]["abstract"], e.id) for e in examples]
+    papers = [Row({k: records[e.id][k] for k in ("title", "abstract")}, e.id) for e in examples]
     prompts = [e.input_ids[: e.prompt_length] for e in examples]
-    assert [ids for ids, _ in predictor.formatter.fit_prompts([(p.title, p.abstract) for p in papers])] == prompts
+    assert [ids for ids, _ in predictor.formatter.fit_prompts([p.fields for p in papers])] == prompts
     scores, _ = predictor.scores(papers)
     (best,) = [p for p in (tmp_path / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
     reloaded, _ = Predictor.from_checkpoint(best, ROOT / ".cache", torch.device("cpu")).scores(papers)

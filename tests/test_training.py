@@ -5,11 +5,13 @@ import json
 import lightning as L
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import SnapshotAtFitStart, compose_train
+from conftest import ROOT, SnapshotAtFitStart, compose_train
+from lmtune.evaluation.predictor import Row
 from lmtune.evaluation.scoring import rank_scores
 from lmtune.model.module import NonFiniteLossError
 from lmtune.pipeline import train
@@ -140,7 +142,9 @@ def test_export_reloads_with_peft_and_predicts_like_the_trained_module(tmp_path,
     assert not torch.allclose(rank_scores(plain, prompts, formatting["answer_ids"], 0), ours, atol=1e-3)
 
 
-def test_qlora_stores_the_base_in_4bit_nf4_and_trains_the_adapter(tmp_path, cache_dir):
+def test_qlora_stores_the_base_in_4bit_nf4_trains_the_adapter_and_merges_into_a_full_precision_base(
+    tmp_path, cache_dir
+):
     import bitsandbytes as bnb
 
     cfg = compose_train(
@@ -167,6 +171,30 @@ def test_qlora_stores_the_base_in_4bit_nf4_and_trains_the_adapter(tmp_path, cach
     assert all(after[k].abs().sum() > 0 for k in after if "lora_B" in k)
     assert any(not torch.equal(before.trainable[k], v) for k, v in after.items() if "lora_A" in k)
     assert 0 <= metrics["test/acc"] <= 1
+
+    # merged for shipping: into the base reloaded in float32, not into the 4-bit weights
+    from lmtune.evaluation.predictor import Predictor
+    from lmtune.merge import merge_export
+    from lmtune.model.loading import load_base_model
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        export_cfg = compose("export.yaml", overrides=[f"ckpt={tmp_path}", f"out={tmp_path / 'merged'}"])
+    with open_dict(export_cfg):
+        export_cfg.paths.cache_dir = str(cache_dir)
+    merged_dir = merge_export(export_cfg)
+    assert "not the 4-bit weights" in json.loads((merged_dir / "formatting.json").read_text())["merged"]["into"]
+    cpu = torch.device("cpu")
+    qlora, merged = Predictor.from_export(tmp_path, cache_dir, cpu), Predictor.from_export(merged_dir, cache_dir, cpu)
+    rows = [Row(r.fields, r.id) for r in objects["datamodule"].splits["test"]]
+    prompts = [ids for ids, _ in qlora.formatter.fit_prompts([r.fields for r in rows])]
+    answers, pad = qlora.formatter.answer_ids, qlora.pad_id
+    # the quantization gap: the same base, 4-bit vs full precision, without any adapter
+    base = json.loads((tmp_path / "export" / "formatting.json").read_text())["base_model"]
+    full = load_base_model(base, {"dtype": "float32"}, None, cpu).eval()
+    four_bit = load_base_model(base, {"dtype": "float32"}, dict(cfg.adapter.quantization), cpu).eval()
+    gap = (rank_scores(full, prompts, answers, pad) - rank_scores(four_bit, prompts, answers, pad)).abs().max()
+    difference = (merged.scores(rows)[0] - qlora.scores(rows)[0]).abs().max()
+    assert 0 < difference <= 2 * gap, (difference, gap)  # merged != 4-bit model, by no more than quantization
 
 
 def test_zero_steps_evaluates_the_untrained_base_model(tmp_path, cache_dir):
@@ -234,7 +262,7 @@ def test_debug_presets_run(tmp_path, cache_dir, debug, steps, files):
 
 def test_mlp_checkpointing_keeps_less_for_the_backward_pass_and_gives_the_same_gradients(tiny_dir):
     """Selective checkpointing (`model.gradient_checkpointing=mlp`): the bytes autograd keeps between forward and
-    backward shrink (the MLPs' and the norms' before them), and the LoRA gradients are the same as without checkpointing."""
+    backward shrink (the MLPs' and the norms' before them), and the LoRA gradients are the same as without it."""
     from lmtune.model.loading import load_model
 
     adapter = {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "up_proj", "down_proj"]}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-import hydra
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -16,7 +15,7 @@ from lmtune.errors import UserError
 from lmtune.evaluation.outputs import log_to_wandb
 from lmtune.evaluation.tfidf import evaluate_tfidf
 from lmtune.utils.config import ConfigError, loggable_config
-from lmtune.utils.instantiators import instantiate_loggers
+from lmtune.utils.instantiators import instantiate_data, instantiate_loggers
 from lmtune.utils.task import task_wrapper
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ def run_baseline(cfg: DictConfig) -> dict:
 
     # `all` lifts only the train limit: val/test are limited per split, so they stay exactly the LM's
     overrides = {"limit_train": None} if train_on == "all" else {}
-    datamodule = hydra.utils.instantiate(cfg.data, **overrides)
+    datamodule = instantiate_data(cfg.data, **overrides)
     datamodule.prepare_data()
     splits = datamodule.load_splits()
     labels = datamodule.labels

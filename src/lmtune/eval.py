@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -19,7 +18,8 @@ from lmtune.data.records import SPLITS
 from lmtune.errors import UserError
 from lmtune.evaluation.evaluate import MODES, evaluate
 from lmtune.evaluation.predictor import Predictor, find_export, pick_device
-from lmtune.utils.instantiators import instantiate_loggers
+from lmtune.utils.export import read_formatting, task_data_config
+from lmtune.utils.instantiators import instantiate_data, instantiate_loggers
 from lmtune.utils.task import task_wrapper
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,16 @@ def load_for_eval(cfg: DictConfig):
     if cfg.ckpt is None:
         options.setdefault("precision", cfg.trainer.precision)
         dm = _loaded_datamodule(cfg.data)  # the label set comes from the data
+        prompt = {"system": dm.prompts["system_prompt"], "user": dm.prompts["user_template"]}
         predictor = Predictor.zero_shot(
-            cfg.model, dm.labels, cfg.paths.cache_dir, device, cfg.data.max_length, **options
+            cfg.model,
+            dm.labels,
+            prompt,
+            cfg.paths.cache_dir,
+            device,
+            cfg.data.max_length,
+            dm.prompts["truncate_column"],
+            **options,
         )
         return predictor, dm
     path = Path(cfg.ckpt)
@@ -43,11 +51,11 @@ def load_for_eval(cfg: DictConfig):
         if not path.is_file():
             raise UserError(f"ckpt={path}: checkpoint not found.")
         predictor = Predictor.from_checkpoint(path, cfg.paths.cache_dir, device, **options)
-        run_cfg = OmegaConf.load(find_export(path.parent.parent) / "config.yaml")
+        export = find_export(path.parent.parent)
     else:
         predictor = Predictor.from_export(path, cfg.paths.cache_dir, device, **options)
-        run_cfg = OmegaConf.load(find_export(path) / "config.yaml")
-    data_cfg = run_cfg.data
+        export = find_export(path)
+    data_cfg = task_data_config(OmegaConf.load(export / "config.yaml").data, read_formatting(export))
     with open_dict(data_cfg):
         data_cfg.labels = list(predictor.labels)  # the model's label set decides which papers count
         if cfg.data.get("path"):
@@ -57,7 +65,7 @@ def load_for_eval(cfg: DictConfig):
 
 
 def _loaded_datamodule(data_cfg):
-    dm = hydra.utils.instantiate(data_cfg)
+    dm = instantiate_data(data_cfg)
     dm.prepare_data()
     dm.load_splits()
     return dm

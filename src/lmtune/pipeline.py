@@ -21,12 +21,12 @@ from lmtune.utils.callbacks import TrainingStats
 from lmtune.utils.checkpoints import resolve_ckpt_path
 from lmtune.utils.config import fit_to_strategy, loggable_config, resolve_auto, validate_config
 from lmtune.utils.export import export_model
-from lmtune.utils.instantiators import instantiate_callbacks, instantiate_loggers
+from lmtune.utils.instantiators import instantiate_callbacks, instantiate_data, instantiate_loggers
 from lmtune.utils.task import task_wrapper
 
 log = logging.getLogger(__name__)
 
-# ArxivDataModule resumes mid-epoch itself (it skips the batches already seen), which Lightning cannot detect.
+# The data module resumes mid-epoch itself (it skips the batches already seen), which Lightning cannot detect.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 # val/test metrics are torchmetrics objects, synced across processes when computed; sync_dist would sync twice
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
@@ -51,7 +51,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     output_dir = Path(cfg.paths.output_dir)
 
     # data first: a fetch from the arXiv API that cannot work (offline) fails before minutes of model loading
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = instantiate_data(cfg.data)
     if rank_zero_only.rank == 0:  # one download; under torchrun/SLURM every rank starts here at once
         datamodule.prepare_data()
     else:
@@ -110,7 +110,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
             module, datamodule, output_dir, cfg.paths.cache_dir, cfg.report, summary["train"], trainer.precision, run
         )
     if trainer.is_global_zero:
-        export_model(module, tokenizer, formatter, cfg, output_dir / "export")
+        export_model(module, tokenizer, formatter, cfg, output_dir / "export", datamodule.spec)
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

@@ -1,35 +1,42 @@
-"""`predict(cfg)`: categories for papers given by arXiv id, by title + abstract, or in a JSONL file.
+"""`predict(cfg)`: labels for rows given in a file, in one row on the command line, or (arXiv) by arXiv id.
 
-Inputs are checked and papers fetched from the arXiv API before the model is loaded, so a typo in an id
-or an API outage fails in seconds. In a batch file, each line is either a paper (`title` + `abstract`,
-optional `id` and `primary_category`) or just an arXiv `id` to fetch; ids arXiv does not know get an
-`error` line in the output (and are counted) instead of stopping the other papers.
+The task (the columns the prompt reads, where a file keeps the id and the true label) comes from the export's
+formatting.json, or from `data` for zero-shot, so a file is checked line by line before the model is loaded: a
+typo in a column name, an id or an API outage fails in seconds. A batch file is JSONL, CSV or Parquet (`.gz`
+too) with the prompt's columns; for arXiv (a prompt over title and abstract) a line may instead give just an
+arXiv `id` to fetch, and ids arXiv does not know get an `error` line in the output (and are counted) instead of
+stopping the other rows.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lmtune.data.arxiv_api import ArxivClient, fetch_by_ids, normalize_id
-from lmtune.data.records import DataError, iter_jsonl_lines
+from lmtune.data.formatting import template_columns
+from lmtune.data.records import DataError, RecordSpec, clean_text, iter_jsonl_lines, reader_for, rename_columns
 from lmtune.errors import UserError
-from lmtune.evaluation.predictor import Paper, Prediction, Predictor, pick_device
+from lmtune.evaluation.predictor import Prediction, Predictor, Row, find_export, pick_device
+from lmtune.utils.export import read_formatting
 from lmtune.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
+ARXIV_COLUMNS = {"title", "abstract"}  # what an arXiv id fetch provides
+
 
 @dataclass
 class BatchItem:
-    """One line of a batch file: a paper to predict, or the reason it cannot be."""
+    """One row of a batch file: a row to predict, or the reason it cannot be."""
 
-    line: int
-    paper: Paper | None = None
+    where: str
+    row: Row | None = None
     arxiv_id: str | None = None  # to fetch
     true: str | None = None
     error: str | None = None
@@ -47,6 +54,24 @@ def verbatim_ids(overrides: list[str]) -> str | list[str] | None:
     return None
 
 
+def task_spec(cfg: DictConfig) -> RecordSpec:
+    """The task of the export (`ckpt=`) or, zero-shot, of `data`: prompt columns, label, id and renamed columns."""
+    if cfg.ckpt:
+        export = find_export(cfg.ckpt)
+        formatting = read_formatting(export)
+        data = OmegaConf.load(export / "config.yaml").get("data") or {}
+        user, label, is_list, id_column = (
+            formatting[k] for k in ("user_template", "label_column", "label_is_list", "id_column")
+        )
+    else:
+        data = cfg.data
+        user, label, is_list, id_column = data.prompt.user, data.label_column, data.label_is_list, data.id_column
+    columns = template_columns(user, "data.prompt.user")
+    label = [label] if isinstance(label, str) else list(label)
+    rename = OmegaConf.to_container(data["columns"]) if data.get("columns") else None
+    return RecordSpec.of(columns, label, id_column, is_list, rename)
+
+
 def _client(cfg: DictConfig) -> ArxivClient:
     return ArxivClient(**OmegaConf.to_container(cfg.arxiv, resolve=True))
 
@@ -58,13 +83,22 @@ def _normalize(text: str, where: str) -> str:
         raise UserError(f"{where}: {e}") from None
 
 
-def _fetch(client: ArxivClient, ids: list[str]) -> dict[str, Paper]:
+def _fetch(client: ArxivClient, ids: list[str]) -> dict[str, Row]:
     records = fetch_by_ids(client, ids)
-    return {i: Paper(r.title, r.abstract, r.id) for i, r in records.items()}
+    return {i: Row({"title": r.title, "abstract": r.abstract}, r.id) for i, r in records.items()}
 
 
-def papers_by_id(cfg: DictConfig) -> list[Paper]:
+def _need_arxiv_task(spec: RecordSpec, what: str) -> None:
+    if not set(spec.text) <= ARXIV_COLUMNS:
+        raise UserError(
+            f"{what} fetches a paper's title and abstract, but this model's prompt reads {', '.join(spec.text)}; "
+            f"give the text instead: input=<file with those columns> or row='{{{spec.text[0]}: ...}}'."
+        )
+
+
+def rows_by_id(cfg: DictConfig, spec: RecordSpec) -> list[Row]:
     """`arxiv_id=2401.01234` (or a list): every id must exist on arXiv."""
+    _need_arxiv_task(spec, "arxiv_id=")
     raw = cfg.arxiv_id if isinstance(cfg.arxiv_id, ListConfig | list) else [cfg.arxiv_id]
     ids = [_normalize(i, f"arxiv_id={i}") for i in raw]
     found = _fetch(_client(cfg), ids)
@@ -77,32 +111,69 @@ def papers_by_id(cfg: DictConfig) -> list[Paper]:
     return [found[i] for i in ids]
 
 
-def read_batch(cfg: DictConfig, path: Path) -> list[BatchItem]:
-    """The papers of a JSONL batch file; ids without text are fetched from the arXiv API in one go."""
+def row_from_command_line(cfg: DictConfig, spec: RecordSpec) -> Row:
+    """`row={subject: ..., body: ...}`, or for arXiv the `title=... abstract=...` shortcut."""
+    given = dict(OmegaConf.to_container(cfg.row)) if cfg.get("row") else {}
+    for shortcut in ("title", "abstract"):
+        if cfg.get(shortcut):
+            given[shortcut] = cfg[shortcut]
+    fields = {column: clean_text(given.get(column)) for column in spec.text}
+    missing = [column for column, value in fields.items() if not value]
+    if missing:
+        example = ", ".join(f"{c}: '...'" for c in spec.text)
+        raise UserError(
+            f"the row needs {', '.join(spec.text)} (the columns the prompt reads); missing or empty: "
+            f"{', '.join(missing)}. Give row='{{{example}}}'"
+            + (" or title='...' abstract='...'." if set(spec.text) <= ARXIV_COLUMNS else ".")
+        )
+    return Row(fields)
+
+
+def numbered_rows(path: Path, spec: RecordSpec) -> Iterator[tuple[str, dict]]:
+    """(`file:line` or `file: row N`, row) for every row of a JSONL, CSV or Parquet file (`.gz` too)."""
+    reader = reader_for(path)
+    if path.name.lower().endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        for line, row in iter_jsonl_lines(path):
+            yield f"{path}:{line}", row
+        return
+    # no column is required of the file as a whole: a row may give an arXiv id instead of the text
+    for n, row in enumerate(reader(path, RecordSpec(text=(), label=())), start=1):
+        yield f"{path}: row {n}", row
+
+
+def read_batch(cfg: DictConfig, path: Path, spec: RecordSpec) -> list[BatchItem]:
+    """The rows of a batch file; arXiv ids without text are fetched from the arXiv API in one go."""
     if not path.is_file():
-        raise DataError(f"input={path}: file not found; give a JSONL file with one paper per line.")
+        raise DataError(
+            f"input={path}: file not found; give a JSONL, CSV or Parquet file with the columns {', '.join(spec.text)}."
+        )
+    fetchable = set(spec.text) <= ARXIV_COLUMNS
     items = []
-    for line, row in iter_jsonl_lines(path):
-        title, abstract = (" ".join(str(row.get(k) or "").split()) for k in ("title", "abstract"))
-        raw_id = row.get("id") or row.get("arxiv_id")
-        true = row.get("primary_category")
-        if title and abstract:
-            items.append(BatchItem(line, Paper(title, abstract, str(raw_id) if raw_id else None), true=true))
-        elif raw_id:
-            items.append(BatchItem(line, arxiv_id=_normalize(raw_id, f"{path}:{line}"), true=true))
+    for where, raw in numbered_rows(path, spec):
+        raw = rename_columns(raw, spec.rename)
+        fields = {column: clean_text(raw.get(column)) for column in spec.text}
+        raw_id = clean_text(raw.get(spec.id)) or (clean_text(raw.get("arxiv_id")) if fetchable else "")
+        true = spec.label_of(raw) or None
+        if all(fields.values()):
+            items.append(BatchItem(where, Row(fields, raw_id or None), true=true))
+        elif fetchable and raw_id:
+            items.append(BatchItem(where, arxiv_id=_normalize(raw_id, where), true=true))
         else:
+            missing = [c for c, v in fields.items() if not v]
+            also = ", or an arXiv `id` to fetch them" if fetchable else ""
             raise DataError(
-                f"{path}:{line}: needs `title` and `abstract`, or an arXiv `id` to fetch them; found {sorted(row)}."
+                f"{where}: needs {', '.join(f'`{c}`' for c in spec.text)} (the columns the prompt reads){also}; "
+                f"missing or empty: {', '.join(missing)}; the row has {sorted(raw)}."
             )
     if not items:
-        raise DataError(f"input={path}: the file has no papers.")
+        raise DataError(f"input={path}: the file has no rows.")
     to_fetch = [item.arxiv_id for item in items if item.arxiv_id]
     if to_fetch:
         found = _fetch(_client(cfg), to_fetch)
         for item in items:
             if item.arxiv_id:
-                item.paper = found.get(item.arxiv_id)
-                if item.paper is None:
+                item.row = found.get(item.arxiv_id)
+                if item.row is None:
                     item.error = f"arXiv has no paper with id {item.arxiv_id}"
     return items
 
@@ -116,44 +187,56 @@ def load_predictor(cfg: DictConfig) -> Predictor:
         return Predictor.from_export(cfg.ckpt, cfg.paths.cache_dir, device, **options)
     if not cfg.labels:
         raise UserError("ckpt=null (zero-shot) needs a label set: labels=[cs.CL,cs.CV,...].")
-    return Predictor.zero_shot(cfg.model, list(cfg.labels), cfg.paths.cache_dir, device, cfg.max_length, **options)
+    prompt = OmegaConf.to_container(cfg.data.prompt)
+    return Predictor.zero_shot(
+        cfg.model,
+        list(cfg.labels),
+        prompt,
+        cfg.paths.cache_dir,
+        device,
+        cfg.max_length,
+        cfg.data.get("truncate_column"),
+        **options,
+    )
 
 
-def format_text(prediction: Prediction, top_k: int) -> str:
-    name = prediction.id or "paper"
-    lines = [f"{name}: {prediction.category}    {prediction.title}"]
+def format_text(prediction: Prediction, top_k: int, truncate_column: str | None) -> str:
+    name = prediction.id or "row"
+    shown = next(iter(prediction.shown.values()), "")
+    lines = [f"{name}: {prediction.category}    {shown}"]
     lines += [f"    {label:<12} {p:.3f}" for label, p in prediction.top(top_k)]
     if prediction.truncated:
-        lines.append("    (abstract shortened to fit max_length, as in training)")
+        lines.append(f"    ({truncate_column or 'the longest column'} shortened to fit max_length, as in training)")
     return "\n".join(lines)
 
 
-def predict_batch(cfg: DictConfig, emit) -> list[Prediction]:
+def predict_batch(cfg: DictConfig, spec: RecordSpec, emit) -> list[Prediction]:
     path = Path(cfg.input)
-    items = read_batch(cfg, path)
+    items = read_batch(cfg, path, spec)
     predictor = load_predictor(cfg)
-    ready = [n for n, item in enumerate(items) if item.paper is not None]
-    predictions = dict(zip(ready, predictor.predict([items[n].paper for n in ready]), strict=True))
+    ready = [n for n, item in enumerate(items) if item.row is not None]
+    predictions = dict(zip(ready, predictor.predict([items[n].row for n in ready]), strict=True))
     rows = []
     for n, item in enumerate(items):
         if item.error:
-            rows.append({"line": item.line, "id": item.arxiv_id, "error": item.error})
+            rows.append({"where": item.where, "id": item.arxiv_id, "error": item.error})
             continue
         row = predictions[n].to_dict()
         if item.true is not None:
             row["true"] = item.true
         rows.append(row)
-    out = Path(cfg.output) if cfg.output else path.with_name(f"{path.stem}.predictions.jsonl")
+    stem = path.name.removesuffix(".gz").rsplit(".", 1)[0]
+    out = Path(cfg.output) if cfg.output else path.with_name(f"{stem}.predictions.jsonl")
     atomic_write(out, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     labelled = [r for r in rows if "true" in r and r["true"] in predictor.labels]
     if labelled:
         correct = sum(r["true"] == r["category"] for r in labelled)
-        emit(f"accuracy on {len(labelled)} labelled papers: {correct / len(labelled):.3f}")
+        emit(f"accuracy on {len(labelled)} labelled rows: {correct / len(labelled):.3f}")
     errors = [r for r in rows if "error" in r]
     emit(f"wrote {len(rows) - len(errors)} predictions to {out} ({predictor.source})")
     if errors:
         raise UserError(
-            f"{len(errors)} of {len(rows)} papers in {path} could not be predicted "
+            f"{len(errors)} of {len(rows)} rows in {path} could not be predicted "
             f"({'; '.join(r['error'] for r in errors[:5])}); their lines in {out} carry an `error` field."
         )
     return list(predictions.values())
@@ -162,30 +245,29 @@ def predict_batch(cfg: DictConfig, emit) -> list[Prediction]:
 def predict(cfg: DictConfig, emit=print) -> list[Prediction]:
     """Run one prediction request; `emit` receives what the user should see (stdout in the CLI)."""
     if OmegaConf.is_missing(cfg, "ckpt"):
-        raise UserError("ckpt= is required: a trained export folder (logs/train/runs/<run>/export), or ckpt=null.")
-    given = [name for name in ("arxiv_id", "input") if cfg.get(name)]
+        raise UserError(
+            "ckpt= is required: a trained export folder (logs/train/runs/<run>/export), a merged export, or ckpt=null."
+        )
+    given = [name for name in ("arxiv_id", "input", "row") if cfg.get(name)]
     if cfg.get("title") or cfg.get("abstract"):
         given.append("title/abstract")
     if len(given) != 1:
         raise UserError(
-            "give exactly one of: arxiv_id=2401.01234 | title='...' abstract='...' | input=papers.jsonl"
-            + (f" (got {', '.join(given)})" if given else "")
+            "give exactly one of: input=rows.jsonl | row='{text: ...}' | title='...' abstract='...' | "
+            "arxiv_id=2401.01234" + (f" (got {', '.join(given)})" if given else "")
         )
     if cfg.format not in ("text", "json"):
         raise UserError(f"format={cfg.format!r}: use format=text or format=json.")
+    spec = task_spec(cfg)
     if given == ["input"]:
-        return predict_batch(cfg, emit)
-    if given == ["arxiv_id"]:
-        papers = papers_by_id(cfg)
-    else:
-        if not (cfg.get("title") and cfg.get("abstract")):
-            raise UserError("text input needs both title='...' and abstract='...'.")
-        papers = [Paper(" ".join(str(cfg.title).split()), " ".join(str(cfg.abstract).split()))]
-    predictions = load_predictor(cfg).predict(papers)
+        return predict_batch(cfg, spec, emit)
+    rows = rows_by_id(cfg, spec) if given == ["arxiv_id"] else [row_from_command_line(cfg, spec)]
+    predictor = load_predictor(cfg)
+    predictions = predictor.predict(rows)
     for prediction in predictions:
         emit(
             json.dumps(prediction.to_dict(), ensure_ascii=False)
             if cfg.format == "json"
-            else format_text(prediction, cfg.top_k)
+            else format_text(prediction, cfg.top_k, predictor.formatter.truncate_column)
         )
     return predictions

@@ -25,6 +25,7 @@ import hashlib
 import http.client
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -40,6 +41,7 @@ from pathlib import Path
 
 from lmtune.errors import UserError
 from lmtune.utils.files import atomic_write
+from lmtune.utils.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -552,57 +554,61 @@ def fetch_records(
     total: int | None = progress.get("total_results")
     pages = 0
     log.info("fetching up to %d records for %s (page size %d)", max_results, query, page_size)
-
-    while count < max_results and (total is None or start < total):
-        page_start = start
-        page = client.get({**query_key, "start": start, "max_results": page_size})
-        pages += 1
-        total = page.total_results
-        skipped += page.skipped
-        if not page.entries and page.skipped == 0:
-            if start < total:
-                log.warning("empty page at start=%d although the API reports %d results; stopping", start, total)
-            break
-        new, page_duplicates, consumed = [], 0, 0
-        for record in page.entries:
-            if count + len(new) >= max_results:
+    # a bar on a terminal; otherwise a line per page (records so far, records/s, time left)
+    wanted = max(max_results - count, 0)
+    bar = Progress(wanted, "fetching from arXiv", unit="records", steps=max(1, math.ceil(wanted / page_size)))
+    with bar:
+        while count < max_results and (total is None or start < total):
+            page_start = start
+            page = client.get({**query_key, "start": start, "max_results": page_size})
+            pages += 1
+            total = page.total_results
+            skipped += page.skipped
+            if not page.entries and page.skipped == 0:
+                if start < total:
+                    log.warning("empty page at start=%d although the API reports %d results; stopping", start, total)
                 break
-            consumed += 1
-            if record.id in seen:
-                page_duplicates += 1
-                continue
-            seen.add(record.id)
-            new.append(record)
-        with paths.partial.open("a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in new)
-            f.flush()
-            os.fsync(f.fileno())
-        count += len(new)
-        duplicates += page_duplicates
-        # Advance past what was used, not past the whole page: a rerun asking for more continues exactly here.
-        start += consumed + page.skipped
-        _write_json(
-            paths.state,
-            {
-                "query": query_key,
-                "next_start": start,
-                "count": count,
-                "duplicates_dropped": duplicates,
-                "skipped": skipped,
-                "total_results": total,
-            },
-        )
-        log.info(
-            "page %d (start=%d): %d entries, %d new, %d duplicate; %d/%d records, %d results in total",
-            pages,
-            page_start,
-            len(page.entries),
-            len(new),
-            page_duplicates,
-            count,
-            max_results,
-            total,
-        )
+            new, page_duplicates, consumed = [], 0, 0
+            for record in page.entries:
+                if count + len(new) >= max_results:
+                    break
+                consumed += 1
+                if record.id in seen:
+                    page_duplicates += 1
+                    continue
+                seen.add(record.id)
+                new.append(record)
+            with paths.partial.open("a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in new)
+                f.flush()
+                os.fsync(f.fileno())
+            count += len(new)
+            duplicates += page_duplicates
+            # Advance past what was used, not past the whole page: a rerun asking for more continues exactly here.
+            start += consumed + page.skipped
+            _write_json(
+                paths.state,
+                {
+                    "query": query_key,
+                    "next_start": start,
+                    "count": count,
+                    "duplicates_dropped": duplicates,
+                    "skipped": skipped,
+                    "total_results": total,
+                },
+            )
+            bar.advance(len(new))
+            log.debug(
+                "page %d (start=%d): %d entries, %d new, %d duplicate; %d/%d records, %d results in total",
+                pages,
+                page_start,
+                len(page.entries),
+                len(new),
+                page_duplicates,
+                count,
+                max_results,
+                total,
+            )
 
     digest = hashlib.sha256()
 

@@ -1,4 +1,4 @@
-"""LightningDataModule for arXiv classification: records -> label set -> hash splits -> chat examples -> batches."""
+"""LightningDataModule for text classification: records -> label set -> hash splits -> chat examples -> batches."""
 
 from __future__ import annotations
 
@@ -9,25 +9,22 @@ import torch
 from torch.utils.data import DataLoader
 
 from lmtune.data.batching import LengthGroupedSampler, PaddingCollator, shard_for_eval
-from lmtune.data.formatting import (
-    DEFAULT_SYSTEM_PROMPT,
-    DEFAULT_USER_TEMPLATE,
-    ChatFormatter,
-    Example,
-)
-from lmtune.data.records import SPLITS, DataError, Record, SkipCounts, choose_labels, split_records
+from lmtune.data.formatting import ChatFormatter, Example, template_columns
+from lmtune.data.records import SPLITS, DataError, Record, RecordSpec, SkipCounts, choose_labels, split_records
 from lmtune.data.sources import RecordSource
 
 log = logging.getLogger(__name__)
 
 
-class ArxivDataModule(L.LightningDataModule):
-    """arXiv records (a local file, the arXiv API or a HF dataset; see `sources.py`) as supervised chat examples.
+class TextClassificationDataModule(L.LightningDataModule):
+    """Labelled text (a local file, a HF dataset or the arXiv API; see `sources.py`) as supervised chat examples.
 
-    Splits are by a hash of the paper id, so a paper never changes split when the file grows. The label set
-    is `labels` if given, else the categories asked of the arXiv API (source arxiv_api), else the `top_k`
-    most frequent primary categories; other records are dropped and counted. `overfit=N` uses the first N
-    training examples as train, val and test (a sanity check).
+    Any task is a configuration: `prompt.user` names the columns the model reads (`"Subject: {subject}\n\n{body}"`),
+    `prompt.system` may list the labels (`{labels}`), `label_column` holds the class and `id_column` the id (a
+    hash of the row's text when the file has none). Splits are by a hash of the id, so a row never changes split
+    when the file grows. The label set is `labels` if given, else the categories asked of the arXiv API (source
+    arxiv_api), else the `top_k` most frequent labels; other records are dropped and counted. `overfit=N` uses
+    the first N training examples as train, val and test (a sanity check).
     """
 
     def __init__(
@@ -35,6 +32,11 @@ class ArxivDataModule(L.LightningDataModule):
         tokenizer=None,  # may be set after construction: the data can be fetched before the model is loaded
         path: str | None = None,
         source: str = "auto",
+        prompt: dict | None = None,
+        label_column: str | list[str] = "label",
+        label_is_list: bool = False,
+        id_column: str = "id",
+        truncate_column: str | None = None,
         columns: dict | None = None,
         arxiv_query: dict | None = None,
         arxiv: dict | None = None,
@@ -58,8 +60,6 @@ class ArxivDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int = 16,
         num_workers: int = 0,
-        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-        user_template: str = DEFAULT_USER_TEMPLATE,
         eot_token: str | None = None,
         chat_template_kwargs: dict | None = None,
         seed: int = 0,
@@ -71,8 +71,15 @@ class ArxivDataModule(L.LightningDataModule):
                 f"and sum to less than 1."
             )
         self.tokenizer = tokenizer
+        prompt = dict(prompt or {})
+        missing = [k for k in ("system", "user") if not prompt.get(k)]
+        if missing:
+            raise DataError(f"data.prompt.{missing[0]} is not set: the task's prompt (see conf/data/*.yaml).")
+        self.spec = RecordSpec.of(
+            template_columns(prompt["user"], "data.prompt.user"), label_column, id_column, label_is_list, columns
+        )
         self.source = RecordSource(
-            source, path, columns, arxiv_query, arxiv, hf_name, hf_config, hf_split, hf_revision, cache_dir
+            self.spec, source, path, arxiv_query, arxiv, hf_name, hf_config, hf_split, hf_revision, cache_dir
         )
         self.top_k, self.requested_labels = top_k, list(labels) if labels else None
         self.val_fraction, self.test_fraction, self.split_salt = val_fraction, test_fraction, split_salt
@@ -82,8 +89,9 @@ class ArxivDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.group_by_length, self.seed = group_by_length, seed
         self.prompts = {
-            "system_prompt": system_prompt,
-            "user_template": user_template,
+            "system_prompt": prompt["system"],
+            "user_template": prompt["user"],
+            "truncate_column": truncate_column,
             "eot_token": eot_token,
             "chat_template_kwargs": chat_template_kwargs,
         }
@@ -118,6 +126,8 @@ class ArxivDataModule(L.LightningDataModule):
                 f"least 2 to classify. Give a file with two or more classes, or check data.labels and data.top_k."
             )
         splits = split_records(records, self.labels, self.val_fraction, self.test_fraction, self.split_salt, self.skips)
+        where, summary = self.source.where, self.skips.summary()
+        log.info("%s: %d records, %d labels; %s", where, len(records), len(self.labels), summary)
         if self.overfit:
             splits = {name: splits["train"][: self.overfit] for name in SPLITS}
         else:
@@ -138,7 +148,7 @@ class ArxivDataModule(L.LightningDataModule):
         if self.examples:
             return
         if self.tokenizer is None:
-            raise RuntimeError("ArxivDataModule.setup needs a tokenizer: pass it or set datamodule.tokenizer first")
+            raise RuntimeError("setup needs a tokenizer: pass one to the data module or set its .tokenizer first")
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.collator = PaddingCollator(pad_id, self.pad_to_multiple_of)
@@ -147,7 +157,7 @@ class ArxivDataModule(L.LightningDataModule):
         self.examples = {name: self.formatter.format(rs) for name, rs in splits.items()}
         self.stats["truncated"] = {name: sum(e.truncated for e in ex) for name, ex in self.examples.items()}
         log.info(
-            "data %s: %d labels %s; %s; train/val/test = %d/%d/%d examples; truncated abstracts %s",
+            "data %s: %d labels %s; %s; train/val/test = %d/%d/%d examples; truncated prompts %s",
             self.source.where,
             len(self.labels),
             self.labels,

@@ -1,7 +1,8 @@
 """Chat formatting and label masking, in one place.
 
 An example is `prompt_ids + answer_ids[label]`: the prompt is the conversation rendered by the tokenizer's
-own chat template with the generation prompt, the answer is the category followed by the end-of-turn token.
+own chat template with the generation prompt (a system turn, which may list the labels, and a user turn made
+from the record's columns by `data.prompt.user`), the answer is the label followed by the end-of-turn token.
 Only the answer carries loss (`labels` is -100 on the prompt). Because the ids are built by concatenation,
 the rank scorer and the trainer see exactly the same tokens. Every example is also checked against the
 tokenization of the full rendered conversation, so template or BPE drift at the boundary is an error,
@@ -11,6 +12,8 @@ never a silently shifted mask.
 from __future__ import annotations
 
 import logging
+import string
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from lmtune.data.records import DataError, Record
@@ -18,12 +21,23 @@ from lmtune.data.records import DataError, Record
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+LABELS_FIELD = "labels"  # filled with the label set, in either prompt; every other field is a column
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You classify arXiv papers by their primary category. "
-    "Answer with exactly one of these categories and nothing else: {labels}."
-)
-DEFAULT_USER_TEMPLATE = "Title: {title}\nAbstract: {abstract}"
+
+def template_columns(template: str, name: str) -> tuple[str, ...]:
+    """The columns a prompt template reads (`{subject}`, `{body}`), checked: a broken template is a DataError
+    naming the setting, not a KeyError at the first record."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise DataError(f"{name}={template!r}: {e}; write a literal brace as {{{{ or }}}}.") from None
+    for field in fields:
+        if field == "" or field.isdigit() or any(c in field for c in ".[]"):
+            raise DataError(
+                f"{name}={template!r}: '{{{field}}}' is not a column name; name a column, e.g. {{text}} "
+                f"(and write a literal brace as {{{{ or }}}})."
+            )
+    return tuple(dict.fromkeys(f for f in fields if f != LABELS_FIELD))
 
 
 @dataclass
@@ -38,15 +52,21 @@ class Example:
 
 
 class ChatFormatter:
-    """Turns records into token ids with the tokenizer's chat template; answers are `<category><eot>`."""
+    """Turns records into token ids with the tokenizer's chat template; answers are `<label><eot>`.
+
+    `system_prompt` may use `{labels}` only; `user_template` names the record's columns (`{title}`,
+    `{subject}`...). Too long a prompt has `truncate_column` shortened (default: each row's longest column).
+    """
 
     def __init__(
         self,
         tokenizer,
         labels: list[str],
         max_length: int = 512,
-        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-        user_template: str = DEFAULT_USER_TEMPLATE,
+        *,
+        system_prompt: str,
+        user_template: str,
+        truncate_column: str | None = None,
         eot_token: str | None = None,
         chat_template_kwargs: dict | None = None,
     ):
@@ -59,8 +79,23 @@ class ChatFormatter:
         self.labels = list(labels)
         self.label_to_index = {label: i for i, label in enumerate(self.labels)}
         self.max_length = max_length
+        if stray := template_columns(system_prompt, "data.prompt.system"):
+            raise DataError(
+                f"data.prompt.system uses {', '.join('{' + c + '}' for c in stray)}: only {{labels}} is filled in "
+                f"there; put the record's columns in data.prompt.user."
+            )
+        self.columns = template_columns(user_template, "data.prompt.user")
+        if not self.columns:
+            raise DataError(f"data.prompt.user={user_template!r} reads no column; name one, e.g. {{text}}.")
+        if truncate_column is not None and truncate_column not in self.columns:
+            raise DataError(
+                f"data.truncate_column={truncate_column!r} is not a column the prompt reads "
+                f"({', '.join(self.columns)}); pick one of them, or null for each row's longest."
+            )
+        self.truncate_column = truncate_column
         self.system_prompt_template = system_prompt  # exported, so predict rebuilds the exact prompt
-        self.system_prompt = system_prompt.format(labels=", ".join(self.labels))
+        self.label_list = ", ".join(self.labels)
+        self.system_prompt = system_prompt.format(labels=self.label_list)
         self.user_template = user_template
         # extra template variables, e.g. Llama 3's `date_string`, which otherwise injects today's date
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
@@ -71,12 +106,20 @@ class ChatFormatter:
         # Reference answers: the label set's token sequences, shared by training and rank scoring.
         self.answer_ids: list[list[int]] = [self._reference_answer(label) for label in self.labels]
         self.longest_answer = max(len(a) for a in self.answer_ids)
+        same = [
+            (a, b)
+            for i, a in enumerate(self.labels)
+            for b in self.labels[i + 1 :]
+            if self.answer_ids[self.label_to_index[a]] == self.answer_ids[self.label_to_index[b]]
+        ]
+        if same:
+            raise DataError(f"labels {same[0][0]!r} and {same[0][1]!r} give the same answer tokens; rename one.")
 
     # --- rendering -------------------------------------------------------------------------------------
-    def messages(self, title: str, abstract: str, label: str | None = None) -> list[dict]:
+    def messages(self, fields: Mapping[str, str], label: str | None = None) -> list[dict]:
         msgs = [
             {"role": "system", "content": self.system_prompt},
-            {"role": "user", "content": self.user_template.format(title=title, abstract=abstract)},
+            {"role": "user", "content": self.user_template.format(**fields, **{LABELS_FIELD: self.label_list})},
         ]
         if label is not None:
             msgs.append({"role": "assistant", "content": label})
@@ -111,7 +154,7 @@ class ChatFormatter:
         return rest[: rest.index(self.eot_id) + 1]
 
     def _reference_answer(self, label: str) -> list[int]:
-        msgs = self.messages("Title", "Abstract.", label)
+        msgs = self.messages(dict.fromkeys(self.columns, "Text."), label)
         prompt, full = self._encode([self._render(msgs[:-1], True), self._render(msgs, False)])
         answer = self._answer_from_full(prompt, full, f"label {label!r}")
         if self.tokenizer.decode(answer[:-1]).strip() != label:
@@ -119,13 +162,13 @@ class ChatFormatter:
         return answer
 
     # --- examples --------------------------------------------------------------------------------------
-    def prompt_ids(self, title: str, abstract: str) -> list[int]:
-        return self._encode([self._render(self.messages(title, abstract), True)])[0]
+    def prompt_ids(self, fields: Mapping[str, str]) -> list[int]:
+        return self._encode([self._render(self.messages(fields), True)])[0]
 
     def format(self, records: list[Record]) -> list[Example]:
-        """Tokenize records in one batch; truncate abstracts (never answers) to fit max_length."""
-        prompts = [self._render(self.messages(r.title, r.abstract), True) for r in records]
-        fulls = [self._render(self.messages(r.title, r.abstract, r.label), False) for r in records]
+        """Tokenize records in one batch; shorten the truncate column (never the answer) to fit max_length."""
+        prompts = [self._render(self.messages(r.fields), True) for r in records]
+        fulls = [self._render(self.messages(r.fields, r.label), False) for r in records]
         encoded = self._encode(prompts + fulls)
         examples = []
         for i, r in enumerate(records):
@@ -141,7 +184,7 @@ class ChatFormatter:
             # label-dependent cut would leak the answer's length into evaluation), and predict builds it the same way
             truncated = len(prompt) + self.longest_answer > self.max_length
             if truncated:
-                prompt = self._fit_prompt(r.title, r.abstract, self.longest_answer, f"record {r.id}")
+                prompt = self._fit_prompt(r.fields, self.longest_answer, f"record {r.id}")
             examples.append(
                 Example(
                     id=r.id,
@@ -155,29 +198,32 @@ class ChatFormatter:
         return examples
 
     def fit_prompts(
-        self, items: list[tuple[str, str]], answer_length: int | None = None
+        self, items: list[Mapping[str, str]], answer_length: int | None = None
     ) -> list[tuple[list[int], bool]]:
-        """Prompt ids for (title, abstract) pairs whose label is unknown (prediction), shortened exactly as in
-        training. Returns (ids, truncated) per item."""
+        """Prompt ids for rows whose label is unknown (prediction), shortened exactly as in training.
+        Returns (ids, truncated) per row."""
         room = answer_length if answer_length is not None else max(len(a) for a in self.answer_ids)
-        encoded = self._encode([self._render(self.messages(t, a), True) for t, a in items])
+        encoded = self._encode([self._render(self.messages(fields), True) for fields in items])
         return [
-            (ids, False) if len(ids) + room <= self.max_length else (self._fit_prompt(t, a, room, f"paper {t!r}"), True)
-            for ids, (t, a) in zip(encoded, items, strict=True)
+            (ids, False)
+            if len(ids) + room <= self.max_length
+            else (self._fit_prompt(fields, room, f"row {next(iter(fields.values()))[:40]!r}"), True)
+            for ids, fields in zip(encoded, items, strict=True)
         ]
 
-    def _fit_prompt(self, title: str, abstract: str, answer_length: int, where: str) -> list[int]:
-        """Shorten the abstract until prompt + answer fit max_length."""
+    def _fit_prompt(self, fields: Mapping[str, str], answer_length: int, where: str) -> list[int]:
+        """Shorten the truncate column (default: this row's longest) until prompt + answer fit max_length."""
         budget = self.max_length - answer_length
-        abstract_ids = self._encode([abstract])[0]
-        keep = len(abstract_ids)
+        column = self.truncate_column or max(self.columns, key=lambda c: len(fields[c]))
+        cut_ids = self._encode([fields[column]])[0]
+        keep = len(cut_ids)
         while True:
-            prompt = self.prompt_ids(title, self.tokenizer.decode(abstract_ids[:keep]).strip())
+            prompt = self.prompt_ids({**fields, column: self.tokenizer.decode(cut_ids[:keep]).strip()})
             if len(prompt) <= budget:
                 return prompt
             if keep == 0:
                 raise DataError(
-                    f"{where}: the prompt without any abstract is {len(prompt)} tokens, more than "
+                    f"{where}: the prompt without any of its '{column}' is {len(prompt)} tokens, more than "
                     f"data.max_length={self.max_length} minus the answer ({answer_length}); raise data.max_length."
                 )
             keep = max(0, keep - (len(prompt) - budget) - 1)

@@ -11,10 +11,10 @@ when this source is used, because importing it is slow and most runs read a loca
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
-from lmtune.data.records import DataError, check_columns
+from lmtune.data.records import DataError, RecordSpec, check_columns
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +98,13 @@ def iter_hf_rows(
     config: str | None = None,
     split: str = "train",
     revision: str | None = None,
-    columns: Mapping[str, str] | None = None,
+    spec: RecordSpec | None = None,
 ) -> tuple[Iterator[dict], str]:
     """Rows of a Hugging Face dataset as plain dicts (not yet renamed), and `where`, naming it in errors.
 
     `name` is a folder saved with `save_to_disk` (read with `load_from_disk`), else anything `load_dataset`
     takes: a Hub id or a local folder of data files. The dataset is loaded and its columns are checked here,
-    so a bad setting fails at once rather than at the first row; `columns` maps our field to their column.
+    so a bad setting fails at once rather than at the first row (`spec` names the columns the task reads).
     """
     if not name or not str(name).strip():
         raise DataError("data.hf_name is empty: set it to a Hub dataset id or a local dataset folder.")
@@ -122,7 +122,8 @@ def iter_hf_rows(
     else:
         dataset, where = _load_dataset(datasets, name, config, split, revision)
 
-    check_columns(where, dataset.column_names, columns)
+    if spec is not None:
+        check_columns(where, dataset.column_names, spec)
     # a format saved with the dataset (numpy, torch, ...) would yield arrays; records want plain Python values
     dataset = dataset.with_format(None)
     log.info("%s: %d rows", where, len(dataset))

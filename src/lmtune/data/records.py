@@ -1,8 +1,11 @@
-"""Reading arXiv records from JSONL, CSV or Parquet, choosing the label set and splitting by id hash.
+"""Reading labelled text records from JSONL, CSV or Parquet (`.gz` too), choosing the label set and splitting
+by id hash.
 
-Every record that is skipped is counted by reason (`SkipCounts`), so a user can see what was dropped;
-input that cannot be trusted at all (a malformed line, a missing column, bytes that are not UTF-8)
-raises `DataError` naming the file, the line and the fix.
+Which columns make a record is the task's choice (`RecordSpec`: the columns the prompt reads, the label column,
+the id column), so one reader serves arXiv papers, support tickets or reviews. Every record that is skipped is
+counted by reason (`SkipCounts`), so a user can see what was dropped; input that cannot be trusted at all (a
+malformed line, a missing column, bytes that are not UTF-8) raises `DataError` naming the file, the line and
+the fix.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from lmtune.errors import UserError
 
 log = logging.getLogger(__name__)
 
-REQUIRED_FIELDS = ("id", "title", "abstract")
 SPLITS = ("train", "val", "test")
 
 
@@ -33,9 +35,47 @@ class DataError(UserError):
 @dataclass(frozen=True)
 class Record:
     id: str
-    title: str
-    abstract: str
-    label: str  # the primary category
+    fields: dict[str, str]  # the columns the prompt reads, whitespace collapsed
+    label: str
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """Which columns of a row make a record.
+
+    `text`: the columns the prompt reads (each must be non-empty); `label`: the label columns, the first
+    non-empty one wins; `label_is_list`: a label cell lists several classes (a list, a JSON list, or words
+    separated by spaces or commas) and the first is the label, as arXiv's `categories`; `id`: the id column:
+    when the file has none, the id is a hash of the row's text, so splits stay stable when the file grows;
+    `rename`: the name used here -> the file's own column (e.g. {abstract: summary}).
+    """
+
+    text: tuple[str, ...] = ("text",)
+    label: tuple[str, ...] = ("label",)
+    id: str = "id"
+    label_is_list: bool = False
+    rename: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, text, label="label", id="id", label_is_list=False, rename=None) -> RecordSpec:
+        label = (label,) if isinstance(label, str) else tuple(label)
+        return cls(tuple(text), label, id, bool(label_is_list), dict(rename or {}))
+
+    def label_of(self, row: Mapping) -> str:
+        for column in self.label:
+            value = row.get(column)
+            if self.label_is_list:
+                value = next(iter(_categories(value)), "")
+            elif isinstance(value, list | tuple):  # a list cell: its first class
+                value = value[0] if value else ""
+            if clean_text(value):
+                return clean_text(value)
+        return ""
+
+
+def text_id(fields: Mapping[str, str]) -> str:
+    """A stable id from a row's text, for files without an id column."""
+    return hashlib.sha256("\x1f".join(fields.values()).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -58,7 +98,7 @@ class SkipCounts:
         return f"skipped {self.total} records: {parts}"
 
 
-def _text(value) -> str:
+def clean_text(value) -> str:
     """Collapse whitespace; None and non-strings become ''."""
     if value is None or (isinstance(value, float) and value != value):  # NaN from pandas-like sources
         return ""
@@ -81,21 +121,28 @@ def _categories(value) -> list[str]:
     return [str(c).strip() for c in value if str(c).strip()]
 
 
-def to_record(raw: dict, skips: SkipCounts) -> Record | None:
-    """Validate one raw row; return None (and count why) if it cannot be used."""
-    values = {k: _text(raw.get(k)) for k in REQUIRED_FIELDS}
-    for name in REQUIRED_FIELDS:
-        if not values[name]:
-            skips.add(f"missing or empty '{name}'")
+def to_record(raw: Mapping, spec: RecordSpec, skips: SkipCounts) -> Record | None:
+    """Validate one row (already renamed); return None (and count why) if it cannot be used."""
+    fields = {column: clean_text(raw.get(column)) for column in spec.text}
+    for column, value in fields.items():
+        if not value:
+            skips.add(f"missing or empty '{column}'")
             return None
-    label = _text(raw.get("primary_category")) or next(iter(_categories(raw.get("categories"))), "")
+    label = spec.label_of(raw)
     if not label:
-        skips.add("missing 'primary_category' and 'categories'")
+        skips.add(f"missing {' and '.join(repr(c) for c in spec.label)}")
         return None
-    return Record(id=values["id"], title=values["title"], abstract=values["abstract"], label=label)
+    if spec.id in raw:
+        record_id = clean_text(raw[spec.id])
+        if not record_id:
+            skips.add(f"missing or empty '{spec.id}'")
+            return None
+    else:
+        record_id = text_id(fields)
+    return Record(id=record_id, fields=fields, label=label)
 
 
-def iter_jsonl(path: Path, columns: Mapping[str, str] | None = None) -> Iterator[dict]:
+def iter_jsonl(path: Path, spec: RecordSpec) -> Iterator[dict]:
     for _, obj in iter_jsonl_lines(path):
         yield obj
 
@@ -157,36 +204,40 @@ def iter_jsonl_lines(path: Path) -> Iterator[tuple[int, dict]]:
             yield lineno, obj
 
 
-def rename_columns(row: dict, columns: Mapping[str, str] | None) -> dict:
-    """Our field names from the source's: `columns` maps our field (id, title, ...) to the source column."""
-    if not columns:
+def rename_columns(row: Mapping, rename: Mapping[str, str] | None) -> Mapping:
+    """The row under the names the task uses: `rename` maps such a name to the source's own column."""
+    if not rename:
         return row
     renamed = dict(row)
-    for ours, theirs in columns.items():
+    for ours, theirs in rename.items():
         if theirs in row:
             renamed[ours] = row[theirs]
     return renamed
 
 
-def check_columns(where: str, names: Iterable[str], columns: Mapping[str, str] | None = None) -> None:
-    """Fail at once, naming the missing fields, when a table lacks the columns a record needs."""
-    names = set(rename_columns(dict.fromkeys(names), columns))
-    missing = [c for c in REQUIRED_FIELDS if c not in names]
-    if "primary_category" not in names and "categories" not in names:
-        missing.append("primary_category (or categories)")
+def check_columns(where: str, names: Iterable[str], spec: RecordSpec) -> None:
+    """Fail at once, naming the missing column, when a table lacks a column the task reads."""
+    found = sorted(names)
+    names = set(rename_columns(dict.fromkeys(names), spec.rename))
+    missing = [c for c in spec.text if c not in names]
     if missing:
         raise DataError(
-            f"{where}: missing column(s) {', '.join(missing)}; found {sorted(names)}. Records need id, title, "
-            f"abstract and primary_category (or categories); map other names with "
-            f"`data.columns={{abstract: summary, ...}}` (our field: your column)."
+            f"{where}: the prompt (data.prompt.user) reads column(s) {', '.join(map(repr, missing))}, which the "
+            f"data lacks; it has {found}. Name those columns in data.prompt.user, or map one with "
+            f"`data.columns={{{missing[0]}: <your column>}}`."
+        )
+    if spec.label and not names & set(spec.label):
+        raise DataError(
+            f"{where}: no label column {' or '.join(map(repr, spec.label))}; it has {found}. "
+            f"Set data.label_column=<the column with the class>."
         )
 
 
-def _iter_csv(path: Path, columns: Mapping[str, str] | None) -> Iterator[dict]:
+def _iter_csv(path: Path, spec: RecordSpec) -> Iterator[dict]:
     with _open(path, "rt") as f:
         reader = csv.DictReader(f)
         try:
-            check_columns(str(path), reader.fieldnames or [], columns)
+            check_columns(str(path), reader.fieldnames or [], spec)
             yield from reader
         except UnicodeDecodeError as e:
             raise DataError(
@@ -197,14 +248,14 @@ def _iter_csv(path: Path, columns: Mapping[str, str] | None) -> Iterator[dict]:
             raise _broken_archive(path, e, f"{path}: after line {reader.line_num}") from None
 
 
-def _iter_parquet(path: Path, columns: Mapping[str, str] | None) -> Iterator[dict]:
+def _iter_parquet(path: Path, spec: RecordSpec) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for a broken file
         raise DataError(f"{path}: not a readable Parquet file ({e}).") from None
-    check_columns(str(path), table.column_names, columns)
+    check_columns(str(path), table.column_names, spec)
     yield from table.to_pylist()
 
 
@@ -223,31 +274,39 @@ def reader_for(path: Path):
     raise DataError(f"{path}: unknown file type '{''.join(path.suffixes[-2 if gz else -1 :])}'; use one of {known}.")
 
 
-def read_records(path: str | Path, skips: SkipCounts, columns: Mapping[str, str] | None = None) -> list[Record]:
+def read_records(path: str | Path, skips: SkipCounts, spec: RecordSpec) -> list[Record]:
     """Read and validate all records of a file; duplicates and unusable rows are counted in `skips`."""
     path = Path(path)
     if not path.is_file():
         raise DataError(
             f"data file not found: {path.resolve()}. Point `data.path=` at a JSONL, CSV or Parquet file "
-            f"of arXiv records (id, title, abstract, primary_category)."
+            f"(optionally .gz) with the columns {', '.join(spec.text + spec.label[:1])}."
         )
-    return records_from_rows(reader_for(path)(path, columns), str(path), skips, columns)
+    return records_from_rows(reader_for(path)(path, spec), str(path), skips, spec)
 
 
-def records_from_rows(
-    rows: Iterable[dict], where: str, skips: SkipCounts, columns: Mapping[str, str] | None = None
-) -> list[Record]:
+def records_from_rows(rows: Iterable[Mapping], where: str, skips: SkipCounts, spec: RecordSpec) -> list[Record]:
     """Validated, de-duplicated records from raw rows of any source; `where` names the source in errors."""
-    records, seen = [], set()
+    records, seen, columns, hashed = [], set(), set(), 0
     for raw in rows:
-        record = to_record(rename_columns(raw, columns), skips)
+        columns.update(raw)
+        raw = rename_columns(raw, spec.rename)
+        record = to_record(raw, spec, skips)
         if record is None:
             continue
+        hashed += spec.id not in raw
         if record.id in seen:
-            skips.add("duplicate id")
+            skips.add("duplicate id" if spec.id in raw else "duplicate text (no id column)")
             continue
         seen.add(record.id)
         records.append(record)
+    if not columns:
+        raise DataError(
+            f"{where}: the data has no rows; give a file with a header and rows (CSV) or one object per line."
+        )
+    check_columns(where, columns, spec)  # a column no row has (JSONL has no header to check first)
+    if hashed:
+        log.info("%s: %d rows without an '%s' column get an id from a hash of their text", where, hashed, spec.id)
     if not records:
         raise DataError(f"{where}: no usable records ({skips.summary()}).")
     return records

@@ -1,8 +1,9 @@
-"""Where training records come from: a local file, the arXiv API, or a Hugging Face dataset.
+"""Where training records come from: a local file, a Hugging Face dataset, or (arXiv tasks) the arXiv API.
 
 `data.source=auto` (the default) picks `file` when `data.path` is set, `hf` when `data.hf_name` is set,
-and otherwise `arxiv_api`, so `python src/train.py experiment=qlora_arxiv` works from nothing on a
-machine with network. The arXiv source fetches once into a file under `paths.cache_dir/arxiv/` named
+and otherwise `arxiv_api` when the task has an arXiv query (`data=arxiv`), so
+`python src/train.py experiment=qlora_arxiv` works from nothing on a machine with network. The arXiv source
+fetches once into a file under `paths.cache_dir/arxiv/` named
 by a hash of the query; a later run with the same query reads that file (`refresh=true` fetches again).
 Downloading happens in `prepare()` (Lightning's `prepare_data`), reading in `read()`.
 """
@@ -17,30 +18,35 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from lmtune.data.arxiv_api import ArxivApiError, ArxivClient, FetchPaths, fetch_dataset
-from lmtune.data.records import DataError, Record, SkipCounts, read_records, records_from_rows
+from lmtune.data.records import DataError, Record, RecordSpec, SkipCounts, read_records, records_from_rows
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("auto", "file", "arxiv_api", "hf")
 
 
-def resolve_source(source: str, path: str | None, hf_name: str | None) -> str:
-    """The concrete source for `auto`: a given file, else a given HF dataset, else the arXiv API."""
+def resolve_source(source: str, path: str | None, hf_name: str | None, arxiv_query: Mapping | None = None) -> str:
+    """The concrete source for `auto`: a given file, else a given HF dataset, else the arXiv API (arXiv tasks)."""
     if source not in SOURCES:
         raise DataError(f"data.source={source!r}: use one of {', '.join(SOURCES)}.")
     if source != "auto":
         return source
+    if not (path or hf_name or arxiv_query):
+        raise DataError(
+            "no data: set `data.path=` (a JSONL, CSV or Parquet file, optionally .gz) or `data.hf_name=` "
+            "(a Hugging Face dataset)."
+        )
     return "file" if path else "hf" if hf_name else "arxiv_api"
 
 
 class RecordSource:
-    """One configured source of arXiv records; `read()` returns validated records (skips counted)."""
+    """One configured source of records; `read()` returns validated records (skips counted)."""
 
     def __init__(
         self,
+        spec: RecordSpec,
         source: str = "auto",
         path: str | None = None,
-        columns: Mapping[str, str] | None = None,
         arxiv_query: Mapping | None = None,
         arxiv: Mapping | None = None,
         hf_name: str | None = None,
@@ -49,19 +55,24 @@ class RecordSource:
         hf_revision: str | None = None,
         cache_dir: str | Path | None = None,
     ):
-        self.kind = resolve_source(source, path, hf_name)
+        self.kind = resolve_source(source, path, hf_name, arxiv_query)
         self.path = Path(path) if path else None
-        self.columns = dict(columns) if columns else None
+        self.spec = spec
         self.query = dict(arxiv_query or {})
         self.client_settings = dict(arxiv or {})
         self.hf = {"name": hf_name, "config": hf_config, "split": hf_split, "revision": hf_revision}
         if self.kind == "file" and self.path is None:
-            raise DataError("data.source=file needs `data.path=` (a JSONL, CSV or Parquet file of arXiv records).")
+            raise DataError("data.source=file needs `data.path=` (a JSONL, CSV or Parquet file, optionally .gz).")
         if self.kind == "hf" and not hf_name:
             raise DataError("data.source=hf needs `data.hf_name=` (a hub dataset id or a local dataset folder).")
         if self.kind == "arxiv_api":
             if not self.query.get("categories"):
                 raise DataError("data.source=arxiv_api needs data.arxiv_query.categories, e.g. [cs.CL,cs.CV].")
+            if not set(spec.text) <= {"title", "abstract"}:
+                raise DataError(
+                    f"data.source=arxiv_api gives papers' title and abstract, but data.prompt.user reads "
+                    f"{', '.join(spec.text)}; use data=arxiv's prompt, or give your data with `data.path=`."
+                )
             self.path = self.cached_path(Path(cache_dir or ".cache"))
 
     @property
@@ -136,8 +147,8 @@ class RecordSource:
         if self.kind == "hf":
             from lmtune.data.hf_source import iter_hf_rows
 
-            rows, where = iter_hf_rows(**self.hf, columns=self.columns)
-            return records_from_rows(rows, where, skips, self.columns)
+            rows, where = iter_hf_rows(**self.hf, spec=self.spec)
+            return records_from_rows(rows, where, skips, self.spec)
         if self.kind == "arxiv_api" and not self.path.is_file():
             self.prepare()
-        return read_records(self.path, skips, self.columns)
+        return read_records(self.path, skips, self.spec)

@@ -17,8 +17,8 @@ import torch
 
 from lmtune.data.records import Record
 from lmtune.evaluation.metrics import INVALID, classification_metrics
-from lmtune.evaluation.outputs import EvalPredictions, log_to_wandb, write_eval_outputs
-from lmtune.evaluation.predictor import Paper, Predictor
+from lmtune.evaluation.outputs import EvalPredictions, log_to_wandb, shown_columns, write_eval_outputs
+from lmtune.evaluation.predictor import Predictor, Row
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,15 @@ def predict_records(
     unknown = sorted({r.label for r in records} - set(index))
     if unknown:
         raise ValueError(f"records carry labels outside the model's label set {labels}: {unknown}")
-    papers = [Paper(r.title, r.abstract, r.id) for r in records]
-    common = dict(labels=labels, ids=[r.id for r in records], titles=[r.title for r in records])
+    rows = [Row(r.fields, r.id) for r in records]
+    common = dict(labels=labels, ids=[r.id for r in records], shown=shown_columns(records))
     true = [index[r.label] for r in records]
     if mode == "rank":
-        scores, _ = predictor.scores(papers)
+        scores, _ = predictor.scores(rows)
         probs = torch.softmax(scores.double(), dim=-1).float()
         return EvalPredictions(**common, true=true, pred=probs.argmax(-1).tolist(), probs=probs)
     if mode == "generate":
-        answers = predictor.generate(papers, max_new_tokens, batch_size)
+        answers = predictor.generate(rows, max_new_tokens, batch_size)
         return EvalPredictions(**common, true=true, pred=[parse_answer(a, labels) for a in answers], answers=answers)
     raise ValueError(f"eval mode {mode!r}: use one of {MODES}")
 

@@ -6,7 +6,7 @@
   confusion_matrix.png   rows normalised to the true label's support, readable label names
   per_class.md           precision / recall / F1 / support per label, as a markdown table
 and, with a W&B run, the same metrics, the confusion matrix (image and `wandb.plot.confusion_matrix`) and a
-predictions table with title, true and predicted category.
+predictions table with the columns the prompt reads, the true and the predicted label.
 """
 
 from __future__ import annotations
@@ -17,8 +17,14 @@ from pathlib import Path
 
 import torch
 
+from lmtune.data.records import Record
 from lmtune.evaluation.metrics import INVALID, INVALID_NAME
 from lmtune.utils.files import atomic_write
+
+
+def shown_columns(records: list[Record]) -> dict[str, list[str]]:
+    """What a predictions table shows of each example: the columns the prompt reads, in its order."""
+    return {column: [r.fields[column] for r in records] for column in (records[0].fields if records else {})}
 
 
 @dataclass
@@ -27,7 +33,7 @@ class EvalPredictions:
 
     labels: list[str]
     ids: list[str]
-    titles: list[str]
+    shown: dict[str, list[str]]  # column -> its value per example (the prompt's columns)
     true: list[int]
     pred: list[int]
     probs: torch.Tensor | None = None  # (N, labels), rows sum to 1 (rank scoring, TF-IDF)
@@ -131,10 +137,11 @@ def log_to_wandb(run, predictions: EvalPredictions, metrics: dict, png: Path, pr
     scalars = {f"{prefix}/{k}": metrics[k] for k in ("acc", "macro_f1", "invalid_rate", "ece", "n") if k in metrics}
     scalars.update({f"{prefix}/f1/{label}": m["f1"] for label, m in metrics["per_class"].items()})
     valid = [n for n, p in enumerate(predictions.pred) if p != INVALID]  # W&B's plot only knows the label set
-    table = wandb.Table(columns=["id", "title", "true", "predicted", "p(predicted)"])
+    table = wandb.Table(columns=["id", *predictions.shown, "true", "predicted", "p(predicted)"])
     for n, row in enumerate(predictions.rows(top_k=1)):
         p = float(predictions.probs[n].max()) if predictions.probs is not None else None
-        table.add_data(row["id"], predictions.titles[n], row["true"], row["predicted"], p)
+        shown = [values[n] for values in predictions.shown.values()]
+        table.add_data(row["id"], *shown, row["true"], row["predicted"], p)
     run.log(
         {
             **scalars,

@@ -1,4 +1,4 @@
-"""Predict categories for papers with a trained export (or the zero-shot base model), as in training.
+"""Predict labels for rows of text with a trained export (or the zero-shot base model), as in training.
 
 The prompt is rebuilt from the export's own tokenizer, label set and prompt templates (`formatting.json`),
 and the answer tokens are checked against the ones training used, so a prediction sees exactly the tokens
@@ -17,11 +17,13 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmtune.data.formatting import DEFAULT_SYSTEM_PROMPT, DEFAULT_USER_TEMPLATE, ChatFormatter
+from lmtune.data.formatting import ChatFormatter
 from lmtune.errors import UserError
 from lmtune.evaluation.scoring import left_pad, rank_scores
 from lmtune.model.loading import load_base_model, load_tokenizer, resolve_pretrained
+from lmtune.utils.export import read_formatting
 from lmtune.utils.hardware import AUTO, frozen_dtype, resolve_precision
+from lmtune.utils.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -29,25 +31,26 @@ EXPORT_FILES = ("labels.json", "formatting.json", "config.yaml")
 
 
 @dataclass(frozen=True)
-class Paper:
-    title: str
-    abstract: str
+class Row:
+    """One input to classify: the columns the prompt reads (e.g. title and abstract), and an id if known."""
+
+    fields: dict[str, str]
     id: str | None = None
 
 
 @dataclass
 class Prediction:
     id: str | None
-    title: str
-    category: str
+    shown: dict[str, str]  # the prompt's first column, to recognise the row (arXiv: its title)
+    category: str  # the predicted label
     probs: dict[str, float]  # every label, most likely first; sums to 1
-    truncated: bool = False  # the abstract was shortened to fit max_length
+    truncated: bool = False  # the truncate column was shortened to fit max_length
 
     def top(self, k: int) -> list[tuple[str, float]]:
         return list(self.probs.items())[:k]
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "title": self.title, "category": self.category, "probs": self.probs}
+        return {"id": self.id, **self.shown, "category": self.category, "probs": self.probs}
 
 
 def find_export(path: str | Path) -> Path:
@@ -69,8 +72,35 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def load_export_model(export: Path, cfg, formatting: dict, cache_dir, device: torch.device, quantized: bool = True):
+    """The export's model: the full model for adapter=none (and merged exports), else its base with the adapter.
+    `quantized=False` loads a QLoRA run's base unquantized, in `cfg.model.dtype` (what a merged export needs)."""
+    if cfg.adapter.kind == "none":  # a fully fine-tuned or merged model is the export itself
+        return AutoModelForCausalLM.from_pretrained(export, dtype=getattr(torch, cfg.model.dtype)).to(device)
+    from peft import PeftModel
+
+    base_path = formatting.get("base_model")
+    if not base_path or not Path(base_path).is_dir():  # trained elsewhere: rebuild from the config
+        base_path = resolve_pretrained(cfg.model, cache_dir)
+    quant = cfg.adapter.get("quantization") if quantized else None
+    base = load_base_model(base_path, cfg.model, quant, device)
+    return PeftModel.from_pretrained(base if quant else base.to(device), export)
+
+
+def load_checkpoint_weights(model, ckpt: Path, device: torch.device) -> None:
+    """Replace the trainable weights of `model` (its run's export) with those of a Lightning checkpoint."""
+    trained = torch.load(ckpt, map_location=device, weights_only=False)["state_dict"]
+    weights = {k.removeprefix("model."): v for k, v in trained.items()}
+    result = model.load_state_dict(weights, strict=False)
+    if result.unexpected_keys or not weights:
+        raise UserError(
+            f"{ckpt}: its weights do not fit the model of {ckpt.parent.parent / 'export'} "
+            f"(unexpected: {result.unexpected_keys[:3]}); evaluate a checkpoint together with its own run."
+        )
+
+
 class Predictor:
-    """A causal LM and the formatter it was trained with; `predict` ranks the label set for each paper."""
+    """A causal LM and the formatter it was trained with; `predict` ranks the label set for each row."""
 
     def __init__(
         self,
@@ -104,7 +134,7 @@ class Predictor:
         """Load the base model and the trained adapter (or the full model for adapter=none) of an export."""
         export = find_export(export)
         cfg = OmegaConf.load(export / "config.yaml")
-        formatting = json.loads((export / "formatting.json").read_text())
+        formatting = read_formatting(export)
         labels = json.loads((export / "labels.json").read_text())
         tokenizer = AutoTokenizer.from_pretrained(export)
         formatter = ChatFormatter(
@@ -113,6 +143,7 @@ class Predictor:
             formatting["max_length"],
             system_prompt=formatting["system_prompt"],
             user_template=formatting["user_template"],
+            truncate_column=formatting["truncate_column"],
             eot_token=formatting.get("eot_token"),
             chat_template_kwargs=formatting.get("chat_template_kwargs"),  # absent in early exports
         )
@@ -122,17 +153,7 @@ class Predictor:
                 f"({formatter.answer_ids} vs {formatting['answer_ids']}); the export was modified or the "
                 f"tokenizers library changed how it tokenizes. Re-export with this environment."
             )
-        if cfg.adapter.kind == "none":  # a fully fine-tuned model is the export itself
-            model = AutoModelForCausalLM.from_pretrained(export, dtype=getattr(torch, cfg.model.dtype)).to(device)
-        else:
-            from peft import PeftModel
-
-            base_path = formatting.get("base_model")
-            if not base_path or not Path(base_path).is_dir():  # trained elsewhere: rebuild from the config
-                base_path = resolve_pretrained(cfg.model, cache_dir)
-            quant = cfg.adapter.get("quantization")
-            base = load_base_model(base_path, cfg.model, quant, device)
-            model = PeftModel.from_pretrained(base if quant else base.to(device), export)
+        model = load_export_model(export, cfg, formatting, cache_dir, device)
         log.info("loaded %s (%s, labels %s) on %s", export, cfg.adapter.kind, labels, device)
         kwargs.setdefault("precision", cfg.trainer.get("precision"))
         return cls(model, formatter, tokenizer.pad_token_id, source=str(export), **kwargs)
@@ -144,30 +165,32 @@ class Predictor:
         ckpt = Path(ckpt)
         run_dir = ckpt.parent.parent  # <run>/checkpoints/<name>.ckpt
         predictor = cls.from_export(find_export(run_dir), cache_dir, device, **kwargs)
-        trained = torch.load(ckpt, map_location=device, weights_only=False)["state_dict"]
-        weights = {k.removeprefix("model."): v for k, v in trained.items()}
-        result = predictor.causal_lm.load_state_dict(weights, strict=False)
-        if result.unexpected_keys or not weights:
-            raise UserError(
-                f"{ckpt}: its weights do not fit the model of {run_dir / 'export'} "
-                f"(unexpected: {result.unexpected_keys[:3]}); evaluate a checkpoint together with its own run."
-            )
+        load_checkpoint_weights(predictor.causal_lm, ckpt, device)
         predictor.source = str(ckpt)
         return predictor
 
     @classmethod
     def zero_shot(
-        cls, model_cfg, labels: list[str], cache_dir: str | Path, device: torch.device, max_length: int = 512, **kwargs
+        cls,
+        model_cfg,
+        labels: list[str],
+        prompt,
+        cache_dir: str | Path,
+        device: torch.device,
+        max_length: int = 512,
+        truncate_column: str | None = None,
+        **kwargs,
     ) -> Predictor:
-        """The base model with the default training prompt: the baseline a fine-tuned export is compared to."""
+        """The base model with the task's prompt (`data.prompt`): the baseline a fine-tuned export is compared to."""
         pretrained = resolve_pretrained(model_cfg, cache_dir)
         tokenizer = load_tokenizer(pretrained, model_cfg.get("pad_token"))
         formatter = ChatFormatter(
             tokenizer,
             sorted(dict.fromkeys(labels)),
             max_length,
-            system_prompt=DEFAULT_SYSTEM_PROMPT,
-            user_template=DEFAULT_USER_TEMPLATE,
+            system_prompt=prompt["system"],
+            user_template=prompt["user"],
+            truncate_column=truncate_column,
             eot_token=model_cfg.get("eot_token"),
             chat_template_kwargs=model_cfg.get("chat_template_kwargs"),
         )
@@ -187,55 +210,64 @@ class Predictor:
             model, formatter, tokenizer.pad_token_id, source=f"zero-shot {pretrained}", precision=precision, **kwargs
         )
 
-    def scores(self, papers: list[Paper]) -> tuple[torch.Tensor, list[bool]]:
-        """Rank scores (papers x labels) and whether each abstract had to be shortened."""
-        fitted = self.formatter.fit_prompts([(p.title, p.abstract) for p in papers])
+    def scores(self, rows: list[Row]) -> tuple[torch.Tensor, list[bool]]:
+        """Rank scores (rows x labels) and whether each row's prompt had to be shortened."""
+        fitted = self.formatter.fit_prompts([r.fields for r in rows])
         prompts = [ids for ids, _ in fitted]
         # similar lengths together: less left padding inside each scoring chunk
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        with self._autocast():
+        with self._autocast(), Progress(len(rows), f"rank scoring ({self.source})") as progress:
             sorted_scores = rank_scores(
-                self.causal_lm, [prompts[i] for i in order], self.formatter.answer_ids, self.pad_id, self.max_rows
+                self.causal_lm,
+                [prompts[i] for i in order],
+                self.formatter.answer_ids,
+                self.pad_id,
+                self.max_rows,
+                on_chunk=progress.advance,
             )
         scores = torch.empty_like(sorted_scores)
         scores[order] = sorted_scores
         return scores, [truncated for _, truncated in fitted]
 
     @torch.no_grad()
-    def generate(self, papers: list[Paper], max_new_tokens: int = 16, batch_size: int = 16) -> list[str]:
+    def generate(self, rows: list[Row], max_new_tokens: int = 16, batch_size: int = 16) -> list[str]:
         """Greedy answers (text up to the end-of-turn token), for comparing free generation with rank scoring."""
-        prompts = [ids for ids, _ in self.formatter.fit_prompts([(p.title, p.abstract) for p in papers])]
+        prompts = [ids for ids, _ in self.formatter.fit_prompts([r.fields for r in rows])]
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         device = next(self.causal_lm.parameters()).device
         answers: list[str] = [""] * len(prompts)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            ids, mask = left_pad([prompts[i] for i in rows], self.pad_id)  # every prompt ends where generation starts
-            width = ids.shape[1]
-            with self._autocast():
-                out = self.causal_lm.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    use_cache=True,
-                    eos_token_id=self.formatter.eot_id,
-                    pad_token_id=self.pad_id,
-                )
-            for r, i in enumerate(rows):
-                new = out[r, width:].tolist()
-                if self.formatter.eot_id in new:
-                    new = new[: new.index(self.formatter.eot_id)]
-                answers[i] = self.formatter.tokenizer.decode(new, skip_special_tokens=True)
+        with Progress(len(rows), f"generating ({self.source})") as progress:
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                # left padding: every prompt ends where generation starts
+                ids, mask = left_pad([prompts[i] for i in batch], self.pad_id)
+                width = ids.shape[1]
+                with self._autocast():
+                    out = self.causal_lm.generate(
+                        input_ids=ids.to(device),
+                        attention_mask=mask.to(device),
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        use_cache=True,
+                        eos_token_id=self.formatter.eot_id,
+                        pad_token_id=self.pad_id,
+                    )
+                for r, i in enumerate(batch):
+                    new = out[r, width:].tolist()
+                    if self.formatter.eot_id in new:
+                        new = new[: new.index(self.formatter.eot_id)]
+                    answers[i] = self.formatter.tokenizer.decode(new, skip_special_tokens=True)
+                progress.advance(len(batch))
         return answers
 
-    def predict(self, papers: list[Paper]) -> list[Prediction]:
-        if not papers:
+    def predict(self, rows: list[Row]) -> list[Prediction]:
+        if not rows:
             return []
-        scores, truncated = self.scores(papers)
+        scores, truncated = self.scores(rows)
         probs = torch.softmax(scores.double(), dim=-1)
+        first = self.formatter.columns[0]
         predictions = []
-        for paper, row, cut in zip(papers, probs.tolist(), truncated, strict=True):
-            ranked = sorted(zip(self.labels, row, strict=True), key=lambda kv: -kv[1])
-            predictions.append(Prediction(paper.id, paper.title, ranked[0][0], dict(ranked), cut))
+        for row, p, cut in zip(rows, probs.tolist(), truncated, strict=True):
+            ranked = sorted(zip(self.labels, p, strict=True), key=lambda kv: -kv[1])
+            predictions.append(Prediction(row.id, {first: row.fields[first]}, ranked[0][0], dict(ranked), cut))
         return predictions

@@ -10,6 +10,7 @@ valid label, and the scores give a probability over the label set (softmax of th
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 
@@ -30,21 +31,27 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def rank_scores(
-    causal_lm, prompts: list[list[int]], answers: list[list[int]], pad_id: int, max_rows: int = 64
+    causal_lm,
+    prompts: list[list[int]],
+    answers: list[list[int]],
+    pad_id: int,
+    max_rows: int = 64,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Summed log-probability of each answer after each prompt: a (num_prompts, num_labels) tensor.
 
-    Prompts go in chunks of at most `max_rows // num_labels` to bound the memory of the logits.
+    Prompts go in chunks of at most `max_rows // num_labels` to bound the memory of the logits; `on_chunk`
+    hears how many prompts each finished chunk scored (progress).
     """
     chunk = max(1, max_rows // len(answers))
     tree = PrefixTree(answers)  # the same for every chunk
     shared = SharedPrefix.of(causal_lm, prompts)
-    return torch.cat(
-        [
-            _rank_scores(causal_lm, prompts[i : i + chunk], answers, tree, shared, pad_id)
-            for i in range(0, len(prompts), chunk)
-        ]
-    )
+    scores = []
+    for i in range(0, len(prompts), chunk):
+        scores.append(_rank_scores(causal_lm, prompts[i : i + chunk], answers, tree, shared, pad_id))
+        if on_chunk is not None:
+            on_chunk(len(scores[-1]))
+    return torch.cat(scores)
 
 
 def _rank_scores(

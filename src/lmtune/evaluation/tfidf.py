@@ -18,12 +18,13 @@ from sklearn.pipeline import Pipeline
 from lmtune.data.records import Record
 from lmtune.errors import UserError
 from lmtune.evaluation.metrics import classification_metrics
-from lmtune.evaluation.outputs import EvalPredictions, write_eval_outputs
+from lmtune.evaluation.outputs import EvalPredictions, shown_columns, write_eval_outputs
 
 
 def record_text(record: Record) -> str:
-    """The text the LM reads too: title and abstract (the title words weigh as much as the abstract's)."""
-    return f"{record.title}. {record.abstract}"
+    """The text the LM reads too: the prompt's columns joined (arXiv: "title. abstract"; a short column's words
+    weigh as much as a long one's)."""
+    return ". ".join(record.fields.values())
 
 
 def fit_tfidf(
@@ -92,7 +93,7 @@ def predict_tfidf(model, records: Sequence[Record], labels: list[str]) -> EvalPr
     return EvalPredictions(
         labels=list(labels),
         ids=[r.id for r in records],
-        titles=[r.title for r in records],
+        shown=shown_columns(records),
         true=[column[r.label] for r in records],
         pred=probs.argmax(dim=1).tolist(),
         probs=probs,

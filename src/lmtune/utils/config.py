@@ -129,7 +129,12 @@ def fit_to_strategy(cfg: DictConfig) -> None:
 def validate_config(cfg: DictConfig) -> None:
     problems = config_problems(cfg)
     if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        # one problem: one line (as every other error); several: one line each
+        raise ConfigError(
+            f"invalid config: {problems[0]}"
+            if len(problems) == 1
+            else "invalid config:\n  - " + "\n  - ".join(problems)
+        )
 
 
 # Keys whose values never reach a logger: API keys, passwords, secrets, and auth tokens (not `pad_token` and the

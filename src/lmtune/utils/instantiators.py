@@ -8,14 +8,28 @@ from datetime import datetime
 from pathlib import Path
 
 import hydra
+from hydra.errors import InstantiationException
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, open_dict
 
+from lmtune.errors import UserError
 from lmtune.utils.config import redact_override
 
 log = logging.getLogger(__name__)
+
+
+def instantiate_data(data_cfg: DictConfig, **overrides):
+    """The data module of `data_cfg`. Its constructor checks the task's settings (prompts, columns, fractions) and
+    raises a UserError naming the setting; Hydra would wrap that in an InstantiationException with a traceback,
+    so the user's error is raised as it is."""
+    try:
+        return hydra.utils.instantiate(data_cfg, **overrides)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
 
 
 def _build_all(group: DictConfig | None, kind: type, name: str) -> list:

@@ -1,0 +1,201 @@
+"""Broken input of every kind, through the CLIs as a user runs them: each ends in one clear line (`error: ...`,
+exit status 1, no traceback) or, for rows that can be dropped, in a counted skip in the log. The table below is
+the list in the README's Data section. Each case runs its script as `python src/<script> <args>` would, inside
+tests/cli_driver.py (one interpreter for many cases: a fresh one costs ~7 s of imports each)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pytest
+
+from conftest import ROOT, SAMPLE, compose_train
+from fake_arxiv import read_jsonl
+from lmtune.pipeline import train
+
+
+@dataclass
+class Case:
+    name: str
+    script: str
+    args: tuple[str, ...]
+    expect: tuple[str, ...]  # substrings of the error line (or of the log, for a counted skip)
+    skip: bool = False  # a counted skip: the run succeeds and the log names what was dropped
+    hydra: bool = False  # Hydra's own error for an unknown config option (no `error:` prefix, no traceback)
+
+
+def write_files(folder):
+    """The broken files, from the synthetic sample."""
+    rows = read_jsonl(SAMPLE)
+    lines = [json.dumps(r) for r in rows]
+    files = {
+        "malformed.jsonl": "\n".join(lines[:10] + ['{"id": "x", "title": ']) + "\n",
+        "list.jsonl": "\n".join(lines[:3] + ["[1, 2, 3]"]) + "\n",
+        "empty.jsonl": "",
+        "one_class.jsonl": "".join(json.dumps({**r, "primary_category": "cs.CL"}) + "\n" for r in rows),
+        "no_abstract.csv": "id,title,primary_category\n" + "".join(f"{r['id']},T,cs.CL\n" for r in rows[:5]),
+        "no_label.csv": "id,title,abstract\n" + "".join(f"{r['id']},T,A\n" for r in rows[:5]),
+        "papers.txt": "a title, an abstract\n",
+        "no_text.csv": "year,note\n2024,mine\n",
+    }
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    latin1 = json.dumps({**rows[1], "note": "caf\xe9"}, ensure_ascii=False).encode("latin-1")  # not UTF-8
+    (folder / "latin1.jsonl").write_bytes(lines[0].encode() + b"\n" + latin1 + b"\n")
+    packed = gzip.compress("\n".join(lines).encode())
+    (folder / "truncated.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    (folder / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    skips = rows + [
+        {**rows[0], "id": "new-1", "abstract": "   "},  # empty abstract
+        {**rows[1]},  # duplicate id
+        {**rows[2], "id": ""},  # empty id
+        {**rows[3], "id": "new-2", "primary_category": "math.OC", "categories": ["math.OC"]},  # outside the label set
+    ]
+    (folder / "skips.jsonl").write_text("".join(json.dumps(r) + "\n" for r in skips))
+    (folder / "not_empty").mkdir()
+    (folder / "not_empty" / "keep.txt").write_text("mine")
+    (folder / "no_export").mkdir()
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, cache_dir):
+    folder = tmp_path_factory.mktemp("broken")
+    write_files(folder)
+    run = folder / "run"
+    overrides = ["experiment=smoke", "logger=none", "trainer.max_steps=2", "report.enabled=false"]
+    train(compose_train(overrides, run, cache_dir))
+    tampered = folder / "tampered"
+    shutil.copytree(run / "export", tampered)
+    formatting = json.loads((tampered / "formatting.json").read_text())
+    formatting["answer_ids"][0] = formatting["answer_ids"][0][::-1]
+    (tampered / "formatting.json").write_text(json.dumps(formatting))
+    return folder, run
+
+
+def cases(f, run) -> list[Case]:
+    """Every kind of broken input: files, columns, labels, prompts, configs, exports and ids."""
+    train_on = ("experiment=smoke", "logger=none")
+    export = f"ckpt={run}"
+    return [
+        # files
+        Case("missing file", "train.py", (*train_on, f"data.path={f}/missing.jsonl"), ("data file not found",)),
+        Case("unknown type", "train.py", (*train_on, f"data.path={f}/papers.txt"), ("unknown file type '.txt'",)),
+        Case("malformed JSON", "train.py", (*train_on, f"data.path={f}/malformed.jsonl"), ("malformed.jsonl:11: malformed JSON",)),
+        Case("not an object", "train.py", (*train_on, f"data.path={f}/list.jsonl"), ("list.jsonl:4: expected a JSON object",)),
+        Case("not UTF-8", "train.py", (*train_on, f"data.path={f}/latin1.jsonl"), ("latin1.jsonl:2: bytes that are not UTF-8",)),
+        Case("truncated .gz", "train.py", (*train_on, f"data.path={f}/truncated.jsonl.gz"), ("truncated or corrupt archive",)),
+        Case("broken Parquet", "train.py", (*train_on, f"data.path={f}/broken.parquet"), ("not a readable Parquet file",)),
+        Case("empty file", "train.py", (*train_on, f"data.path={f}/empty.jsonl"), ("the data has no rows",)),
+        # columns
+        Case("prompt column missing", "train.py", (*train_on, f"data.path={f}/no_abstract.csv"), ("reads column(s) 'abstract'", "no_abstract.csv")),
+        Case("label column missing", "train.py", (*train_on, f"data.path={f}/no_label.csv"), ("no label column 'primary_category' or 'categories'",)),
+        Case("prompt names an absent column", "train.py", (*train_on, "data.prompt.user='{body}'"), ("reads column(s) 'body'",)),
+        Case("label column misnamed", "train.py", (*train_on, "data.label_column=stars"), ("no label column 'stars'",)),
+        # labels
+        Case("one class in the file", "train.py", (*train_on, f"data.path={f}/one_class.jsonl"), ("1 label after filtering: cs.CL; need at least 2",)),
+        Case("one label asked for", "train.py", (*train_on, "data.labels=[cs.CL]"), ("1 label after filtering: cs.CL",)),
+        Case("top_k of one", "train.py", (*train_on, "data.top_k=1"), ("1 label after filtering",)),
+        # prompts
+        Case("column in system prompt", "train.py", (*train_on, "data.prompt.system='About {title}: {labels}'"), ("data.prompt.system uses {title}",)),
+        Case("unclosed brace", "train.py", (*train_on, "data.prompt.user='Title: {title'"), ("write a literal brace as",)),
+        Case("prompt reads nothing", "train.py", (*train_on, "data.prompt.user='Classify this'"), ("reads no column",)),
+        Case("truncate column not in prompt", "train.py", (*train_on, "data.truncate_column=body"), ("data.truncate_column='body' is not a column the prompt reads",)),
+        Case("max_length below the prompt", "train.py", (*train_on, "data.max_length=16"), ("raise data.max_length",)),
+        # configs
+        Case("fractions over 1", "train.py", (*train_on, "data.val_fraction=0.6", "data.test_fraction=0.5"), ("sum to less than 1",)),
+        Case("unknown source", "train.py", (*train_on, "data.source=web"), ("data.source='web'",)),
+        Case("no data at all", "train.py", (*train_on, "data=text_classification", "data.path=null"), ("no data: set `data.path=`",)),
+        Case("experiment needs data.path", "train.py", ("experiment=title_topics", "logger=none"), ("no data: set `data.path=`",)),
+        Case("QLoRA in bf16-true", "train.py", (*train_on, "adapter=qlora", "trainer.precision=bf16-true"), ("recasts 4-bit weights",)),
+        Case("unknown config option", "train.py", (*train_on, "adapter=lorax"), ("Could not find 'adapter/lorax'",), hydra=True),
+        # rows that can be dropped: counted, by reason
+        Case("rows to drop", "baseline.py", (*train_on, f"data.path={f}/skips.jsonl"), ("skipped 4 records", "1 duplicate id", "1 label outside the label set", "1 missing or empty 'abstract'", "1 missing or empty 'id'"), skip=True),
+        # exports
+        Case("not an export", "eval.py", (f"ckpt={f}/no_export", "logger=none"), ("not a trained export",)),
+        Case("unknown split", "eval.py", (export, "split=holdout", "logger=none"), ("split='holdout'",)),
+        Case("missing checkpoint", "eval.py", (f"ckpt={run}/checkpoints/nope.ckpt", "logger=none"), ("checkpoint not found",)),
+        Case("tampered export", "predict.py", (f"ckpt={f}/tampered", "title=x", "abstract=y"), ("gives other answer tokens than training did",)),
+        Case("merge into a used folder", "export.py", (export, f"out={f}/not_empty"), ("exists and is not empty",)),
+        Case("merge without out=", "export.py", (export,), ("out= is required",)),
+        # predict inputs and ids
+        Case("input lacks the prompt's columns", "predict.py", (export, f"input={f}/no_text.csv"), ("no_text.csv: row 1: needs `title`, `abstract`",)),
+        Case("input of unknown type", "predict.py", (export, f"input={f}/papers.txt"), ("unknown file type '.txt'",)),
+        Case("row without a column", "predict.py", (export, "row={title: 'A title'}"), ("missing or empty: abstract",)),
+        Case("not an arXiv id", "predict.py", (export, "arxiv_id=2403.1"), ("arxiv_id=2403.1: not an arXiv id",)),
+        Case("unknown output format", "predict.py", (export, "title=x", "abstract=y", "format=xml"), ("format='xml'",)),
+    ]  # fmt: skip
+
+
+def out_name(case: Case) -> str:
+    return re.sub(r"\W+", "_", case.name)
+
+
+def run_cases(table: list[Case], folder, cache_dir, tag: str) -> list[dict]:
+    """The cases' CLI runs, in one interpreter (tests/cli_driver.py: each as `python src/<script> <args>`)."""
+    commands = [
+        {
+            "script": str(ROOT / "src" / case.script),
+            "args": [
+                *case.args,
+                f"paths.cache_dir={cache_dir}",
+                f"hydra.run.dir={folder / 'out' / out_name(case)}",
+            ],
+        }
+        for case in table
+    ]
+    (folder / f"cases-{tag}.json").write_text(json.dumps(commands))
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT / "tests")}
+    env.pop("WANDB_API_KEY", None)
+    driver = [
+        sys.executable,
+        str(ROOT / "tests" / "cli_driver.py"),
+        folder / f"cases-{tag}.json",
+        folder / f"results-{tag}.json",
+    ]
+    proc = subprocess.run(driver, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((folder / f"results-{tag}.json").read_text())
+
+
+def check(case: Case, result: dict) -> str | None:
+    """None if the case behaved; otherwise what went wrong."""
+    output = result["stdout"] + result["stderr"]
+    if "Traceback" in output:
+        return f"{case.name}: a traceback\n{output[-1500:]}"
+    if case.skip:
+        if result["returncode"] != 0 or not all(e in output for e in case.expect):
+            return f"{case.name}: exit {result['returncode']}, expected {case.expect} in the log\n{output[-1500:]}"
+        return None
+    prefix = "" if case.hydra else "error: "
+    lines = [line for line in result["stderr"].splitlines() if line.startswith(prefix) and case.expect[0] in line]
+    if result["returncode"] != 1 or len(lines) != 1 or not all(e in lines[0] for e in case.expect):
+        return (
+            f"{case.name}: exit {result['returncode']}, error lines {lines}, expected {case.expect}\n{output[-1500:]}"
+        )
+    return None
+
+
+def test_every_kind_of_broken_input_ends_in_one_clear_line_or_a_counted_skip(broken, cache_dir):
+    folder, run = broken
+    table = cases(folder, run)
+    assert len(table) >= 25
+    halves = {"a": table[0::2], "b": table[1::2]}  # two interpreters side by side
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(
+            zip(halves, pool.map(lambda tag: run_cases(halves[tag], folder, cache_dir, tag), halves), strict=True)
+        )
+    problems = [
+        problem
+        for tag, part in halves.items()
+        for case, result in zip(part, results[tag], strict=True)
+        if (problem := check(case, result))
+    ]
+    assert not problems, "\n\n".join(problems)
