@@ -19,10 +19,12 @@ import platform
 import re
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import accuracy
 import eval_throughput
+import learning_curve
 import roofline
 import torch
 import train_throughput
@@ -283,6 +285,9 @@ def other_machines(results: dict, folder: Path) -> list[str]:
 def write(results: dict, out: Path, readme: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
+    if "train" not in results:  # a partial run (e.g. --parts eval) keeps the table of the last full run
+        print(f"results in {out}; {readme} left as it is (no training-throughput part in this run)", file=sys.stderr)
+        return
     text = readme.read_text() if readme.is_file() else f"# Benchmarks\n\n{START}\n{END}\n"
     if START not in text or END not in text:
         text += f"\n{START}\n{END}\n"
@@ -325,6 +330,11 @@ def main(a) -> dict:
         else:
             results["gpu"] = {"measured": False, "reason": "no CUDA device on this machine"}
         write(results, out, a.readme)
+    if "curve" in parts:  # its own results file and plots (hours on a CPU): bench/learning_curve.py
+        curve = learning_curve.main(
+            learning_curve.parse(["--smoke"] * a.smoke + ["--out", str(a.out), "--work", str(a.work)])
+        )
+        results["curve"] = {"file": curve["file"], "plots": curve["plots"]}
     if "roofline" in parts:  # the matrix-product limits alone (the train parts measure them beside each run)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = ["experiment=smoke"] if a.smoke else ["model=llama3_2_1b_random"] if device == "cuda" else []
@@ -336,7 +346,9 @@ def main(a) -> dict:
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model and sample data: checks the scripts run")
-    parser.add_argument("--parts", default="train,accuracy,eval,gpu", help="also: roofline (the limits alone)")
+    parser.add_argument(
+        "--parts", default="train,accuracy,eval,gpu", help="also: roofline (the limits alone), curve (learning curve)"
+    )
     parser.add_argument("--roofline-tokens", type=int, default=4096, help="rows of the roofline part's products")
     parser.add_argument("--adapters", default="lora,qlora")
     parser.add_argument("--runs", type=int, default=3, help="alternating runs per side (medians)")

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +180,44 @@ def test_gpu_preset_is_llama_3_2_1b_shaped(tiny_tokenizer):
         model = build_tiny_model(tiny_tokenizer, **cfg.model.tiny)
     assert sum(p.numel() for p in model.parameters()) == 1_235_814_400  # meta-llama/Llama-3.2-1B
     assert model.config.tie_word_embeddings and model.config.vocab_size == 128_256
+
+
+def test_learning_curve_smoke_form_builds_points_resumes_and_plots(tmp_path, cache_dir):
+    """`make bench ARGS="--parts curve"` in its smoke form: each point is one printed user command; a rerun with
+    more sizes keeps the points already measured (a long curve is built over several sessions)."""
+
+    def curve(*args: str) -> dict:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--parts", "curve", *args]
+            + ["--out", str(tmp_path), "--work", str(tmp_path / "work")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "LMTUNE_CACHE": str(cache_dir), "WANDB_MODE": "offline"},
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (path,) = tmp_path.glob("*-curve.json")
+        return json.loads(path.read_text()), proc.stderr
+
+    import learning_curve
+
+    first, _ = curve()
+    assert [p["n"] for p in first["points"]] == [8, 16]
+    for point in first["points"]:
+        assert point["command"].startswith(f"python src/train.py experiment=smoke data.limit_train={point['n']} ")
+        assert point["train_examples"] == point["n"] and point["lm"]["steps"] == point["n"] // 8
+        # the LM, TF-IDF on the same papers and the zero-shot model on one test split
+        assert point["lm"]["n"] == point["tfidf_same"]["n"] == point["zero_shot"]["n"] == first["tfidf_all"]["n"]
+        assert point["train_seconds"] > 0 and point["train_tokens"] > 0
+    assert first["tfidf_all"]["train_examples"] > 16
+    assert first["points"][0]["zero_shot"]["acc"] == first["points"][1]["zero_shot"]["acc"]  # one model, one split
+    for plot in first["plots"]:
+        assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log_of_8 = tmp_path / "work" / Path(first["file"]).stem / "n8" / "log.txt"
+    measured = log_of_8.stat().st_mtime_ns
+    # a rerun measures nothing twice: the same points come back without a training run
+    again = learning_curve.main(
+        learning_curve.parse(["--smoke", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    )
+    assert again["points"] == first["points"] and log_of_8.stat().st_mtime_ns == measured

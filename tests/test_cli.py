@@ -58,6 +58,9 @@ def test_smoke_run_writes_checkpoints_export_metrics_and_wandb_files(tmp_path, c
     assert run["config"]["adapter"]["r"] == 4 and run["config"]["data"]["path"].endswith("arxiv_sample.jsonl")
     assert 0 < run["config"]["params/trainable_fraction"] < 0.1
     assert "W&B runs offline" in proc.stdout + proc.stderr
+    # stderr is not a terminal here: training progress comes as log lines, every ~10% of the 12 steps
+    progress = [line for line in proc.stderr.splitlines() if "training: " in line and " steps (" in line]
+    assert len(progress) >= 6 and "training: 12/12 steps (100%)" in progress[-1] and "steps/s" in progress[-1]
 
 
 def test_bad_data_path_fails_with_a_clear_message(tmp_path, cache_dir):

@@ -1,4 +1,5 @@
-"""Callbacks of our own: training throughput and peak memory, and a checkpoint that keeps last.ckpt current."""
+"""Callbacks of our own: training throughput and peak memory, a checkpoint that keeps last.ckpt current, and
+training progress in a log file."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import sys
 import time
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 
 from lmtune.utils.checkpoints import AtomicCheckpointIO
 from lmtune.utils.hardware import peak_flops
+from lmtune.utils.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -191,3 +193,25 @@ class LatestCheckpoint(ModelCheckpoint):
             self.kth_value = kept[self.kth_best_model_path]
         elif os.path.isfile(state_dict.get("best_model_path") or ""):
             self.best_model_path = state_dict["best_model_path"]
+
+
+class LogProgress(Callback):
+    """Training progress as log lines (steps done, steps/s, time left) every ~10% of the steps when stderr is
+    not a terminal (CI, a scheduler's log file), where the rich progress bar shows nothing until the end.
+    On a terminal it does nothing: the bar is there."""
+
+    def __init__(self, terminal: bool | None = None):
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.progress: Progress | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        if self.terminal or not trainer.is_global_zero:
+            return
+        total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        self.progress = Progress(int(total) - trainer.global_step, "training", unit="steps", terminal=False)
+        self.done = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.progress is not None and trainer.global_step > self.done:  # optimizer steps, not micro-batches
+            self.progress.advance(trainer.global_step - self.done)
+            self.done = trainer.global_step
