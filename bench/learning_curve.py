@@ -49,10 +49,12 @@ def _run(script: str, overrides: list[str], work: Path) -> float:
     return time.perf_counter() - started
 
 
-def lm_point(n: int, experiment: str, data: list[str], batch_size: int, extra: list[str], work: Path) -> dict:
-    """Fine-tune on the first `n` training papers for one epoch (the shipped recipe's steps per paper); the
-    report gives TF-IDF on the same papers and the zero-shot model beside it."""
-    steps = max(1, math.ceil(n / batch_size))
+def lm_point(
+    n: int, experiment: str, data: list[str], batch_size: int, epochs: float, extra: list[str], work: Path
+) -> dict:
+    """Fine-tune on the first `n` training papers for `epochs` passes (the shipped recipe: one); the report
+    gives TF-IDF on the same papers and the zero-shot model beside it."""
+    steps = max(1, math.ceil(epochs * n / batch_size))
     overrides = [
         f"experiment={experiment}",
         *data,
@@ -152,7 +154,13 @@ def main(a) -> dict:
     sizes = sorted(a.sizes or ([8, 16] if a.smoke else DEFAULT_SIZES))
     tag = f"-{a.tag}" if a.tag else ""
     out = a.out / f"{dt.date.today().isoformat()}-{machine_name()}-curve{tag}.json"
-    settings = {"experiment": experiment, "data": data, "overrides": a.overrides, "batch_size": batch_size}
+    settings = {
+        "experiment": experiment,
+        "data": data,
+        "overrides": a.overrides,
+        "batch_size": batch_size,
+        "epochs": a.epochs,
+    }
     results = json.loads(out.read_text()) if out.is_file() else {"settings": settings, "points": []}
     if results.get("settings") != settings:  # never mix recipes in one curve, never overwrite another's points
         sys.exit(f"{out} holds a curve with other settings ({results.get('settings')}); give this one a --tag.")
@@ -172,7 +180,7 @@ def main(a) -> dict:
     for n in sizes:
         if n in done:
             continue
-        point = lm_point(n, experiment, data, batch_size, a.overrides, work / f"n{n}")
+        point = lm_point(n, experiment, data, batch_size, a.epochs, a.overrides, work / f"n{n}")
         print(f"[curve] {point['command']}", file=sys.stderr)
         print(
             f"[curve] N={n}: LM {point['lm']['acc']:.3f}, TF-IDF same papers {point['tfidf_same']['acc']:.3f}, "
@@ -193,6 +201,7 @@ def parse(argv=None):
     parser.add_argument("--sizes", type=int, nargs="*", help=f"training papers per point (default {DEFAULT_SIZES})")
     parser.add_argument("--experiment", default="lora_arxiv")
     parser.add_argument("--data", type=Path, default=SHARED_ARXIV)
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the N papers (the recipe: 1)")
     parser.add_argument("--tag", default="", help="names the results file of a recipe candidate: ...-curve-<tag>.json")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument("--work", type=Path, default=ROOT / "logs" / "bench")

@@ -5,7 +5,7 @@ import doctest
 import pytest
 import torch
 
-from conftest import SAMPLE, arxiv_datamodule, arxiv_formatter, paper
+from conftest import SAMPLE, arxiv_datamodule, arxiv_formatter, arxiv_task, paper
 from lmtune.data import batching
 from lmtune.data.batching import LengthGroupedSampler, PaddingCollator
 from lmtune.data.formatting import IGNORE_INDEX, ChatFormatter
@@ -248,3 +248,21 @@ def test_the_arxiv_task_gives_the_same_examples_and_splits_as_before(tiny_tokeni
         "You classify arXiv papers by their primary category. "
         "Answer with exactly one of these categories and nothing else: cs.CL, cs.CV, cs.RO."
     )
+
+
+def test_zero_shot_keeps_the_label_list_when_the_fine_tuned_prompt_drops_it(tiny_tokenizer):
+    """A recipe may train on a short instruction (a fine-tuned model has learned the labels); the base model
+    scored zero-shot next to it still gets the list, on the same papers with the same answer tokens."""
+    user = arxiv_task()["prompt"]["user"]
+    prompt = {"system": "Give the paper's arXiv category.", "user": user, "zero_shot_system": "One of: {labels}."}
+    dm = arxiv_datamodule(tiny_tokenizer, str(SAMPLE), top_k=3, max_length=256, prompt=prompt)
+    dm.setup()
+    zero_shot = dm.zero_shot_formatter()
+    assert dm.formatter.system_prompt == "Give the paper's arXiv category."
+    assert zero_shot.system_prompt == "One of: cs.CL, cs.CV, cs.RO." and zero_shot.answer_ids == dm.formatter.answer_ids
+    fields = [r.fields for r in dm.splits["test"][:2]]
+    longer = zip(zero_shot.fit_prompts(fields), dm.formatter.fit_prompts(fields), strict=True)
+    assert all(len(listed) > len(short) for (listed, _), (short, _) in longer)  # the label list is in there
+    default = arxiv_datamodule(tiny_tokenizer, str(SAMPLE), top_k=3, max_length=256)
+    default.setup()
+    assert default.zero_shot_formatter() is default.formatter

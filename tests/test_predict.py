@@ -254,3 +254,35 @@ def test_scores_use_the_precision_the_run_was_trained_with(trained, cache_dir):
         expected = rank_scores(bf16.causal_lm, prompts, bf16.formatter.answer_ids, bf16.pad_id)
     assert torch.equal(bf16.scores(texts)[0], expected)
     assert not torch.equal(fp32.scores(texts)[0], expected)
+
+
+def test_an_export_from_before_configurable_tasks_still_predicts_and_evaluates(trained, cache_dir, tmp_path):
+    """Exports written before the task moved into `data.prompt` (arXiv only: no task keys in formatting.json, a
+    data config naming `ArxivDataModule`) load as the arXiv task they were trained on."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from lmtune.eval import _loaded_datamodule
+    from lmtune.utils.export import read_formatting, task_data_config
+
+    run, objects = trained
+    old = tmp_path / "old-export"
+    shutil.copytree(run / "export", old)
+    formatting = json.loads((old / "formatting.json").read_text())
+    for key in ("truncate_column", "label_column", "label_is_list", "id_column"):
+        del formatting[key]
+    (old / "formatting.json").write_text(json.dumps(formatting))
+    cfg = OmegaConf.load(old / "config.yaml")
+    cfg.data._target_ = "lmtune.data.datamodule.ArxivDataModule"
+    for key in ("prompt", "label_column", "label_is_list", "id_column", "truncate_column"):
+        del cfg.data[key]
+    OmegaConf.save(cfg, old / "config.yaml")
+
+    predictor = Predictor.from_export(old, cache_dir, torch.device("cpu"))
+    assert predictor.formatter.truncate_column == "abstract" and predictor.formatter.columns == ("title", "abstract")
+    rows = [Row(r.fields, r.id) for r in objects["datamodule"].splits["test"][:3]]
+    new = Predictor.from_export(run / "export", cache_dir, torch.device("cpu"))
+    assert torch.equal(predictor.scores(rows)[0], new.scores(rows)[0])
+    dm = _loaded_datamodule(task_data_config(OmegaConf.load(old / "config.yaml").data, read_formatting(old)))
+    assert [r.id for r in dm.splits["test"]] == [r.id for r in objects["datamodule"].splits["test"]]

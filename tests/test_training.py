@@ -293,3 +293,22 @@ def test_mlp_checkpointing_keeps_less_for_the_backward_pass_and_gives_the_same_g
     assert set(mlp_grads) == set(plain_grads) and all(g is not None for g in mlp_grads.values())
     for name, grad in plain_grads.items():
         torch.testing.assert_close(mlp_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_best_weights_are_validated_and_tested_once_with_the_numbers_a_second_pass_gives(
+    tmp_path, cache_dir, caplog
+):
+    """After fit, the best checkpoint's validation metrics come from its validation during training, and on one
+    process the report's evaluation of the test split gives the test metrics: neither split is scored twice.
+    Lightning's own validate/test passes over the same weights give the same numbers."""
+    cfg = compose_train(["experiment=smoke", "logger=none", "trainer.precision=32-true"], tmp_path, cache_dir)
+    with caplog.at_level("INFO", logger="lmtune.pipeline"):
+        metrics, objects = train(cfg)
+    assert "measured during training" in caplog.text
+    trainer, module, dm = objects["trainer"], objects["module"], objects["datamodule"]
+    best = objects["summary"]["best_checkpoint"]
+    assert set(objects["summary"]["test"]) == {"test/loss", "test/acc", "test/macro_f1"}
+    (validated,) = trainer.validate(module, datamodule=dm, ckpt_path=best)
+    (tested,) = trainer.test(module, datamodule=dm, ckpt_path=best)
+    for key, value in {**validated, **tested}.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-5), key

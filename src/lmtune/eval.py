@@ -34,7 +34,7 @@ def load_for_eval(cfg: DictConfig):
     if cfg.ckpt is None:
         options.setdefault("precision", cfg.trainer.precision)
         dm = _loaded_datamodule(cfg.data)  # the label set comes from the data
-        prompt = {"system": dm.prompts["system_prompt"], "user": dm.prompts["user_template"]}
+        prompt = {"system": dm.zero_shot_system, "user": dm.prompts["user_template"]}
         predictor = Predictor.zero_shot(
             cfg.model,
             dm.labels,

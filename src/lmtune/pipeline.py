@@ -9,6 +9,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -38,6 +39,27 @@ def _plain(cfg) -> dict:
 
 def _metrics_of(results: list[dict]) -> dict:
     return {k: float(v) for r in results for k, v in r.items()}
+
+
+def best_validation(trainer: L.Trainer, module, datamodule, best: str | None) -> dict:
+    """The validation metrics of the weights that are evaluated and exported (the best checkpoint, else the final
+    weights): those measured when they were validated during training, else (a resumed run's best, no validation
+    at the last step) a validation pass. Logged again either way, so the loggers end on the same numbers."""
+    step = torch.load(best, map_location="cpu", weights_only=False, mmap=True)["global_step"] if best else None
+    known = module.validations.get(trainer.global_step if step is None else step)
+    if known is None:
+        return _metrics_of(trainer.validate(module, datamodule=datamodule, ckpt_path=best))
+    log.info("validation metrics of step %d, measured during training: %s", step or trainer.global_step, known)
+    for logger in trainer.loggers:
+        logger.log_metrics(known, step=trainer.global_step)
+        logger.save()  # after fit: the CSV logger writes only on save
+    return dict(known)
+
+
+def load_trainable_weights(module, ckpt: str) -> None:
+    """The trainable weights of a checkpoint into `module` (what `trainer.test(ckpt_path=...)` would load)."""
+    state = torch.load(ckpt, map_location=module.device, weights_only=False)["state_dict"]
+    module.load_state_dict(state, strict=False)
 
 
 @task_wrapper
@@ -86,10 +108,17 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     log.info("evaluating %s", best or "the final weights")
-    val = _metrics_of(trainer.validate(module, datamodule=datamodule, ckpt_path=best))
-    test = _metrics_of(trainer.test(module, datamodule=datamodule, ckpt_path=best))
+    val = best_validation(trainer, module, datamodule, best)
+    # On one process the report scores the test split anyway (every output, zero-shot and TF-IDF beside it):
+    # its evaluation of the best weights gives the test metrics, so the split is not scored twice.
+    report_is_test = bool(cfg.report.enabled) and trainer.world_size == 1 and not is_sharded(module)
+    if report_is_test:
+        if best:
+            load_trainable_weights(module, best)
+        test = {}
+    else:
+        test = _metrics_of(trainer.test(module, datamodule=datamodule, ckpt_path=best))
 
-    metrics = {**val, **test}
     if is_sharded(module):
         # FSDP shards cannot run a forward pass on rank 0 alone: export and report from an unsharded copy
         trained = module.trainable_state_dict()  # gathers the adapter on every rank
@@ -106,9 +135,15 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     }
     if trainer.is_global_zero and cfg.report.enabled:
         run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-        summary["report"] = final_report(
+        summary["report"], tuned = final_report(
             module, datamodule, output_dir, cfg.paths.cache_dir, cfg.report, summary["train"], trainer.precision, run
         )
+        if report_is_test:
+            test = summary["test"] = {f"test/{k}": float(tuned[k]) for k in ("loss", "acc", "macro_f1")}
+            for logger in trainer.loggers:
+                logger.log_metrics(test, step=trainer.global_step)
+                logger.save()  # after fit: the CSV logger writes only on save
+    metrics = {**val, **test}
     if trainer.is_global_zero:
         export_model(module, tokenizer, formatter, cfg, output_dir / "export", datamodule.spec)
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))

@@ -188,6 +188,7 @@ def load_predictor(cfg: DictConfig) -> Predictor:
     if not cfg.labels:
         raise UserError("ckpt=null (zero-shot) needs a label set: labels=[cs.CL,cs.CV,...].")
     prompt = OmegaConf.to_container(cfg.data.prompt)
+    prompt["system"] = prompt.get("zero_shot_system") or prompt["system"]  # the base model needs the label list
     return Predictor.zero_shot(
         cfg.model,
         list(cfg.labels),

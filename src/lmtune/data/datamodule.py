@@ -88,6 +88,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.group_by_length, self.seed = group_by_length, seed
+        # the base model evaluated zero-shot needs the label list even where a fine-tuned recipe drops it
+        self.zero_shot_system = prompt.get("zero_shot_system") or prompt["system"]
         self.prompts = {
             "system_prompt": prompt["system"],
             "user_template": prompt["user"],
@@ -164,6 +166,15 @@ class TextClassificationDataModule(L.LightningDataModule):
             self.skips.summary(),
             *(len(self.examples[s]) for s in SPLITS),
             self.stats["truncated"],
+        )
+
+    def zero_shot_formatter(self) -> ChatFormatter:
+        """The formatter the zero-shot base model is scored with: `data.prompt.zero_shot_system` (default: the
+        training system prompt) over the same columns, labels and answers, so it sees the same papers."""
+        if self.zero_shot_system == self.prompts["system_prompt"]:
+            return self.formatter
+        return ChatFormatter(
+            self.tokenizer, self.labels, self.max_length, **{**self.prompts, "system_prompt": self.zero_shot_system}
         )
 
     # --- loaders ---------------------------------------------------------------------------------------

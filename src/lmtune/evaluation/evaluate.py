@@ -47,7 +47,10 @@ def predict_records(
     if mode == "rank":
         scores, _ = predictor.scores(rows)
         probs = torch.softmax(scores.double(), dim=-1).float()
-        return EvalPredictions(**common, true=true, pred=probs.argmax(-1).tolist(), probs=probs)
+        # the true answer's loss per answer token, as training's validation reports it (`val/loss`)
+        answer_tokens = sum(len(predictor.formatter.answer_ids[t]) for t in true)
+        loss = -float(scores[torch.arange(len(true)), torch.tensor(true)].sum()) / max(answer_tokens, 1)
+        return EvalPredictions(**common, true=true, pred=probs.argmax(-1).tolist(), probs=probs, loss=loss)
     if mode == "generate":
         answers = predictor.generate(rows, max_new_tokens, batch_size)
         return EvalPredictions(**common, true=true, pred=[parse_answer(a, labels) for a in answers], answers=answers)
@@ -78,6 +81,8 @@ def evaluate(
         preds = predict_records(predictor, records, current, max_new_tokens, batch_size)
         seconds = time.perf_counter() - started
         metrics = classification_metrics(preds.true, preds.pred, preds.labels, preds.probs)
+        if preds.loss is not None:
+            metrics["loss"] = preds.loss
         metrics["examples_per_s"] = len(records) / seconds
         target = out_dir if n == 0 else out_dir / current
         info = {**(meta or {}), "mode": current, "source": predictor.source, "seconds": seconds}

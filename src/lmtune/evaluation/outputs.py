@@ -38,6 +38,7 @@ class EvalPredictions:
     pred: list[int]
     probs: torch.Tensor | None = None  # (N, labels), rows sum to 1 (rank scoring, TF-IDF)
     answers: list[str] | None = None  # raw generated text (generate mode)
+    loss: float | None = None  # rank mode: the true answer's mean loss per answer token
 
     def name_of(self, index: int) -> str:
         return INVALID_NAME if index == INVALID else self.labels[index]

@@ -3,8 +3,10 @@
 - fine-tuned: the best checkpoint's weights, rank mode, full outputs in the run folder (eval_metrics.json,
   predictions.jsonl, confusion_matrix.png, per_class.md).
 - zero-shot: the same model with its adapters disabled (LoRA off is exactly the base model, so no second
-  copy is loaded), the same prompts and examples; cached under `paths.cache_dir/zero_shot/` by a key of the
-  base model, quantization, prompts, answers and test examples, so repeated runs do not pay for it again.
+  copy is loaded), the same papers and answers, prompted with `data.prompt.zero_shot_system` (default: the
+  training system prompt; a recipe whose fine-tuned prompt drops the label list keeps it there); cached
+  under `paths.cache_dir/zero_shot/` by a key of the base model, quantization, prompts, answers and test
+  examples, so repeated runs do not pay for it again.
 - TF-IDF + logistic regression fitted on the same training examples (seconds), for scale.
 `report.md` puts them side by side with the most confused pairs, training time, tokens/s and data counts;
 the same numbers go to the W&B summary under `report/`.
@@ -107,7 +109,8 @@ def report_markdown(rows: dict[str, dict], confused: list, train: dict, data: di
 def final_report(
     module, datamodule, output_dir: Path, cache_dir: Path, report_cfg, train_stats: dict, precision: str, run=None
 ) -> dict:
-    """Evaluate fine-tuned (and zero-shot, TF-IDF), write report.md, return the numbers for the summary."""
+    """Evaluate fine-tuned (and zero-shot, TF-IDF), write report.md; returns the numbers for the summary and
+    the fine-tuned model's test metrics (which training reports as its test metrics on one process)."""
     formatter, pad_id = datamodule.formatter, datamodule.collator.pad_token_id
     records, examples = datamodule.splits["test"], datamodule.examples["test"]
     module.eval()
@@ -115,7 +118,14 @@ def final_report(
     rows = {"fine-tuned": evaluate(tuned, records, "rank", output_dir, wandb_run=run, prefix="test")["rank"]}
     if report_cfg.get("zero_shot", True):
         rows["zero-shot"] = zero_shot_metrics(
-            module, formatter, pad_id, records, examples, Path(cache_dir), output_dir / "zero_shot", precision
+            module,
+            datamodule.zero_shot_formatter(),  # the label list in its system prompt even if training dropped it
+            pad_id,
+            records,
+            examples,
+            Path(cache_dir),
+            output_dir / "zero_shot",
+            precision,
         )
     if report_cfg.get("tfidf", True):
         rows[f"TF-IDF + LR ({len(datamodule.splits['train'])} train papers)"] = tfidf_metrics(
@@ -131,4 +141,4 @@ def final_report(
     if run is not None:
         run.summary.update(summary)
     log.info("report: %s", output_dir / "report.md")
-    return summary
+    return summary, rows["fine-tuned"]

@@ -24,6 +24,7 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import get_cosine_schedule_with_warmup
@@ -111,6 +112,7 @@ class CausalLMClassifier(L.LightningModule):
         )
         self.eval_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
         self._window_tokens = 0  # supervised tokens in this optimizer step's micro-batches, this rank
+        self.validations: dict[int, dict[str, float]] = {}  # global step -> val metrics (see _log_eval)
         # matrix-product FLOPs of the last training batch, read by Lightning's ThroughputMonitor (TrainingStats)
         self.flops_per_token = 0
         self.flops_per_batch = 0
@@ -210,10 +212,14 @@ class CausalLMClassifier(L.LightningModule):
         self._eval_step(batch, "test")
 
     def _log_eval(self, stage: str) -> None:
-        self.log(f"{stage}/loss", self.eval_loss[stage].compute(), prog_bar=True)
-        self.log_dict(self.metrics[stage].compute(), prog_bar=True)
+        computed = {f"{stage}/loss": self.eval_loss[stage].compute(), **self.metrics[stage].compute()}
+        self.log_dict(computed, prog_bar=True)
         self.eval_loss[stage].reset()
         self.metrics[stage].reset()
+        if stage == "val" and self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
+            # what each validation during training measured, by step: the best checkpoint's metrics after fit
+            # need no second pass over the validation split
+            self.validations[self.global_step] = {k: float(v) for k, v in computed.items()}
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
