@@ -130,6 +130,8 @@ def plot(results: dict, out: Path) -> list[Path]:
             ax.annotate(f"{p['lm']['acc']:.3f}", (x, p["lm"]["acc"]), textcoords="offset points", xytext=(0, 6),
                         ha="center", fontsize=8)  # fmt: skip
         ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{x:,.0f}" for x in xs])  # the measured points, not powers of ten
+        ax.minorticks_off()
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"test accuracy ({points[0]['lm']['n']} papers)")
         ax.set_ylim(0, 1)
