@@ -27,15 +27,10 @@ from lmtune.model.loss import masked_lm_loss_sum  # noqa: E402
 SMOKE_MAX_LENGTH, SMOKE_BATCH = 256, 8  # conf/experiment/smoke.yaml
 
 
-@pytest.fixture(scope="module")
-def smoke_bench(tmp_path_factory, cache_dir):
-    """`bench/run.py --smoke` once: every part, one run each, on the tiny model and the sample data."""
-    out = tmp_path_factory.mktemp("bench")
-    readme = out / "README.md"
-    readme.write_text("# Benchmarks\n\nintro kept\n\n<!-- results:start -->\nold table\n<!-- results:end -->\nkept\n")
+def run_bench(cache_dir, *args: str) -> None:
+    """`python bench/run.py --smoke <args>` with the session's model cache and W&B offline; it must succeed."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--runs", "1", "--steps", "4"]
-        + ["--out", str(out), "--readme", str(readme), "--work", str(out / "work")],
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -43,6 +38,27 @@ def smoke_bench(tmp_path_factory, cache_dir):
         env={**os.environ, "LMTUNE_CACHE": str(cache_dir), "WANDB_MODE": "offline"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def smoke_bench(tmp_path_factory, cache_dir):
+    """`bench/run.py --smoke` once: every part, one run each, on the tiny model and the sample data."""
+    out = tmp_path_factory.mktemp("bench")
+    readme = out / "README.md"
+    readme.write_text("# Benchmarks\n\nintro kept\n\n<!-- results:start -->\nold table\n<!-- results:end -->\nkept\n")
+    run_bench(
+        cache_dir,
+        "--runs",
+        "1",
+        "--steps",
+        "4",
+        "--out",
+        str(out),
+        "--readme",
+        str(readme),
+        "--work",
+        str(out / "work"),
+    )
     (result,) = out.glob("*.json")
     return json.loads(result.read_text()), readme.read_text()
 
@@ -186,23 +202,11 @@ def test_learning_curve_smoke_form_builds_points_resumes_and_plots(tmp_path, cac
     """`make bench ARGS="--parts curve"` in its smoke form: each point is one printed user command; a rerun with
     more sizes keeps the points already measured (a long curve is built over several sessions)."""
 
-    def curve(*args: str) -> dict:
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--parts", "curve", *args]
-            + ["--out", str(tmp_path), "--work", str(tmp_path / "work")],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env={**os.environ, "LMTUNE_CACHE": str(cache_dir), "WANDB_MODE": "offline"},
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        (path,) = tmp_path.glob("*-curve.json")
-        return json.loads(path.read_text()), proc.stderr
-
     import learning_curve
 
-    first, _ = curve()
+    run_bench(cache_dir, "--parts", "curve", "--out", str(tmp_path), "--work", str(tmp_path / "work"))
+    (path,) = tmp_path.glob("*-curve.json")
+    first = json.loads(path.read_text())
     assert [p["n"] for p in first["points"]] == [8, 16]
     for point in first["points"]:
         assert point["command"].startswith(f"python src/train.py experiment=smoke data.limit_train={point['n']} ")

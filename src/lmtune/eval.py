@@ -9,7 +9,6 @@ the test split training reported; `data.path=` may point at the same data in a n
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -17,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lmtune.data.records import SPLITS
 from lmtune.errors import UserError
 from lmtune.evaluation.evaluate import MODES, evaluate
-from lmtune.evaluation.predictor import Predictor, find_export, pick_device
+from lmtune.evaluation.predictor import Predictor, export_and_checkpoint, pick_device
 from lmtune.utils.export import read_formatting, task_data_config
 from lmtune.utils.instantiators import instantiate_data, instantiate_loggers
 from lmtune.utils.task import task_wrapper
@@ -46,15 +45,11 @@ def load_for_eval(cfg: DictConfig):
             **options,
         )
         return predictor, dm
-    path = Path(cfg.ckpt)
-    if path.suffix == ".ckpt":
-        if not path.is_file():
-            raise UserError(f"ckpt={path}: checkpoint not found.")
-        predictor = Predictor.from_checkpoint(path, cfg.paths.cache_dir, device, **options)
-        export = find_export(path.parent.parent)
+    export, ckpt = export_and_checkpoint(cfg.ckpt)
+    if ckpt is not None:
+        predictor = Predictor.from_checkpoint(ckpt, cfg.paths.cache_dir, device, **options)
     else:
-        predictor = Predictor.from_export(path, cfg.paths.cache_dir, device, **options)
-        export = find_export(path)
+        predictor = Predictor.from_export(export, cfg.paths.cache_dir, device, **options)
     data_cfg = task_data_config(OmegaConf.load(export / "config.yaml").data, read_formatting(export))
     with open_dict(data_cfg):
         data_cfg.labels = list(predictor.labels)  # the model's label set decides which papers count

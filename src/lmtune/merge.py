@@ -20,22 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
 from lmtune.errors import UserError
-from lmtune.evaluation.predictor import find_export, load_checkpoint_weights, load_export_model
+from lmtune.evaluation.predictor import export_and_checkpoint, load_checkpoint_weights, load_export_model
 from lmtune.utils.export import read_formatting
 
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _source_export(ckpt: str) -> tuple[Path, Path | None]:
-    """The export folder to merge, and the Lightning checkpoint whose weights replace its adapter (if given)."""
-    path = Path(ckpt)
-    if path.suffix == ".ckpt":
-        if not path.is_file():
-            raise UserError(f"ckpt={path}: checkpoint not found.")
-        return find_export(path.parent.parent), path
-    return find_export(path), None
 
 
 def merge_export(cfg: DictConfig) -> Path:
@@ -45,7 +35,7 @@ def merge_export(cfg: DictConfig) -> Path:
         raise UserError("out= is required: the folder to write the merged model into.")
     if cfg.dtype not in DTYPES:
         raise UserError(f"dtype={cfg.dtype!r}: use one of {', '.join(DTYPES)}.")
-    export, ckpt = _source_export(cfg.ckpt)
+    export, ckpt = export_and_checkpoint(cfg.ckpt)
     out = Path(cfg.out)
     if out.resolve() == export.resolve():
         raise UserError(f"out={out} is the export itself; give a new folder.")

@@ -20,7 +20,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lmtune.data.arxiv_api import ArxivClient, fetch_by_ids, normalize_id
 from lmtune.data.formatting import template_columns
-from lmtune.data.records import DataError, RecordSpec, clean_text, iter_jsonl_lines, reader_for, rename_columns
+from lmtune.data.records import (
+    DataError,
+    RecordSpec,
+    clean_text,
+    iter_jsonl,
+    iter_jsonl_lines,
+    reader_for,
+    rename_columns,
+)
 from lmtune.errors import UserError
 from lmtune.evaluation.predictor import Prediction, Predictor, Row, find_export, pick_device
 from lmtune.utils.export import read_formatting
@@ -132,7 +140,7 @@ def row_from_command_line(cfg: DictConfig, spec: RecordSpec) -> Row:
 def numbered_rows(path: Path, spec: RecordSpec) -> Iterator[tuple[str, dict]]:
     """(`file:line` or `file: row N`, row) for every row of a JSONL, CSV or Parquet file (`.gz` too)."""
     reader = reader_for(path)
-    if path.name.lower().endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+    if reader is iter_jsonl:  # line numbers, as the file shows them
         for line, row in iter_jsonl_lines(path):
             yield f"{path}:{line}", row
         return

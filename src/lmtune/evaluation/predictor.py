@@ -66,6 +66,17 @@ def find_export(path: str | Path) -> Path:
     raise UserError(f"ckpt={path}: not a trained export (needs {', '.join(EXPORT_FILES)}); {hint}.")
 
 
+def export_and_checkpoint(ckpt: str | Path) -> tuple[Path, Path | None]:
+    """`ckpt=` as eval and the merged export take it: an export or run folder, or a `.ckpt` of a run (whose
+    export supplies the rest). Returns the export folder and the checkpoint, if one was given."""
+    path = Path(ckpt)
+    if path.suffix != ".ckpt":
+        return find_export(path), None
+    if not path.is_file():
+        raise UserError(f"ckpt={path}: checkpoint not found.")
+    return find_export(path.parent.parent), path
+
+
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
