@@ -1,7 +1,8 @@
 """The flagship result as a curve: test accuracy against the number of training papers and training seconds.
 
 For each N (log scale) one user command fine-tunes the LM with the shipped recipe on the first N training papers
-(hash order: a fixed, representative sample) for one epoch, and its end-of-training report scores TF-IDF + LR on
+(hash order: a fixed, representative sample) for the recipe's number of passes (`trainer.max_steps` x batch /
+`data.limit_train` of the experiment: 2 for lora_arxiv), and its end-of-training report scores TF-IDF + LR on
 the same N papers and the zero-shot model on the same test split (400 papers, top-10 labels). TF-IDF + LR on the
 whole train split is the horizontal reference. Every point's command is printed and kept in the results, so
 anyone can rerun one point.
@@ -25,6 +26,8 @@ import shlex
 import sys
 import time
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from common import BENCH, ROOT, SHARED_ARXIV, project_config, run_logged
 
@@ -52,7 +55,7 @@ def _run(script: str, overrides: list[str], work: Path) -> float:
 def lm_point(
     n: int, experiment: str, data: list[str], batch_size: int, epochs: float, extra: list[str], work: Path
 ) -> dict:
-    """Fine-tune on the first `n` training papers for `epochs` passes (the shipped recipe: one); the report
+    """Fine-tune on the first `n` training papers for `epochs` passes (the shipped recipe's); the report
     gives TF-IDF on the same papers and the zero-shot model beside it."""
     steps = max(1, math.ceil(epochs * n / batch_size))
     overrides = [
@@ -146,6 +149,17 @@ def plot(results: dict, out: Path) -> list[Path]:
     return paths
 
 
+def recipe(cfg) -> dict:
+    """What every point of one curve shares besides N: a changed default (prompt, length, optimizer, adapter)
+    starts a new curve instead of joining the old one's points."""
+    keep = {"data": ["max_length", "prompt"], "optim": ["lr", "warmup_steps"], "adapter": ["kind", "r", "alpha",
+            "target_modules", "quantization"], "model": ["source", "name_or_path", "gguf_file"]}  # fmt: skip
+    def plain(node):  # only these keys resolved: others (paths) need a running Hydra app
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+    return {group: {key: plain(cfg[group].get(key)) for key in keys} for group, keys in keep.items()}
+
+
 def main(a) -> dict:
     from run import machine, machine_name  # the same machine record as `make bench`
 
@@ -154,6 +168,8 @@ def main(a) -> dict:
     cfg = project_config("train", [f"experiment={experiment}", *data, *a.overrides])
     batch_size = cfg.data.batch_size * cfg.trainer.get("accumulate_grad_batches", 1)  # papers per optimizer step
     sizes = sorted(a.sizes or ([8, 16] if a.smoke else DEFAULT_SIZES))
+    # passes over the N papers: the experiment's own (max_steps x batch / limit_train) unless a candidate sets them
+    epochs = a.epochs or (1.0 if a.smoke else cfg.trainer.max_steps * batch_size / cfg.data.limit_train)
     tag = f"-{a.tag}" if a.tag else ""
     out = a.out / f"{dt.date.today().isoformat()}-{machine_name()}-curve{tag}.json"
     settings = {
@@ -161,7 +177,8 @@ def main(a) -> dict:
         "data": data,
         "overrides": a.overrides,
         "batch_size": batch_size,
-        "epochs": a.epochs,
+        "epochs": epochs,
+        "recipe": recipe(cfg),
     }
     results = json.loads(out.read_text()) if out.is_file() else {"settings": settings, "points": []}
     if results.get("settings") != settings:  # never mix recipes in one curve, never overwrite another's points
@@ -182,7 +199,7 @@ def main(a) -> dict:
     for n in sizes:
         if n in done:
             continue
-        point = lm_point(n, experiment, data, batch_size, a.epochs, a.overrides, work / f"n{n}")
+        point = lm_point(n, experiment, data, batch_size, epochs, a.overrides, work / f"n{n}")
         print(f"[curve] {point['command']}", file=sys.stderr)
         print(
             f"[curve] N={n}: LM {point['lm']['acc']:.3f}, TF-IDF same papers {point['tfidf_same']['acc']:.3f}, "
@@ -203,7 +220,7 @@ def parse(argv=None):
     parser.add_argument("--sizes", type=int, nargs="*", help=f"training papers per point (default {DEFAULT_SIZES})")
     parser.add_argument("--experiment", default="lora_arxiv")
     parser.add_argument("--data", type=Path, default=SHARED_ARXIV)
-    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the N papers (the recipe: 1)")
+    parser.add_argument("--epochs", type=float, help="passes over the N papers (default: the experiment's own)")
     parser.add_argument("--tag", default="", help="names the results file of a recipe candidate: ...-curve-<tag>.json")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument("--work", type=Path, default=ROOT / "logs" / "bench")

@@ -31,7 +31,7 @@ def test_baseline_config_extends_train_config(tmp_path, cache_dir):
     overrides = ["experiment=lora_arxiv", "data.split_salt=x"]
     cfg = compose_baseline(overrides, tmp_path)
     assert cfg.task_name == "baseline" and cfg.baseline.train_on == "same" and cfg.baseline.split == "test"
-    assert cfg.data.limit_train == 1200 and cfg.data.limit_test == 400  # the experiment's data settings
+    assert cfg.data.limit_train == 600 and cfg.data.limit_test == 400  # the experiment's data settings
     train_cfg = compose_train(overrides, tmp_path, cache_dir)
     assert OmegaConf.to_container(cfg.data) == OmegaConf.to_container(train_cfg.data)  # unresolved: ${...} kept
     assert cfg.data.split_salt == "x"

@@ -2,10 +2,11 @@
 
 import doctest
 
+import hydra
 import pytest
 import torch
 
-from conftest import SAMPLE, arxiv_datamodule, arxiv_formatter, arxiv_task, paper
+from conftest import SAMPLE, arxiv_datamodule, arxiv_formatter, arxiv_task, compose_train, paper
 from lmtune.data import batching
 from lmtune.data.batching import LengthGroupedSampler, PaddingCollator
 from lmtune.data.formatting import IGNORE_INDEX, ChatFormatter
@@ -266,3 +267,21 @@ def test_zero_shot_keeps_the_label_list_when_the_fine_tuned_prompt_drops_it(tiny
     default = arxiv_datamodule(tiny_tokenizer, str(SAMPLE), top_k=3, max_length=256)
     default.setup()
     assert default.zero_shot_formatter() is default.formatter
+
+
+def test_lora_arxiv_trains_on_the_short_instruction_and_scores_zero_shot_with_the_label_list(tiny_tokenizer, tmp_path):
+    """The shipped recipe (experiment=lora_arxiv, measured on the learning curve): the fine-tuned prompt has no
+    label list, the zero-shot base model beside it keeps the one `data=arxiv` uses for both."""
+    cfg = compose_train(["experiment=lora_arxiv", f"data.path={SAMPLE}", "data.top_k=3"], tmp_path, tmp_path)
+    dm = hydra.utils.instantiate(cfg.data, tokenizer=tiny_tokenizer)
+    dm.setup()
+    labels = ("cs.CL", "cs.CV", "cs.RO")
+    assert dm.formatter.system_prompt == "Answer with the primary arXiv category of this paper."
+    assert all(label in dm.zero_shot_formatter().system_prompt for label in labels)
+    plain = arxiv_datamodule(tiny_tokenizer, str(SAMPLE), top_k=3, max_length=cfg.data.max_length)
+    plain.setup()
+    assert dm.zero_shot_formatter().system_prompt == plain.formatter.system_prompt
+    example = dm.examples["train"][0]  # the answer tokens are the same either way: only the prompt is shorter
+    (listed,) = [e for e in plain.examples["train"] if e.id == example.id]
+    assert len(example.input_ids) < len(listed.input_ids)
+    assert [t for t in example.labels if t != IGNORE_INDEX] == [t for t in listed.labels if t != IGNORE_INDEX]
