@@ -27,9 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from common import BENCH, ROOT, SHARED_ARXIV, project_config, run_logged
+from omegaconf import OmegaConf
 
 DEFAULT_SIZES = (150, 600, 2400)
 
@@ -154,6 +153,7 @@ def recipe(cfg) -> dict:
     starts a new curve instead of joining the old one's points."""
     keep = {"data": ["max_length", "prompt"], "optim": ["lr", "warmup_steps"], "adapter": ["kind", "r", "alpha",
             "target_modules", "quantization"], "model": ["source", "name_or_path", "gguf_file"]}  # fmt: skip
+
     def plain(node):  # only these keys resolved: others (paths) need a running Hydra app
         return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 

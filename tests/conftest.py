@@ -62,7 +62,8 @@ def arxiv_task() -> dict:
     keys = ("prompt", "label_column", "label_is_list", "id_column", "truncate_column")
     generic = OmegaConf.load(ROOT / "conf" / "data" / "text_classification.yaml")
     return {
-        k: OmegaConf.to_container(data[k], resolve=True) if k in data and OmegaConf.is_config(data[k])
+        k: OmegaConf.to_container(data[k], resolve=True)
+        if k in data and OmegaConf.is_config(data[k])
         else data.get(k, generic[k])
         for k in keys
     }
