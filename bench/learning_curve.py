@@ -2,7 +2,10 @@
 
 For each N (log scale) one user command fine-tunes the LM with the shipped recipe on the first N training papers
 (hash order: a fixed, representative sample) for the recipe's number of passes (`trainer.max_steps` x batch /
-`data.limit_train` of the experiment: 2 for lora_arxiv), and its end-of-training report scores TF-IDF + LR on
+`data.limit_train` of the experiment: 2 for lora_arxiv), but never for fewer steps than the recipe's own budget
+(`trainer.max_steps`: 150). Below the experiment's N that is exactly what `experiment=lora_arxiv
+data.limit_train=N` gives a user (more passes over fewer papers: two passes over 150 papers, 38 steps, are too
+few to learn the labels); above it the steps grow to keep the passes. Its end-of-training report scores TF-IDF + LR on
 the same N papers and the zero-shot model on the same test split (400 papers, top-10 labels). TF-IDF + LR on the
 whole train split is the horizontal reference. Every point's command is printed and kept in the results, so
 anyone can rerun one point.
@@ -10,10 +13,13 @@ anyone can rerun one point.
     python bench/learning_curve.py                       (N = 150, 600, 2400 on ../shared/data/arxiv)
     python bench/learning_curve.py --sizes 150 600       (stop where the machine's time runs out; rerun to extend)
     python bench/learning_curve.py --smoke --out /tmp/c  (tiny model, sample data, seconds: what the tests run)
+    python bench/learning_curve.py --compare bench/results/*-curve*.json   (recipes and machines on one plot)
 
 The results file (`bench/results/<date>-<host>-curve.json`) is rewritten after every point, and a rerun with
 the same settings keeps the points already measured, so a long curve can be built over several sessions.
-Plots: `<results stem>-accuracy-vs-papers.png` and `-accuracy-vs-seconds.png` beside it.
+Plots: `<results stem>-accuracy-vs-papers.png` and `-accuracy-vs-seconds.png` beside it; `--compare` draws
+several curve files (recipes, machines) on one plot against training tokens, the compute measure that does
+not change with the CPU: `<date>-curves-accuracy-vs-tokens.png`.
 """
 
 from __future__ import annotations
@@ -52,11 +58,12 @@ def _run(script: str, overrides: list[str], work: Path) -> float:
 
 
 def lm_point(
-    n: int, experiment: str, data: list[str], batch_size: int, epochs: float, extra: list[str], work: Path
-) -> dict:
-    """Fine-tune on the first `n` training papers for `epochs` passes (the shipped recipe's); the report
-    gives TF-IDF on the same papers and the zero-shot model beside it."""
-    steps = max(1, math.ceil(epochs * n / batch_size))
+    n: int, experiment: str, data: list[str], batch_size: int, epochs: float, min_steps: int, extra: list[str],
+    work: Path,
+) -> dict:  # fmt: skip
+    """Fine-tune on the first `n` training papers for `epochs` passes (the shipped recipe's) and at least
+    `min_steps` steps; the report gives TF-IDF on the same papers and the zero-shot model beside it."""
+    steps = max(1, min_steps, math.ceil(epochs * n / batch_size))
     overrides = [
         f"experiment={experiment}",
         *data,
@@ -148,6 +155,67 @@ def plot(results: dict, out: Path) -> list[Path]:
     return paths
 
 
+def curve_label(results: dict) -> str:
+    """`<label, tag or experiment>: <CPU> (<capability>), <precision>`: what tells two curves of one plot apart
+    (a file's optional "label" names a recipe that neither its tag nor its experiment describes)."""
+    stem = Path(results["file"]).stem
+    name = results.get("label") or (stem.split("-curve-", 1)[1] if "-curve-" in stem else results["experiment"])
+    machine = results["machine"]
+    precision = results["points"][0]["precision"] if results["points"] else "?"
+    return f"{name}: {machine['cpu']} ({machine['cpu_capability']}), {precision}"
+
+
+def compare(files: list[Path], out: Path) -> tuple[Path, list[dict]]:
+    """Several curves (recipes, machines) on one plot of accuracy against training tokens.
+
+    Tokens, not seconds: a token costs the same on every machine and for every recipe here, while seconds
+    differ between CPUs (and drifted 1.6x on one VM between sessions). Each point is labelled N x passes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = []
+    for file in files:
+        try:
+            results = json.loads(Path(file).read_text())
+            batch = results["settings"]["batch_size"]
+            points = [{"n": p["n"], "passes": p["lm"]["steps"] * batch / p["n"], "tokens": p["train_tokens"],
+                       "acc": p["lm"]["acc"]} for p in results["points"]]  # fmt: skip
+            series.append({"file": str(file), "label": curve_label(results), "tfidf_all": results.get("tfidf_all"),
+                           "points": sorted(points, key=lambda p: p["tokens"])})  # fmt: skip
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            sys.exit(f"error: {file} is not a learning-curve results file ({type(e).__name__}: {e}); "
+                     "pass files written by bench/learning_curve.py (bench/results/*-curve*.json)")  # fmt: skip
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    for i, s in enumerate(series):
+        xs, ys = [p["tokens"] for p in s["points"]], [p["acc"] for p in s["points"]]
+        (line,) = ax.plot(xs, ys, "o-", label=s["label"])
+        for p in s["points"]:  # labels above the points, every other curve's below: equal tokens stay readable
+            text = f"{p['n']:,}x{p['passes']:.2g}: {p['acc']:.3f}"
+            ax.annotate(text, (p["tokens"], p["acc"]), textcoords="offset points", xytext=(0, 6 if i % 2 else -11),
+                        ha="center", fontsize=7, color=line.get_color())  # fmt: skip
+    references = sorted({round(s["tfidf_all"]["acc"], 4) for s in series if s["tfidf_all"]})
+    for acc in references:  # one line per distinct value: the same fit differs by a few papers between CPUs
+        ax.axhline(acc, color="tab:gray", linestyle="--", linewidth=0.8)
+    if references:
+        ax.plot([], [], color="tab:gray", linestyle="--", label="TF-IDF + LR, all train papers ("
+                + " / ".join(f"{a:.3f}" for a in references) + ")")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens (real, padding excluded; log scale)")
+    ax.set_ylabel("test accuracy (400 papers)")
+    ax.set_ylim(0, 1)
+    ax.set_title("arXiv primary category: recipes and machines by training tokens\n(labels: N papers x passes)",
+                 fontsize=9)  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out, series
+
+
 def recipe(cfg) -> dict:
     """What every point of one curve shares besides N: a changed default (prompt, length, optimizer, adapter)
     starts a new curve instead of joining the old one's points."""
@@ -163,6 +231,11 @@ def recipe(cfg) -> dict:
 def main(a) -> dict:
     from run import machine, machine_name  # the same machine record as `make bench`
 
+    if a.compare:
+        path, _ = compare(a.compare, a.out / f"{dt.date.today().isoformat()}-curves-accuracy-vs-tokens.png")
+        print(f"[curve] {path}", file=sys.stderr)
+        return {"plot": str(path)}
+
     experiment = "smoke" if a.smoke else a.experiment
     data = [] if a.smoke else [f"data.path={a.data}"]
     cfg = project_config("train", [f"experiment={experiment}", *data, *a.overrides])
@@ -170,6 +243,8 @@ def main(a) -> dict:
     sizes = sorted(a.sizes or ([8, 16] if a.smoke else DEFAULT_SIZES))
     # passes over the N papers: the experiment's own (max_steps x batch / limit_train) unless a candidate sets them
     epochs = a.epochs or (1.0 if a.smoke else cfg.trainer.max_steps * batch_size / cfg.data.limit_train)
+    # and never fewer steps than the recipe's own budget: a small N gets more passes, as the shipped command gives it
+    min_steps = a.min_steps if a.min_steps is not None else (0 if a.smoke else cfg.trainer.max_steps)
     tag = f"-{a.tag}" if a.tag else ""
     out = a.out / f"{dt.date.today().isoformat()}-{machine_name()}-curve{tag}.json"
     settings = {
@@ -178,6 +253,7 @@ def main(a) -> dict:
         "overrides": a.overrides,
         "batch_size": batch_size,
         "epochs": epochs,
+        "min_steps": min_steps,
         "recipe": recipe(cfg),
     }
     results = json.loads(out.read_text()) if out.is_file() else {"settings": settings, "points": []}
@@ -199,7 +275,7 @@ def main(a) -> dict:
     for n in sizes:
         if n in done:
             continue
-        point = lm_point(n, experiment, data, batch_size, epochs, a.overrides, work / f"n{n}")
+        point = lm_point(n, experiment, data, batch_size, epochs, min_steps, a.overrides, work / f"n{n}")
         print(f"[curve] {point['command']}", file=sys.stderr)
         print(
             f"[curve] N={n}: LM {point['lm']['acc']:.3f}, TF-IDF same papers {point['tfidf_same']['acc']:.3f}, "
@@ -221,7 +297,10 @@ def parse(argv=None):
     parser.add_argument("--experiment", default="lora_arxiv")
     parser.add_argument("--data", type=Path, default=SHARED_ARXIV)
     parser.add_argument("--epochs", type=float, help="passes over the N papers (default: the experiment's own)")
+    parser.add_argument("--min-steps", type=int, help="fewest steps per point (default: the experiment's max_steps)")
     parser.add_argument("--tag", default="", help="names the results file of a recipe candidate: ...-curve-<tag>.json")
+    parser.add_argument("--compare", type=Path, nargs="+", metavar="CURVE_JSON",
+                        help="plot these curve files together by training tokens; measures nothing")  # fmt: skip
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument("--work", type=Path, default=ROOT / "logs" / "bench")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every fine-tune (a recipe candidate)")

@@ -225,3 +225,23 @@ def test_learning_curve_smoke_form_builds_points_resumes_and_plots(tmp_path, cac
         learning_curve.parse(["--smoke", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
     )
     assert again["points"] == first["points"] and log_of_8.stat().st_mtime_ns == measured
+
+    # a step floor (the recipe's own budget for lora_arxiv) gives a small N more passes; its own file
+    floor = learning_curve.main(
+        learning_curve.parse(["--smoke", "--sizes", "8", "--min-steps", "2", "--tag", "floor", "--out", str(tmp_path),
+                              "--work", str(tmp_path / "work")])
+    )  # fmt: skip
+    assert floor["file"].endswith("-curve-floor.json") and floor["settings"]["min_steps"] == 2
+    assert floor["points"][0]["lm"]["steps"] == 2 and " trainer.max_steps=2 " in floor["points"][0]["command"]
+
+    # recipes and machines on one plot, by training tokens: the file's own points, labelled by recipe and machine
+    plot, (series,) = learning_curve.compare([path], tmp_path / "compare.png")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [(p["n"], p["tokens"], p["acc"]) for p in series["points"]] == [
+        (p["n"], p["train_tokens"], p["lm"]["acc"]) for p in first["points"]
+    ]
+    machine, precision = first["machine"], first["points"][0]["precision"]
+    assert series["label"] == f"smoke: {machine['cpu']} ({machine['cpu_capability']}), {precision}"
+    (tmp_path / "not-a-curve.json").write_text('{"points": 3}')
+    with pytest.raises(SystemExit, match="not-a-curve.json is not a learning-curve results file"):
+        learning_curve.compare([path, tmp_path / "not-a-curve.json"], tmp_path / "bad.png")
