@@ -100,13 +100,32 @@ def tfidf_all(experiment: str, data: list[str], work: Path) -> dict:
             "command": command("baseline.py", overrides)}  # fmt: skip
 
 
-def plot(results: dict, out: Path) -> list[Path]:
-    """Accuracy vs training papers (log x) and vs training seconds, with the references as horizontal lines."""
+def _pyplot():
+    """pyplot on the Agg backend: the plots are files, no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(ax, title: str, legend_size: int, path: Path) -> Path:
+    """What both kinds of plot share: accuracy from 0 to 1, grid, legend, title; then the PNG."""
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, loc="lower right")
+    ax.figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ax.figure.savefig(path, dpi=110)
+    _pyplot().close(ax.figure)
+    return path
+
+
+def plot(results: dict, out: Path) -> list[Path]:
+    """Accuracy vs training papers (log x) and vs training seconds, with the references as horizontal lines."""
+    plt = _pyplot()
     points = sorted(results["points"], key=lambda p: p["n"])
     if not points:
         return []
@@ -119,7 +138,7 @@ def plot(results: dict, out: Path) -> list[Path]:
         ("papers", lambda p: p["n"], "training papers (log scale)"),
         ("seconds", lambda p: p["train_seconds"], "training seconds (LM; log scale)"),
     ]:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        _, ax = plt.subplots(figsize=(6.4, 4.2))
         xs = [x_of(p) for p in points]
         ax.plot(
             xs,
@@ -143,15 +162,8 @@ def plot(results: dict, out: Path) -> list[Path]:
         ax.minorticks_off()
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"test accuracy ({points[0]['lm']['n']} papers)")
-        ax.set_ylim(0, 1)
-        ax.set_title(f"arXiv primary category: accuracy vs {name}\n{subtitle}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-        fig.tight_layout()
-        path = out.with_name(f"{out.stem}-accuracy-vs-{name}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        title = f"arXiv primary category: accuracy vs {name}\n{subtitle}"
+        paths.append(_save(ax, title, 8, out.with_name(f"{out.stem}-accuracy-vs-{name}.png")))
     return paths
 
 
@@ -170,11 +182,6 @@ def compare(files: list[Path], out: Path) -> tuple[Path, list[dict]]:
 
     Tokens, not seconds: a token costs the same on every machine and for every recipe here, while seconds
     differ between CPUs (and drifted 1.6x on one VM between sessions). Each point is labelled N x passes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series = []
     for file in files:
         try:
@@ -183,11 +190,12 @@ def compare(files: list[Path], out: Path) -> tuple[Path, list[dict]]:
             points = [{"n": p["n"], "passes": p["lm"]["steps"] * batch / p["n"], "tokens": p["train_tokens"],
                        "acc": p["lm"]["acc"]} for p in results["points"]]  # fmt: skip
             series.append({"file": str(file), "label": curve_label(results), "tfidf_all": results.get("tfidf_all"),
+                           "test_papers": results["points"][0]["lm"]["n"],
                            "points": sorted(points, key=lambda p: p["tokens"])})  # fmt: skip
         except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
             sys.exit(f"error: {file} is not a learning-curve results file ({type(e).__name__}: {e}); "
                      "pass files written by bench/learning_curve.py (bench/results/*-curve*.json)")  # fmt: skip
-    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    _, ax = _pyplot().subplots(figsize=(7.2, 4.6))
     for i, s in enumerate(series):
         xs, ys = [p["tokens"] for p in s["points"]], [p["acc"] for p in s["points"]]
         (line,) = ax.plot(xs, ys, "o-", label=s["label"])
@@ -203,17 +211,9 @@ def compare(files: list[Path], out: Path) -> tuple[Path, list[dict]]:
                 + " / ".join(f"{a:.3f}" for a in references) + ")")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel("training tokens (real, padding excluded; log scale)")
-    ax.set_ylabel("test accuracy (400 papers)")
-    ax.set_ylim(0, 1)
-    ax.set_title("arXiv primary category: recipes and machines by training tokens\n(labels: N papers x passes)",
-                 fontsize=9)  # fmt: skip
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out, series
+    ax.set_ylabel(f"test accuracy ({' / '.join(sorted({str(s['test_papers']) for s in series}))} papers)")
+    title = "arXiv primary category: recipes and machines by training tokens\n(labels: N papers x passes)"
+    return _save(ax, title, 7, out), series
 
 
 def recipe(cfg) -> dict:
