@@ -2,7 +2,6 @@
 
 import doctest
 
-import hydra
 import pytest
 import torch
 
@@ -12,6 +11,7 @@ from lmtune.data.batching import LengthGroupedSampler, PaddingCollator
 from lmtune.data.formatting import IGNORE_INDEX, ChatFormatter
 from lmtune.data.records import DataError, Record
 from lmtune.model.tiny import CHAT_TEMPLATE, build_tiny_tokenizer
+from lmtune.utils.instantiators import instantiate_data
 
 LABELS = ["cs.AI", "cs.CL", "cs.CV", "cs.LG", "cs.RO"]
 
@@ -273,7 +273,7 @@ def test_lora_arxiv_trains_on_the_short_instruction_and_scores_zero_shot_with_th
     """The shipped recipe (experiment=lora_arxiv, measured on the learning curve): the fine-tuned prompt has no
     label list, the zero-shot base model beside it keeps the one `data=arxiv` uses for both."""
     cfg = compose_train(["experiment=lora_arxiv", f"data.path={SAMPLE}", "data.top_k=3"], tmp_path, tmp_path)
-    dm = hydra.utils.instantiate(cfg.data, tokenizer=tiny_tokenizer)
+    dm = instantiate_data(cfg.data, tokenizer=tiny_tokenizer)  # as train.py builds it
     dm.setup()
     labels = ("cs.CL", "cs.CV", "cs.RO")
     assert dm.formatter.system_prompt == "Answer with the primary arXiv category of this paper."
