@@ -53,7 +53,7 @@ def training_data(overrides: list[str]):
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     pretrained = resolve_pretrained(cfg.model, cfg.paths.cache_dir)
-    datamodule.tokenizer = load_tokenizer(pretrained, cfg.model.get("pad_token"))
+    datamodule.tokenizer = load_tokenizer(pretrained, cfg.model.get("pad_token"), cfg.model.get("chat_template"))
     datamodule.setup("fit")
     return cfg, datamodule, pretrained
 

@@ -56,6 +56,22 @@ def run_case(script: str, args: list[str]) -> dict:
         }
 
 
+def run_commands(commands: list[dict], workdir, tag: str, env: dict | None = None) -> list[dict]:
+    """Run `commands` (`{"script": ..., "args": [...]}`) in one fresh interpreter of this driver, from the
+    repository root with W&B offline; returns each command's `returncode`, `stdout` and `stderr`."""
+    import subprocess
+    from pathlib import Path
+
+    root, workdir = Path(__file__).resolve().parents[1], Path(workdir)
+    (workdir / f"cases-{tag}.json").write_text(json.dumps(commands))
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(root / "tests"), **(env or {})}
+    env.pop("WANDB_API_KEY", None)
+    driver = [sys.executable, __file__, workdir / f"cases-{tag}.json", workdir / f"results-{tag}.json"]
+    proc = subprocess.run(driver, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((workdir / f"results-{tag}.json").read_text())
+
+
 def main() -> None:
     cases_file, results_file = sys.argv[1:3]  # read first: every case replaces sys.argv
     cases = json.loads(open(cases_file).read())

@@ -245,3 +245,36 @@ class GradProbe(L.Callback):
 
         for optimizer in trainer.optimizers:
             optimizer.register_step_post_hook(save)
+
+
+def assert_compile_matches_eager(pretrained: str, model_cfg: dict, adapter_cfg: dict, formatter, pad_id: int, batch):
+    """`compile=true` (each decoder layer compiled in place) gives the eager loss and adapter gradients, with the
+    same LoRA init and its B moved off zero so the adapters take part."""
+    from lmtune.model.architecture import decoder_layers
+    from lmtune.model.module import CausalLMClassifier
+
+    # a fresh start: in one process, dynamo stops compiling (silently) after 8 recompilations of a layer
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    results = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        module = CausalLMClassifier(
+            pretrained, model_cfg, adapter_cfg, {}, formatter.labels, formatter.answer_ids, pad_id, compile=compile
+        )
+        module.configure_model()
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn_like(param) * 0.1)
+        loss_sum, n = module.supervised_loss(batch)
+        loss_sum.backward()
+        grads = {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
+        results.append((loss_sum / n, grads, decoder_layers(module.causal_lm)[0]._compiled_call_impl is not None))
+    (eager, eager_grads, was_compiled), (compiled, compiled_grads, is_compiled) = results
+    assert is_compiled and not was_compiled
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # really compiled, not fallen back to eager
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert set(compiled_grads) == set(eager_grads) and eager_grads
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)

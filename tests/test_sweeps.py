@@ -64,10 +64,11 @@ def test_grid_sweep_gives_each_job_its_folder_and_wandb_run_grouped_by_sweep(tmp
         # the resolved config, with the secret redacted, in the config, the overrides and the run name
         assert run["config"]["secrets"] == REDACTED and "+secrets.hf_token=***REDACTED***" in run["run"]["name"]
         assert "+secrets.hf_token=***REDACTED***" in run["config"]["hydra/overrides"]
-        # as composed, with `auto` resolved for this machine
+        # as composed, with `auto` resolved for this machine (the dtype) and for the settings (the source)
         composed = yaml.safe_load((sweep / str(job) / ".hydra" / "config.yaml").read_text())["model"]
         resolved = frozen_dtype(composed["dtype"], run["config"]["trainer"]["precision"], "lora")
-        assert composed["dtype"] == "auto" and run["config"]["model"] == {**composed, "dtype": resolved}
+        assert composed["dtype"] == composed["source"] == "auto"
+        assert run["config"]["model"] == {**composed, "dtype": resolved, "source": "tiny_random"}
         if (ROOT / ".git").exists():
             assert re.fullmatch(r"[0-9a-f]{40}", run["config"]["git/sha"])
     assert runs[0]["run"]["id"] != runs[1]["run"]["id"]

@@ -219,7 +219,8 @@ def test_eval_loss_from_rank_scores_equals_the_masked_training_loss(tmp_path, ca
     module, dm = objects["module"], objects["datamodule"]
     module.eval()
     total, count = 0.0, 0
-    with torch.no_grad():
+    # in the precision validation ran in (bf16 autocast where `auto` picked bf16-mixed)
+    with torch.no_grad(), objects["trainer"].precision_plugin.forward_context():
         for batch in dm.val_dataloader():
             loss_sum, n = module.supervised_loss(batch)
             total, count = total + loss_sum.item(), count + n.item()

@@ -79,7 +79,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     else:
         datamodule.wait_for_data()
     pretrained = resolve_pretrained(cfg.model, cfg.paths.cache_dir)
-    tokenizer = load_tokenizer(pretrained, cfg.model.get("pad_token"))
+    tokenizer = load_tokenizer(pretrained, cfg.model.get("pad_token"), cfg.model.get("chat_template"))
     datamodule.tokenizer = tokenizer
     datamodule.setup("fit")
     formatter = datamodule.formatter

@@ -156,6 +156,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.collator = PaddingCollator(pad_id, self.pad_to_multiple_of)
         splits = self.load_splits()
         self.formatter = ChatFormatter(self.tokenizer, self.labels, self.max_length, **self.prompts)
+        log.info(self.formatter.chat_format.describe())
         self.examples = {name: self.formatter.format(rs) for name, rs in splits.items()}
         self.stats["truncated"] = {name: sum(e.truncated for e in ex) for name, ex in self.examples.items()}
         log.info(

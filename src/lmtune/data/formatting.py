@@ -3,6 +3,8 @@
 An example is `prompt_ids + answer_ids[label]`: the prompt is the conversation rendered by the tokenizer's
 own chat template with the generation prompt (a system turn, which may list the labels, and a user turn made
 from the record's columns by `data.prompt.user`), the answer is the label followed by the end-of-turn token.
+How the template is used (which token ends a turn, where the system prompt goes, template switches) is detected
+once per formatter in `chat_format.py`.
 Only the answer carries loss (`labels` is -100 on the prompt). Because the ids are built by concatenation,
 the rank scorer and the trainer see exactly the same tokens. Every example is also checked against the
 tokenization of the full rendered conversation, so template or BPE drift at the boundary is an error,
@@ -16,6 +18,7 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from lmtune.data.chat_format import detect_chat_format, render, token_id
 from lmtune.data.records import DataError, Record
 
 log = logging.getLogger(__name__)
@@ -70,11 +73,6 @@ class ChatFormatter:
         eot_token: str | None = None,
         chat_template_kwargs: dict | None = None,
     ):
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError(
-                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
-                f"use an instruct/chat model or set one on the tokenizer."
-            )
         self.tokenizer = tokenizer
         self.labels = list(labels)
         self.label_to_index = {label: i for i, label in enumerate(self.labels)}
@@ -97,11 +95,13 @@ class ChatFormatter:
         self.label_list = ", ".join(self.labels)
         self.system_prompt = system_prompt.format(labels=self.label_list)
         self.user_template = user_template
-        # extra template variables, e.g. Llama 3's `date_string`, which otherwise injects today's date
-        self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        self.eot_token = eot_token or tokenizer.eos_token
-        self.eot_id = tokenizer.convert_tokens_to_ids(self.eot_token)
-        if self.eot_id is None or self.eot_id == tokenizer.unk_token_id:
+        # how this template is used (turn closer, system turn, template variables such as Llama 3's date):
+        # detected from the template unless model.eot_token / model.chat_template_kwargs say otherwise
+        self.chat_format = detect_chat_format(tokenizer, eot_token, chat_template_kwargs)  # its owner logs it
+        self.chat_template_kwargs = self.chat_format.template_kwargs
+        self.eot_token = self.chat_format.eot_token
+        self.eot_id = token_id(tokenizer, self.eot_token)
+        if self.eot_id is None:
             raise DataError(f"end-of-turn token {self.eot_token!r} is not in the vocabulary; set model.eot_token.")
         # Reference answers: the label set's token sequences, shared by training and rank scoring.
         self.answer_ids: list[list[int]] = [self._reference_answer(label) for label in self.labels]
@@ -117,18 +117,17 @@ class ChatFormatter:
 
     # --- rendering -------------------------------------------------------------------------------------
     def messages(self, fields: Mapping[str, str], label: str | None = None) -> list[dict]:
-        msgs = [
-            {"role": "system", "content": self.system_prompt},
-            {"role": "user", "content": self.user_template.format(**fields, **{LABELS_FIELD: self.label_list})},
-        ]
+        user = self.user_template.format(**fields, **{LABELS_FIELD: self.label_list})
+        if self.chat_format.system_in_user:  # the template refuses a system turn
+            msgs = [{"role": "user", "content": f"{self.system_prompt}\n\n{user}"}]
+        else:
+            msgs = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}]
         if label is not None:
             msgs.append({"role": "assistant", "content": label})
         return msgs
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **self.chat_template_kwargs
-        )
+        return render(self.tokenizer, messages, add_generation_prompt, self.chat_template_kwargs)
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -166,6 +166,7 @@ class Predictor:
             )
         model = load_export_model(export, cfg, formatting, cache_dir, device)
         log.info("loaded %s (%s, labels %s) on %s", export, cfg.adapter.kind, labels, device)
+        log.info(formatter.chat_format.describe())
         kwargs.setdefault("precision", cfg.trainer.get("precision"))
         return cls(model, formatter, tokenizer.pad_token_id, source=str(export), **kwargs)
 
@@ -194,7 +195,7 @@ class Predictor:
     ) -> Predictor:
         """The base model with the task's prompt (`data.prompt`): the baseline a fine-tuned export is compared to."""
         pretrained = resolve_pretrained(model_cfg, cache_dir)
-        tokenizer = load_tokenizer(pretrained, model_cfg.get("pad_token"))
+        tokenizer = load_tokenizer(pretrained, model_cfg.get("pad_token"), model_cfg.get("chat_template"))
         formatter = ChatFormatter(
             tokenizer,
             sorted(dict.fromkeys(labels)),
@@ -209,6 +210,7 @@ class Predictor:
         precision, _, _ = resolve_precision(kwargs.pop("precision", None) or AUTO, device.type, cache_dir)
         dtype = frozen_dtype(model_cfg.get("dtype") or "float32", precision, "lora")
         model = load_base_model(pretrained, {**dict(model_cfg), "dtype": dtype}, None, device).to(device)
+        log.info(formatter.chat_format.describe())
         log.info(
             "zero-shot: base model %s (%s, %s), labels %s, on %s",
             pretrained,

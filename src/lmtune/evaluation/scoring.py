@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from lmtune.model.architecture import sliding_window
+
 # Below this many shared tokens, encoding the opening once saves less than the cache copies cost.
 MIN_SHARED_PREFIX = 8
 
@@ -45,10 +47,14 @@ def rank_scores(
     """
     chunk = max(1, max_rows // len(answers))
     tree = PrefixTree(answers)  # the same for every chunk
-    shared = SharedPrefix.of(causal_lm, prompts)
+    # A sliding window shorter than the sequences (Gemma 2/3) counts cache slots, padding included, and its cache
+    # keeps only the window: no padding between a shared opening and a prompt, no tree over the whole prompt.
+    window = sliding_window(causal_lm.config)
+    windowed = window is not None and window < max(map(len, prompts)) + max(map(len, answers))
+    shared = None if windowed else SharedPrefix.of(causal_lm, prompts)
     scores = []
     for i in range(0, len(prompts), chunk):
-        scores.append(_rank_scores(causal_lm, prompts[i : i + chunk], answers, tree, shared, pad_id))
+        scores.append(_rank_scores(causal_lm, prompts[i : i + chunk], answers, tree, shared, pad_id, windowed))
         if on_chunk is not None:
             on_chunk(len(scores[-1]))
     return torch.cat(scores)
@@ -61,6 +67,7 @@ def _rank_scores(
     tree: PrefixTree,
     shared: SharedPrefix | None,
     pad_id: int,
+    windowed: bool = False,
 ) -> torch.Tensor:
     device = next(causal_lm.parameters()).device
     num_prompts = len(prompts)
@@ -74,6 +81,8 @@ def _rank_scores(
     # cache is used as is instead of being copied once per label.
     if not tree.tokens:
         return scores
+    if windowed:  # each label continues its own copy of the (window-sized) cache
+        return scores + _continuation_scores(causal_lm, out.past_key_values, prompt_mask, answers, pad_id)
     feed_len = len(tree.tokens)
     feed = torch.tensor(tree.tokens, device=device).expand(num_prompts, feed_len)
     prompt_len = prompt_mask.sum(-1, keepdim=True)  # (P, 1)
@@ -92,6 +101,35 @@ def _rank_scores(
     node, target, owner = (t.to(device) for t in (tree.node, tree.target, tree.owner))
     logprobs = torch.log_softmax(logits, dim=-1)[:, node, target]  # (P, answer tokens after the first)
     return scores.index_add(1, owner, logprobs)
+
+
+def _continuation_scores(causal_lm, cache, prompt_mask: torch.Tensor, answers: list[list[int]], pad_id: int):
+    """Log-probabilities of every answer token after the first, one row per (prompt, label) on a copy of the
+    prompt's cache, with a plain key mask so the model builds its own (sliding) attention masks."""
+    device = prompt_mask.device
+    num_prompts, num_labels = prompt_mask.size(0), len(answers)
+    width = max(len(a) for a in answers) - 1
+    rest = torch.full((num_labels, width), pad_id, dtype=torch.long, device=device)
+    rest_mask = torch.zeros((num_labels, width), dtype=prompt_mask.dtype, device=device)
+    for j, a in enumerate(answers):
+        rest[j, : len(a) - 1] = torch.tensor(a[:-1], device=device)
+        rest_mask[j, : len(a) - 1] = 1
+    cache.batch_repeat_interleave(num_labels)  # row p * num_labels + j: prompt p, label j
+    mask = torch.cat([prompt_mask.repeat_interleave(num_labels, 0), rest_mask.repeat(num_prompts, 1)], dim=-1)
+    start = prompt_mask.sum(-1, keepdim=True).repeat_interleave(num_labels, 0)
+    logits = causal_lm(
+        input_ids=rest.repeat(num_prompts, 1),
+        attention_mask=mask,
+        position_ids=start + torch.arange(width, device=device),
+        past_key_values=cache,
+        use_cache=True,
+    ).logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1).view(num_prompts, num_labels, width, -1)
+    scores = torch.zeros(num_prompts, num_labels, device=device)
+    for j, a in enumerate(answers):
+        targets = torch.tensor(a[1:], device=device)
+        scores[:, j] = logprobs[:, j, torch.arange(len(a) - 1, device=device), targets].sum(-1)
+    return scores
 
 
 def encode_prompts(causal_lm, prompts: list[list[int]], pad_id: int, shared: SharedPrefix | None = None):

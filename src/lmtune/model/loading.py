@@ -19,11 +19,19 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from lmtune.data.chat_format import chat_template_source, token_id
 from lmtune.errors import UserError
+from lmtune.model.architecture import (
+    all_linear_targets,
+    check_targets,
+    decoder_layers,
+    layer_linear_names,
+    mlp_and_norm,
+)
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("hub", "gguf", "tiny_random")
+SOURCES = ("auto", "hub", "gguf", "tiny_random")
 # model.gradient_checkpointing: off, whole decoder layers, or only the MLP blocks (their activations are the largest)
 CHECKPOINTING = (False, True, "mlp")
 
@@ -87,9 +95,27 @@ def _build_tiny(model_cfg, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def model_source(model_cfg) -> str:
+    """`model.source`, with `auto` decided by what is set: a name or folder (hub), else a GGUF file, else the tiny
+    random model; so `model.name_or_path=<folder>` alone switches any preset to that model."""
+    source = model_cfg.get("source") or "auto"
+    if source != "auto":
+        return source
+    if model_cfg.get("name_or_path"):
+        return "hub"
+    if model_cfg.get("gguf_path") or model_cfg.get("gguf_package"):
+        return "gguf"
+    if model_cfg.get("tiny") is not None:
+        return "tiny_random"
+    raise ModelConfigError(
+        "model.name_or_path is not set: give a hub id or a local model folder, or pick a preset (model=qwen2_5_0_5b, "
+        "see conf/model/)."
+    )
+
+
 def resolve_pretrained(model_cfg, cache_dir: str | Path) -> str:
     """A hub id or a local folder that `from_pretrained` can load."""
-    source = model_cfg["source"]
+    source = model_source(model_cfg)
     cache_dir = Path(cache_dir)
     if source == "hub":
         return str(model_cfg["name_or_path"])
@@ -104,11 +130,25 @@ def resolve_pretrained(model_cfg, cache_dir: str | Path) -> str:
     raise ModelConfigError(f"model.source={source!r} is not one of {SOURCES}.")
 
 
-def load_tokenizer(pretrained: str, pad_token: str | None = None):
-    """The tokenizer; `pad_token` picks a dedicated pad token (Llama 3.2 has `<|finetune_right_pad_id|>`)."""
-    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+def load_tokenizer(pretrained: str, pad_token: str | None = None, chat_template: str | None = None):
+    """The tokenizer; `pad_token` picks a dedicated pad token (Llama 3.2 has `<|finetune_right_pad_id|>`),
+    `chat_template` (model.chat_template: `plain` or a .jinja file) replaces or supplies the chat template. The
+    template goes into every export with the tokenizer, so predict formats exactly as training did."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    except (OSError, ValueError) as e:
+        raise ModelConfigError(
+            f"model.name_or_path={pretrained}: cannot load its tokenizer ({_first_line(e)}); give a local model "
+            f"folder with tokenizer files, or a hub id (reachable, and with access granted if gated)."
+        ) from None
+    if chat_template:
+        tokenizer.chat_template = chat_template_source(chat_template)
+        if not tokenizer.eos_token:
+            raise ModelConfigError(
+                f"model.chat_template={chat_template}: the tokenizer of {pretrained} has no eos token."
+            )
     if pad_token:
-        if tokenizer.convert_tokens_to_ids(pad_token) in (None, tokenizer.unk_token_id):
+        if token_id(tokenizer, pad_token) is None:
             raise ModelConfigError(f"model.pad_token={pad_token!r} is not in the vocabulary of {pretrained}.")
         tokenizer.pad_token = pad_token
     if tokenizer.pad_token is None:
@@ -116,6 +156,10 @@ def load_tokenizer(pretrained: str, pad_token: str | None = None):
         tokenizer.pad_token = tokenizer.eos_token
         log.info("tokenizer has no pad token; padding with %r (masked by attention mask)", tokenizer.eos_token)
     return tokenizer
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [e.__class__.__name__])[0][:300]
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -149,8 +193,13 @@ def load_base_model(pretrained: str, model_cfg, quant_cfg, device: torch.device)
         kwargs.update(quantization_config=quant, device_map={"": device})
     if model_cfg.get("attn_implementation"):
         kwargs["attn_implementation"] = model_cfg["attn_implementation"]
-    model = AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
-    return model
+    try:
+        return AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelConfigError(
+            f"model.name_or_path={pretrained}: cannot load it as a causal LM ({_first_line(e)}); give a folder with "
+            f"config.json and weights of a causal LM, or its hub id."
+        ) from None
 
 
 def checkpoint_mlps(causal_lm) -> int:
@@ -159,17 +208,18 @@ def checkpoint_mlps(causal_lm) -> int:
     (gate, up, the activation and their product) are the largest a layer keeps, and the norm's fp32 copies come
     next; attention's are kept. Non-reentrant, so LoRA weights inside the MLP still get gradients. The norm
     stays where it is in the module tree (same weights, same state dict); only its call moves into the MLP's
-    checkpoint, and its own forward becomes the identity. Returns the number of MLPs wrapped."""
+    checkpoint, and its own forward becomes the identity. Which norm feeds the MLP depends on the architecture
+    (`architecture.mlp_and_norm`). Returns the number of MLPs wrapped."""
     from torch.utils.checkpoint import checkpoint
 
-    layers = causal_lm.get_decoder().layers
+    layers = decoder_layers(causal_lm)
     for layer in layers:
-        mlp = layer.mlp.forward
-        norm = getattr(layer, "post_attention_layernorm", None)  # Llama-style: norm -> MLP -> residual add
+        mlp_module, norm = mlp_and_norm(layer)
+        mlp = mlp_module.forward
         if norm is not None:
             mlp = functools.partial(_norm_then, norm.forward, mlp)
             norm.forward = _identity
-        layer.mlp.forward = functools.partial(checkpoint, mlp, use_reentrant=False)
+        mlp_module.forward = functools.partial(checkpoint, mlp, use_reentrant=False)
     return len(layers)
 
 
@@ -208,6 +258,10 @@ def load_model(
     from lmtune.model.fused_lora import fuse_lora_layers
 
     targets = adapter_cfg["target_modules"]
+    if targets == "all-linear":
+        targets = all_linear_targets(model)
+    else:
+        check_targets(model, targets)
     lora = LoraConfig(
         r=adapter_cfg["r"],
         lora_alpha=adapter_cfg["alpha"],
@@ -216,6 +270,12 @@ def load_model(
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as e:  # e.g. a pattern that also matches a norm or an embedding
+        raise ModelConfigError(
+            f"adapter.target_modules={adapter_cfg['target_modules']}: peft refused it ({str(e).splitlines()[0]}); "
+            f"name only linear layers ({', '.join(layer_linear_names(model))}) or use all-linear."
+        ) from None
     fuse_lora_layers(model)  # same weights and results, fewer passes over each layer's output
     return model

@@ -21,7 +21,8 @@ def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def masked_lm_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, lm_head) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed token cross-entropy over supervised positions and their count (hidden: B x T x H)."""
+    """Summed token cross-entropy over supervised positions and their count (hidden: B x T x H). `lm_head` maps
+    hidden states to logits: the output head, or `architecture.head_logits` where the model transforms its logits."""
     mask, targets = supervised_positions(labels)
     logits = lm_head(hidden[:, :-1][mask]).float()
     return F.cross_entropy(logits, targets, reduction="sum"), mask.sum()

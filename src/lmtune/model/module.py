@@ -19,6 +19,7 @@ Feature flags and their trade-offs:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -31,6 +32,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from lmtune.errors import UserError
 from lmtune.evaluation.scoring import rank_scores
+from lmtune.model.architecture import decoder_layers, head_logits
 from lmtune.model.loading import load_model
 from lmtune.model.loss import masked_lm_loss_sum, masked_lm_loss_sum_via_forward
 from lmtune.model.parallel import full_tensor, shard_decoder
@@ -128,7 +130,7 @@ class CausalLMClassifier(L.LightningModule):
         self.model = load_model(hp.pretrained, hp.model_cfg, hp.adapter_cfg, device, hp.gradient_checkpointing)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as found
         if hp.get("compile"):
-            for layer in self.causal_lm.get_decoder().layers:
+            for layer in decoder_layers(self.causal_lm):
                 layer.compile()  # in place: no `_orig_mod.` in parameter names
         if self._device_mesh is not None:  # set by ModelParallelStrategy (trainer=fsdp)
             shard_decoder(self.causal_lm, self._device_mesh["data_parallel"])
@@ -153,7 +155,7 @@ class CausalLMClassifier(L.LightningModule):
         hidden = lm.get_decoder()(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state
-        return masked_lm_loss_sum(hidden, batch["labels"], lm.get_output_embeddings())
+        return masked_lm_loss_sum(hidden, batch["labels"], functools.partial(head_logits, lm))
 
     def score_labels(self, batch: dict) -> torch.Tensor:
         prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_length"], strict=True)]

@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 
+from lmtune.model.architecture import decoder_layers
+
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a (possibly FSDP-sharded) parameter; a collective when sharded: call on every rank."""
@@ -33,7 +35,7 @@ def shard_decoder(causal_lm: torch.nn.Module, mesh) -> None:
     """
     from torch.distributed.fsdp import fully_shard
 
-    for layer in causal_lm.get_decoder().layers:
+    for layer in decoder_layers(causal_lm):
         fully_shard(layer, mesh=mesh)
     fully_shard(causal_lm, mesh=mesh)
 

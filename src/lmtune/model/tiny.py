@@ -36,26 +36,52 @@ _CS_CLASSES += " SD SE SI SY"
 _CORPUS += " ".join(f"cs.{c}" for c in _CS_CLASSES.split())
 
 
-def build_tiny_tokenizer(vocab_size: int = 512, pad_equals_eos: bool = False) -> PreTrainedTokenizerFast:
+def train_tiny_tokenizer(
+    special_tokens: list[str],
+    *,
+    eos: str,
+    bos: str | None = None,
+    pad: str | None = None,
+    unk: str | None = None,
+    chat_template: str | None = None,
+    vocab_size: int = 512,
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained in memory on the built-in text, with the given special tokens (the first ones get
+    the first ids, as in real vocabularies) and chat template: any family's tokens and format, no download."""
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator([line for line in _CORPUS.splitlines() if line.strip()] * 4, trainer=trainer)
+    named = {bos, eos, pad, unk}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=BOS,
-        eos_token=EOT,
-        pad_token=EOT if pad_equals_eos else PAD,
-        additional_special_tokens=[HEADER_START, HEADER_END],
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
+        additional_special_tokens=[t for t in special_tokens if t not in named],
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def build_tiny_tokenizer(vocab_size: int = 512, pad_equals_eos: bool = False) -> PreTrainedTokenizerFast:
+    """The tiny Llama's tokenizer: Llama 3's turn markers and template, a dedicated pad token unless
+    `pad_equals_eos` (SmolLM2's trap)."""
+    return train_tiny_tokenizer(
+        SPECIAL_TOKENS,
+        bos=BOS,
+        eos=EOT,
+        pad=EOT if pad_equals_eos else PAD,
+        chat_template=CHAT_TEMPLATE,
+        vocab_size=vocab_size,
+    )
 
 
 def build_tiny_model(

@@ -7,14 +7,16 @@ import functools
 import logging
 import re
 import subprocess
+from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lmtune.data.chat_format import BUILT_IN_TEMPLATES
 from lmtune.data.sources import SOURCES as SOURCES_OF_DATA
 from lmtune.errors import UserError
-from lmtune.model.loading import CHECKPOINTING, SOURCES
+from lmtune.model.loading import CHECKPOINTING, SOURCES, model_source
 from lmtune.utils.hardware import AUTO, Hardware, compute_dtype_name, frozen_dtype, measure_probe, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -29,13 +31,20 @@ def config_problems(cfg: DictConfig) -> list[str]:
     model, adapter, trainer = cfg.model, cfg.adapter, cfg.trainer
     if model.source not in SOURCES:
         problems.append(f"model.source={model.source!r}: use one of {', '.join(SOURCES)}.")
-    if model.source == "hub" and not model.get("name_or_path"):
+    elif model.source == "hub" and not model.get("name_or_path"):
         problems.append("model.name_or_path is empty: give a hub id or a local folder.")
+    else:
+        problems += model_problems(model)
     if model.get("gradient_checkpointing", False) not in CHECKPOINTING:
         problems.append(
             f"model.gradient_checkpointing={model.gradient_checkpointing!r}: use false, true (whole decoder layers) "
             f"or mlp (only the MLP blocks: most of the memory for less recomputation)."
         )
+    if adapter.kind == "lora":
+        for key in ("r", "alpha"):
+            value = adapter.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                problems.append(f"adapter.{key}={value!r}: must be a positive integer (e.g. adapter.{key}=16).")
     if adapter.kind not in ("lora", "none"):
         problems.append(f"adapter.kind={adapter.kind!r}: use adapter=lora, adapter=qlora or adapter=none.")
     quant = adapter.get("quantization")
@@ -61,6 +70,33 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append("data.source=file but data.path is not set: point it at a JSONL, CSV or Parquet file.")
     if source == "hf" and not cfg.data.get("hf_name"):
         problems.append("data.source=hf but data.hf_name is not set: give a hub dataset id or a local folder.")
+    return problems
+
+
+def model_problems(model: DictConfig) -> list[str]:
+    """A model folder that is not there or holds no model, and a chat template that cannot be found."""
+    problems = []
+    try:
+        source = model_source(model)
+    except UserError as e:
+        return [str(e)]
+    name = str(model.get("name_or_path") or "")
+    # a hub id is `org/name`; anything that exists, or starts like a path, is a local folder
+    if source == "hub" and name and (Path(name).expanduser().exists() or name.startswith(("/", ".", "~"))):
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            problems.append(f"model.name_or_path={name}: no such folder; give a model folder or a hub id.")
+        elif not (folder / "config.json").is_file():
+            problems.append(
+                f"model.name_or_path={name}: the folder has no config.json"
+                f"{' (it is empty)' if not any(folder.iterdir()) else ''}; give a folder that save_pretrained wrote."
+            )
+    template = model.get("chat_template")
+    if template and template not in BUILT_IN_TEMPLATES and not Path(str(template)).expanduser().is_file():
+        problems.append(
+            f"model.chat_template={template}: neither a built-in template ({', '.join(BUILT_IN_TEMPLATES)}) nor a "
+            f"file; use plain for a base model, or the path to a .jinja chat template."
+        )
     return problems
 
 
@@ -106,6 +142,7 @@ def resolve_auto(cfg: DictConfig, hardware: Hardware | None = None, measure=meas
         trainer.precision, trainer.get("accelerator"), cfg.paths.cache_dir, hardware, measure
     )
     cfg.trainer.precision = precision
+    cfg.model.source = model_source(cfg.model)
     cfg.model.dtype = frozen_dtype(cfg.model.get("dtype", "float32"), precision, cfg.adapter.kind)
     quant = cfg.adapter.get("quantization")
     if quant and str(quant.get("compute_dtype")) == AUTO:
