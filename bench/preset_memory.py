@@ -13,9 +13,14 @@ not a measurement:
   bytes (the inputs of the seven projections, attention's q/k/v/output, the MLP's gate/up/activation/product,
   the norms' fp32 inputs); the loss projects only the answer positions, so no batch x length x vocabulary logits;
 - 1 GB for the runtime (CUDA context, allocator slack, workspace).
-The activation term was checked against a measurement: SmolLM2-135M at batch 8 x 512 in bf16-mixed on CPU peaked
-at 5.0 GB (bench/results, AMD EPYC Zen 4), this estimate gives 5.1 GB. `model.gradient_checkpointing=mlp` cuts
-the activations by about half, `true` to about one hidden vector per token and layer.
+Checked against measurements of the whole process's peak memory on CPU in bf16-mixed (GB = 1e9 bytes):
+- SmolLM2-135M at batch 8 x 512: 5.3 GB measured (AMD EPYC Zen 4), 5.1 GB estimated;
+- the Llama-3.2-1B shape (random weights), LoRA at batch 8 x 256: 8.3 GB measured (Intel Xeon with AMX,
+  results/2026-12-05-vm-intel-xeon-amx-preset-memory.json), 7.9 GB estimated;
+so the estimate runs about 5% low on a CPU. QLoRA's 4-bit footprint is a GPU figure that a CPU cannot measure (there
+the process peak includes bitsandbytes' CPU quantization of the fp32 checkpoint: 8.9 GB). With
+`model.gradient_checkpointing=mlp` the activations are about half, with `true` about one hidden vector per token
+and layer.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 
 from lmtune.errors import UserError  # noqa: E402
 from lmtune.predict import predict, verbatim_ids  # noqa: E402
+from lmtune.utils.task import check_command_line  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict.yaml")
@@ -27,4 +28,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
     main()

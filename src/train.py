@@ -15,6 +15,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 from lmtune.errors import UserError  # noqa: E402
 from lmtune.pipeline import train  # noqa: E402
 from lmtune.utils.metrics import optimized_metric  # noqa: E402
+from lmtune.utils.task import check_command_line  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -33,4 +34,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
     main()

@@ -132,6 +132,7 @@ def cases(f, run) -> list[Case]:
         Case("eot token not in the vocabulary", "train.py", (*train_on, "model.eot_token=eot"), ("end-of-turn token 'eot' is not in the vocabulary",)),
         Case("template that raises", "train.py", (*train_on, f"model.chat_template={f}/raises.jinja"), ("raised TemplateError: Only user turns please",)),
         Case("template with a think block and no switch", "train.py", (*train_on, f"model.chat_template={f}/thinks.jinja"), ("renders the final assistant turn with '<think></think>' before the answer",)),
+        Case("special token unquoted for Hydra", "train.py", (*train_on, "model.pad_token=<|pad|>"), ("Hydra reads < and > only inside quotes", "\"model.pad_token='<|pad|>'\"")),
         Case("unknown built-in template", "train.py", (*train_on, "model.chat_template=chatml"), ("model.chat_template=chatml: neither a built-in template (plain)",)),
         Case("base model without a template", "train.py", (*train_on, f"model.name_or_path={f}/base_model"), ("has no chat template (a base model?); set model.chat_template=plain",)),
         # rows that can be dropped: counted, by reason

@@ -15,6 +15,15 @@ log = logging.getLogger(__name__)
 SIGTERM_EXIT = 128 + signal.SIGTERM  # 143: what a shell reports for a process ended by SIGTERM
 
 
+def check_command_line(args: list[str]) -> None:
+    """Hydra cannot parse an unquoted value with `<` or `>` (special tokens such as `<|eot_id|>`) and answers with a
+    lexer error that does not say how to write it; this says it in one line, before Hydra starts."""
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and ("<" in value or ">" in value) and not value.startswith(("'", '"', "{", "[")):
+            sys.exit(f"error: {arg}: Hydra reads < and > only inside quotes; write it as \"{key}='{value}'\".")
+
+
 class Terminated(SystemExit):
     """The run was stopped by SIGTERM; the process exits with status 143."""
 
