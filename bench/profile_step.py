@@ -11,12 +11,14 @@ allocate the most memory, for each side.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
 from hf_baseline import padded_to, training_data
 from torch.profiler import ProfilerActivity, profile
 
+from lmtune.model.architecture import head_logits
 from lmtune.model.loading import load_model
 from lmtune.model.loss import masked_lm_loss_sum
 
@@ -37,7 +39,7 @@ def main(overrides: list[str], steps: int, rows: int) -> None:
         hidden = model.get_decoder()(
             input_ids=ours_batch["input_ids"], attention_mask=ours_batch["attention_mask"]
         ).last_hidden_state
-        loss_sum, n = masked_lm_loss_sum(hidden, ours_batch["labels"], model.get_output_embeddings())
+        loss_sum, n = masked_lm_loss_sum(hidden, ours_batch["labels"], functools.partial(head_logits, model))
         return loss_sum / n
 
     def baseline():
