@@ -253,8 +253,8 @@ def other_machines(results: dict, folder: Path) -> list[str]:
             doc = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if "machine" not in doc or doc.get("file") == results.get("file") or "train" not in doc:
-            continue
+        if "machine" not in doc or doc.get("file") == results.get("file") or "results" not in doc.get("train", {}):
+            continue  # not a training-throughput results file (roofline, curve, memory, compile...)
         m, lora = doc["machine"], doc["train"]["results"].get("lora", {})
         ours = lora.get("ours", {})
         cells = [
