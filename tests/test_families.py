@@ -92,9 +92,12 @@ def test_the_chat_format_is_detected_and_said_in_one_line(family_dirs, caplog):
     assert "Today Date: 1 Jan" in tokenizer.decode(mine.format(papers(1))[0].input_ids)
 
 
-def _batch(formatter, tokenizer):
+def prepared(name, family_dirs):
+    """The family's tokenizer and arXiv formatter, and four papers as examples and as a padded batch."""
+    tokenizer = family_tokenizer(BY_NAME[name], family_dirs[name])
+    formatter = arxiv_formatter(tokenizer, LABELS, 256)
     examples = formatter.format(papers())
-    return examples, PaddingCollator(tokenizer.pad_token_id, 8)(examples)
+    return tokenizer, formatter, examples, PaddingCollator(tokenizer.pad_token_id, 8)(examples)
 
 
 def _loss(lm, batch):
@@ -105,10 +108,7 @@ def _loss(lm, batch):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_architecture_dependent_paths_equal_their_references(name, family_dirs):
-    family = BY_NAME[name]
-    tokenizer = family_tokenizer(family, family_dirs[name])
-    formatter = arxiv_formatter(tokenizer, LABELS, 256)
-    examples, batch = _batch(formatter, tokenizer)
+    tokenizer, formatter, examples, batch = prepared(name, family_dirs)
     model = load_model(family_dirs[name], {"dtype": "float32"}, LORA, torch.device("cpu"))
     lm = model.get_base_model()
     with torch.no_grad():  # LoRA B starts at zero: give the adapters a part in every output
@@ -153,9 +153,7 @@ def test_architecture_dependent_paths_equal_their_references(name, family_dirs):
 def test_qlora_quantizes_every_family_and_trains_its_adapters(name, family_dirs):
     from bitsandbytes.nn import Linear4bit
 
-    family = BY_NAME[name]
-    tokenizer = family_tokenizer(family, family_dirs[name])
-    _, batch = _batch(arxiv_formatter(tokenizer, LABELS, 256), tokenizer)
+    *_, batch = prepared(name, family_dirs)
     quant = {"quant_type": "nf4", "double_quant": True, "compute_dtype": "float32", "storage_dtype": None}
     model = load_model(family_dirs[name], {"dtype": "float32"}, {**LORA, "quantization": quant}, torch.device("cpu"))
     lm = model.get_base_model()
@@ -241,10 +239,7 @@ def test_the_cli_trains_resumes_merges_and_predicts_with_only_the_model_folder(n
 @pytest.mark.parametrize("name", NAMES)
 def test_compile_gives_every_family_the_same_loss_and_gradients(name, family_dirs):
     """`compile=true` compiles each decoder layer in place, whatever the family (about 12 s a family on CPU)."""
-    family = BY_NAME[name]
-    tokenizer = family_tokenizer(family, family_dirs[name])
-    formatter = arxiv_formatter(tokenizer, LABELS, 256)
-    _, batch = _batch(formatter, tokenizer)
+    tokenizer, formatter, _, batch = prepared(name, family_dirs)
     assert_compile_matches_eager(
         family_dirs[name], {"dtype": "float32"}, LORA, formatter, tokenizer.pad_token_id, batch
     )
