@@ -5,7 +5,8 @@ whose special tokens, eos/pad/bos choices and chat template reproduce what that 
 from the published formats, with their quirks: Llama 3's date header and eos that is not its turn closer,
 Qwen's default system turn, Qwen3's think blocks, Gemma 2 refusing a system turn and Gemma 3 folding it into
 the user turn, Phi's `<|end|>` before eos, Mistral v0.3 moving the system prompt into the last user turn,
-SmolLM2's pad == eos). `gpt2_base` is a base model without any chat template. Nothing is downloaded.
+SmolLM2's pad == eos). `gpt2_base` and `gpt_neox_base` are base models without any chat template. Nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -313,6 +314,19 @@ FAMILIES = [
         },
         ["<|endoftext|>"],
         {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "unk": "<|endoftext|>"},
+        None,
+        "<|endoftext|>",
+        answer_prefix=" ",
+        overrides=("model.chat_template=plain",),
+    ),
+    Family(
+        "gpt_neox_base",  # Pythia-style: fused query_key_value, attention and MLP in parallel from one residual
+        None,
+        "GPTNeoXForCausalLM",
+        "GPTNeoXConfig",
+        {**{k: v for k, v in SHAPE.items() if k != "num_key_value_heads"}, "use_parallel_residual": True},
+        ["<|endoftext|>", "<|padding|>"],
+        {"bos": "<|endoftext|>", "eos": "<|endoftext|>", "pad": "<|padding|>"},
         None,
         "<|endoftext|>",
         answer_prefix=" ",
