@@ -118,7 +118,7 @@ class ChatFormatter:
     # --- rendering -------------------------------------------------------------------------------------
     def messages(self, fields: Mapping[str, str], label: str | None = None) -> list[dict]:
         user = self.user_template.format(**fields, **{LABELS_FIELD: self.label_list})
-        if self.chat_format.system_in_user:  # the template refuses a system turn
+        if self.chat_format.system_in_user:  # the template refuses a system turn or moves it
             msgs = [{"role": "user", "content": f"{self.system_prompt}\n\n{user}"}]
         else:
             msgs = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": user}]
