@@ -1,7 +1,8 @@
 """`make bench`: every benchmark in one run -> bench/results/<date>-<host>-<cpu>.json and the table in bench/README.md.
 
 Order matters: training throughput first (on a quiet machine), then accuracy (its fine-tuned export is what
-the evaluation benchmark scores), then evaluation throughput; the GPU section runs when CUDA is available.
+the evaluation benchmark scores), then evaluation throughput; the GPU section runs when CUDA is available; then
+data preparation at growing sizes (`data_scale.py`; 200k rows take ~15 GB and ~13 minutes today).
 The JSON is rewritten after each part, so an interrupted run keeps what it measured.
 
     python bench/run.py                    (the full CPU benchmark: 53 minutes on 2 cores)
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 
 import accuracy
+import data_scale
 import eval_throughput
 import learning_curve
 import roofline
@@ -335,6 +337,11 @@ def main(a) -> dict:
             learning_curve.parse(["--smoke"] * a.smoke + ["--out", str(a.out), "--work", str(a.work)])
         )
         results["curve"] = {"file": curve["file"], "plots": curve["plots"]}
+    if "data" in parts:  # data preparation as the file grows (fresh processes; their own peak memory)
+        sizes = [100, 200] if a.smoke else a.data_rows
+        source, experiment = (data_scale.SAMPLE, "smoke") if a.smoke else (SHARED_ARXIV, "lora_arxiv")
+        results["data"] = data_scale.bench(sizes, source, work / "data", experiment, [])
+        write(results, out, a.readme)
     if "roofline" in parts:  # the matrix-product limits alone (the train parts measure them beside each run)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = ["experiment=smoke"] if a.smoke else ["model=llama3_2_1b_random"] if device == "cuda" else []
@@ -347,8 +354,11 @@ def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model and sample data: checks the scripts run")
     parser.add_argument(
-        "--parts", default="train,accuracy,eval,gpu", help="also: roofline (the limits alone), curve (learning curve)"
+        "--parts",
+        default="train,accuracy,eval,gpu,data",
+        help="also: roofline (the limits alone), curve (learning curve)",
     )
+    parser.add_argument("--data-rows", type=int, nargs="*", default=[20000, 200000], help="rows of the data part")
     parser.add_argument("--roofline-tokens", type=int, default=4096, help="rows of the roofline part's products")
     parser.add_argument("--adapters", default="lora,qlora")
     parser.add_argument("--runs", type=int, default=3, help="alternating runs per side (medians)")

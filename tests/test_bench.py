@@ -109,6 +109,16 @@ def test_eval_benchmark_rank_scoring_matches_the_naive_reference(smoke_bench):
     assert 0.0 <= ev["agreement"] <= 1.0
 
 
+def test_data_benchmark_prepares_every_row_of_each_size_twice(smoke_bench):
+    sizes = smoke_bench[0]["data"]["sizes"]
+    assert [s["rows"] for s in sizes] == [192, 288]  # the 96-row sample, 2 and 3 copies with new ids
+    for size in sizes:
+        first, second = size["first"], size["second"]
+        assert first["records"] == second["records"] == size["rows"]  # every copy kept: its ids are new
+        assert first["examples"] == second["examples"] and 0 < sum(first["examples"].values()) <= size["rows"]
+        assert first["peak_rss_mb"] > 0 and size["ms_per_row_per_core"] > 0
+
+
 def test_results_table_replaces_only_its_section(smoke_bench):
     results, readme = smoke_bench
     assert readme.startswith("# Benchmarks\n\nintro kept\n") and readme.endswith("<!-- results:end -->\nkept\n")
