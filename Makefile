@@ -30,8 +30,9 @@ test-gpu: install
 test-all: install
 	$(PYTEST) -q
 
-# ours vs the usual alternatives, ~1 hour on 2 CPU cores (+ the GPU section on a CUDA machine); never part of
-# `make test`, which runs each benchmark script in its smoke form. Results: bench/results/, bench/README.md.
+# ours vs the usual alternatives and data preparation at growing sizes, ~75 minutes on 2 CPU cores (+ the GPU
+# section on a CUDA machine); never part of `make test`, which runs each benchmark script in its smoke form.
+# Results: bench/results/, bench/README.md.
 bench: install
 	$(PY) bench/run.py $(ARGS)
 

@@ -5,7 +5,7 @@ the evaluation benchmark scores), then evaluation throughput; the GPU section ru
 data preparation at growing sizes (`data_scale.py`; 200k rows take ~15 GB and ~13 minutes today).
 The JSON is rewritten after each part, so an interrupted run keeps what it measured.
 
-    python bench/run.py                    (the full CPU benchmark: 53 minutes on 2 cores)
+    python bench/run.py                    (the full CPU benchmark: ~75 minutes on 2 cores with the data part)
     python bench/run.py --smoke --out /tmp/b --readme /tmp/b/README.md   (tiny model, under a minute: what tests run)
 """
 
