@@ -44,19 +44,20 @@ _SYSTEM, _USER, _ANSWER = "Probe system text.", "Probe user text.", "ProbeAnswer
 
 
 def chat_template_source(spec: str) -> str:
-    """`model.chat_template`: a built-in name (`plain`) or a path to a Jinja file."""
+    """`model.chat_template`: a built-in name (`plain`) or a path to a Jinja file; config validation calls it too,
+    so the run stops at start-up on a template it cannot read."""
     if spec in BUILT_IN_TEMPLATES:
         return BUILT_IN_TEMPLATES[spec]
     path = Path(spec).expanduser()
-    if path.suffix != ".jinja" and not path.is_file():
+    if not path.is_file():
         raise DataError(
-            f"model.chat_template={spec!r}: not a built-in template ({', '.join(BUILT_IN_TEMPLATES)}) nor a .jinja "
-            f"file; use plain for a base model, or the path to a Jinja chat template."
+            f"model.chat_template={spec}: neither a built-in template ({', '.join(BUILT_IN_TEMPLATES)}) nor a "
+            f"file; use plain for a base model, or the path to a .jinja chat template."
         )
     try:
         return path.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"model.chat_template={spec!r}: cannot read it ({e.__class__.__name__}: {e}).") from None
+        raise DataError(f"model.chat_template={spec}: cannot read it ({e.__class__.__name__}: {e}).") from None
 
 
 @dataclass(frozen=True)

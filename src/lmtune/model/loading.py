@@ -143,7 +143,7 @@ def load_tokenizer(pretrained: str, pad_token: str | None = None, chat_template:
         ) from None
     if chat_template:
         tokenizer.chat_template = chat_template_source(chat_template)
-        if not tokenizer.eos_token:
+        if chat_template == "plain" and not tokenizer.eos_token:  # plain closes every turn with eos
             raise ModelConfigError(
                 f"model.chat_template={chat_template}: the tokenizer of {pretrained} has no eos token."
             )

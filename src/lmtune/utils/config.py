@@ -13,7 +13,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lmtune.data.chat_format import BUILT_IN_TEMPLATES
+from lmtune.data.chat_format import chat_template_source
 from lmtune.data.sources import SOURCES as SOURCES_OF_DATA
 from lmtune.errors import UserError
 from lmtune.model.loading import CHECKPOINTING, SOURCES, model_source
@@ -91,12 +91,11 @@ def model_problems(model: DictConfig) -> list[str]:
                 f"model.name_or_path={name}: the folder has no config.json"
                 f"{' (it is empty)' if not any(folder.iterdir()) else ''}; give a folder that save_pretrained wrote."
             )
-    template = model.get("chat_template")
-    if template and template not in BUILT_IN_TEMPLATES and not Path(str(template)).expanduser().is_file():
-        problems.append(
-            f"model.chat_template={template}: neither a built-in template ({', '.join(BUILT_IN_TEMPLATES)}) nor a "
-            f"file; use plain for a base model, or the path to a .jinja chat template."
-        )
+    if model.get("chat_template"):
+        try:
+            chat_template_source(str(model.chat_template))
+        except UserError as e:
+            problems.append(str(e))
     return problems
 
 
