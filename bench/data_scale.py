@@ -1,5 +1,6 @@
 """Data preparation as the file grows: seconds and peak memory of `setup("fit")` (read, label set, splits,
-tokenization of every split) at increasing row counts, a first run and a second run on the same file.
+tokenization of every split) at increasing row counts: a first run on an empty data cache and a second run that
+reads the cache (`lmtune.data.prepared`).
 
 The file is the shared arXiv file repeated with new ids (`<id>-r<k>`), written once under `--work`; each run is
 a fresh process (`python bench/data_scale.py --worker ...`), so its peak RSS is its own. Limits are lifted
@@ -7,6 +8,9 @@ a fresh process (`python bench/data_scale.py --worker ...`), so its peak RSS is 
 
     python bench/data_scale.py --rows 20000 200000           (CPU, SmolLM2's tokenizer, experiment=lora_arxiv)
     python bench/data_scale.py --smoke                       (the sample file, 2 sizes: what tests run)
+
+It also measures training tokens/s at max_length 256 / 512 / 1024 on abstracts long enough to fill each length
+(`lengths`; `bench/run.py --parts data` runs both).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -53,6 +58,8 @@ def worker(overrides: list[str]) -> dict:
 
     cfg = project_config("train", overrides)
     tokenizer = load_tokenizer(resolve_pretrained(cfg.model, cfg.paths.cache_dir), cfg.model.get("pad_token"))
+    cache = Path(cfg.data.cache_dir) / "data"
+    before = set(cache.glob("*.arrow"))
     started = time.perf_counter()
     datamodule = instantiate_data(cfg.data)
     datamodule.prepare_data()
@@ -64,11 +71,13 @@ def worker(overrides: list[str]) -> dict:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "examples": {split: len(examples) for split, examples in datamodule.examples.items()},
         "records": datamodule.stats["records"],
+        "new_cache_files": len(set(cache.glob("*.arrow")) - before),  # 0: everything came from the cache
     }
 
 
-def measure(path: Path, experiment: str, extra: list[str]) -> dict:
+def measure(path: Path, experiment: str, extra: list[str], cache: Path) -> dict:
     cmd = [sys.executable, str(BENCH / "data_scale.py"), "--worker", f"experiment={experiment}", f"data.path={path}"]
+    cmd.append(f"data.cache_dir={cache}")
     proc = subprocess.run([*cmd, *ALL_ROWS, *extra], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
@@ -80,13 +89,52 @@ def bench(sizes: list[int], source: Path, work: Path, experiment: str, extra: li
     results = []
     for rows in sizes:
         path, actual = repeated(source, rows, work)
-        first, second = measure(path, experiment, extra), measure(path, experiment, extra)
+        cache = work / f"cache-{path.stem}"  # emptied first: the first run prepares, the second reads the cache
+        shutil.rmtree(cache, ignore_errors=True)
+        first, second = measure(path, experiment, extra, cache), measure(path, experiment, extra, cache)
+        shutil.rmtree(cache, ignore_errors=True)
         row = {"rows": actual, "file_mb": round(path.stat().st_size / 1e6, 1), "first": first, "second": second}
         if "seconds" in first:
             row["ms_per_row_per_core"] = round(first["seconds"] * 1000 / actual * _cores(), 3)
         results.append(row)
         print(f"[data {actual} rows] first {first}, second {second}", file=sys.stderr, flush=True)
     return {"source": str(source), "experiment": experiment, "overrides": ALL_ROWS + extra, "sizes": results}
+
+
+def long_rows(source: Path, out: Path, repeat: int = 4) -> Path:
+    """`source` with each abstract repeated `repeat` times (~1,200 tokens), so every example fills max_length."""
+    path = out / f"{source.stem}-long{repeat}.jsonl"
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with source.open() as f, tmp.open("w") as g:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    g.write(json.dumps({**row, "abstract": " ".join([row["abstract"]] * repeat)}) + "\n")
+        tmp.replace(path)
+    return path
+
+
+def lengths(max_lengths: list[int], source: Path, work: Path, steps: int, warmup: int, extra: list[str]) -> dict:
+    """Training tokens/s with every example max_length tokens long (long abstracts, truncated): how the step's
+    rate changes as attention's share grows with the length. One run each, LoRA, `src/train.py` as shipped."""
+    import train_throughput
+
+    path, results = long_rows(source, work), []
+    for max_length in max_lengths:
+        overrides = [
+            *extra,
+            f"data.path={path}",
+            f"data.max_length={max_length}",
+            "adapter=lora",
+            f"trainer.max_steps={steps}",
+        ]
+        run = train_throughput.ours(overrides, work / f"length-{max_length}", warmup)
+        keep = ("tokens_per_s", "steps_per_s", "process_peak_rss_mb", "padding_fraction", "precision")
+        results.append({"max_length": max_length, **{k: run.get(k) for k in keep}})
+        print(f"[data length {max_length}] {results[-1]}", file=sys.stderr, flush=True)
+    return {"source": str(path), "overrides": extra, "steps": steps, "warmup_steps": warmup, "lengths": results}
 
 
 def _cores() -> int:

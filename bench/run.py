@@ -243,7 +243,48 @@ def render(results: dict) -> str:
             lines += _throughput_table(gpu["results"], GPU_COLUMNS)
             lines += ["", *_limits_line(gpu["results"])]
         lines.append("")
+    lines += _data_lines(results.get("data"))
     return "\n".join(lines)
+
+
+def _data_lines(data: dict | None) -> list[str]:
+    """Data preparation as the file grows (first run on an empty cache, then the cached run), and training
+    tokens/s as the examples grow longer."""
+    if not data:
+        return []
+    lines = [
+        f"**5. Data preparation** (`{data['experiment']}`, every row tokenized, the shared file repeated with new "
+        "ids; a fresh process per run; `bench/data_scale.py`)",
+        "",
+        "| rows | file | first run | peak RSS | ms per row per core | cached run | peak RSS |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for size in data["sizes"]:
+        first, second = size["first"], size["second"]
+        if "seconds" not in first or "seconds" not in second:
+            lines.append(f"| {size['rows']:,} | {size['file_mb']:.0f} MB | failed: {first.get('failed')} | | | | |")
+            continue
+        lines.append(
+            f"| {size['rows']:,} | {size['file_mb']:.0f} MB | {first['seconds']:.1f} s | "
+            f"{first['peak_rss_mb'] / 1024:.2f} GB | {size['ms_per_row_per_core']:.2f} | {second['seconds']:.1f} s | "
+            f"{second['peak_rss_mb'] / 1024:.2f} GB |"
+        )
+    lines += ["", "Goals: peak RSS ≤ 4 GB at 1M rows, ≤ 1 ms per row per core, a cached run ≤ 10 s.", ""]
+    runs = (data.get("lengths") or {}).get("lengths")
+    if runs:
+        lines += [
+            "Training (LoRA, `src/train.py`) with every example filling max_length (abstracts repeated 4x, truncated):",
+            "",
+            "| max_length | tokens/s | steps/s | padding | peak RSS | precision |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in runs:
+            lines.append(
+                f"| {r['max_length']} | {r['tokens_per_s']:.0f} | {r['steps_per_s']:.3f} | "
+                f"{r['padding_fraction']:.1%} | {r['process_peak_rss_mb'] / 1024:.2f} GB | {r['precision']} |"
+            )
+        lines.append("")
+    return lines
 
 
 def other_machines(results: dict, folder: Path) -> list[str]:
@@ -342,6 +383,10 @@ def main(a) -> dict:
         source, experiment = (data_scale.SAMPLE, "smoke") if a.smoke else (SHARED_ARXIV, "lora_arxiv")
         results["data"] = data_scale.bench(sizes, source, work / "data", experiment, [])
         write(results, out, a.readme)
+        preset = [o for o in train_throughput.PRESETS["smoke" if a.smoke else "cpu"] if not o.startswith("data.path")]
+        lengths = [128, 192] if a.smoke else a.data_lengths
+        results["data"]["lengths"] = data_scale.lengths(lengths, source, work / "data", 4 if a.smoke else 6, 2, preset)
+        write(results, out, a.readme)
     if "roofline" in parts:  # the matrix-product limits alone (the train parts measure them beside each run)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = ["experiment=smoke"] if a.smoke else ["model=llama3_2_1b_random"] if device == "cuda" else []
@@ -358,7 +403,8 @@ def parse(argv=None):
         default="train,accuracy,eval,gpu,data",
         help="also: roofline (the limits alone), curve (learning curve)",
     )
-    parser.add_argument("--data-rows", type=int, nargs="*", default=[20000, 200000], help="rows of the data part")
+    parser.add_argument("--data-rows", type=int, nargs="*", default=[20000, 200000, 1000000], help="data part rows")
+    parser.add_argument("--data-lengths", type=int, nargs="*", default=[256, 512, 1024], help="data part lengths")
     parser.add_argument("--roofline-tokens", type=int, default=4096, help="rows of the roofline part's products")
     parser.add_argument("--adapters", default="lora,qlora")
     parser.add_argument("--runs", type=int, default=3, help="alternating runs per side (medians)")

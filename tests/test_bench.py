@@ -117,6 +117,13 @@ def test_data_benchmark_prepares_every_row_of_each_size_twice(smoke_bench):
         assert first["records"] == second["records"] == size["rows"]  # every copy kept: its ids are new
         assert first["examples"] == second["examples"] and 0 < sum(first["examples"].values()) <= size["rows"]
         assert first["peak_rss_mb"] > 0 and size["ms_per_row_per_core"] > 0
+        assert first["new_cache_files"] == 4 and second["new_cache_files"] == 0  # records + 3 splits; then reused
+
+
+def test_data_benchmark_trains_at_each_length_on_examples_that_fill_it(smoke_bench):
+    runs = smoke_bench[0]["data"]["lengths"]["lengths"]
+    assert [r["max_length"] for r in runs] == [128, 192]
+    assert all(r["tokens_per_s"] > 0 and r["padding_fraction"] < 0.2 for r in runs)
 
 
 def test_results_table_replaces_only_its_section(smoke_bench):

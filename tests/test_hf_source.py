@@ -67,7 +67,7 @@ def test_saved_dataset_with_mapped_columns_gives_exact_records(tmp_path):
     folder = tmp_path / "saved"
     datasets.Dataset.from_dict(_their_rows()).save_to_disk(str(folder))
 
-    rows, where = iter_hf_rows(str(folder), spec=THEIRS)
+    rows, where, _ = iter_hf_rows(str(folder), spec=THEIRS)
     skips = SkipCounts()
     records = records_from_rows(rows, where, skips, THEIRS)
 
@@ -84,7 +84,7 @@ def test_rows_are_yielded_unrenamed_as_plain_dicts(tmp_path):
     folder = tmp_path / "saved"
     datasets.Dataset.from_dict(_their_rows()).with_format("numpy").save_to_disk(str(folder))
 
-    rows, _ = iter_hf_rows(str(folder), spec=THEIRS)
+    rows, *_ = iter_hf_rows(str(folder), spec=THEIRS)
     first = next(rows)
 
     assert type(first) is dict
@@ -111,8 +111,8 @@ def _dataset_dict(tmp_path):
 def test_saved_dataset_dict_selects_the_split(tmp_path):
     folder = _dataset_dict(tmp_path)
 
-    train_rows, train_where = iter_hf_rows(str(folder), split="train")
-    test_rows, test_where = iter_hf_rows(str(folder), split="test")
+    train_rows, train_where, _ = iter_hf_rows(str(folder), split="train")
+    test_rows, test_where, _ = iter_hf_rows(str(folder), split="test")
 
     assert [r.id for r in records_from_rows(train_rows, train_where, SkipCounts(), ARXIV)] == ["a1", "a2", "a3"]
     assert records_from_rows(test_rows, test_where, SkipCounts(), ARXIV) == [
@@ -141,7 +141,7 @@ def test_local_folder_of_jsonl_files_goes_through_load_dataset(tmp_path, offline
         ]
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
 
-    rows, where = iter_hf_rows(str(folder), split="test")
+    rows, where, _ = iter_hf_rows(str(folder), split="test")
     records = records_from_rows(rows, where, SkipCounts(), ARXIV)
 
     assert where == f"hf:{folder}[test]"

@@ -1,6 +1,7 @@
 """Reading records: bad input is a clear error naming file and line, or a counted skip; splits are stable."""
 
 import json
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,8 +14,8 @@ from lmtune.data.records import (
     SkipCounts,
     choose_labels,
     read_records,
+    split_indices,
     split_of,
-    split_records,
 )
 
 ARXIV = arxiv_spec()
@@ -130,13 +131,13 @@ def test_top_k_labels_and_unknown_labels_are_dropped_and_counted(tmp_path):
     rows = [record(i, "cs.CL") for i in range(5)] + [record(10 + i, "cs.CV") for i in range(3)] + [record(20, "cs.RO")]
     skips = SkipCounts()
     records = read_records(write_jsonl(tmp_path / "a.jsonl", rows), skips, ARXIV)
-    labels = choose_labels(records, top_k=2, labels=None)
+    labels = choose_labels(Counter(r.label for r in records), top_k=2, labels=None)
     assert labels == ["cs.CL", "cs.CV"]
-    splits = split_records(records, labels, 0.2, 0.2, "", skips)
-    assert sum(len(s) for s in splits.values()) == 8
+    splits = split_indices([r.id for r in records], [r.label for r in records], labels, 0.2, 0.2, "", skips)
+    assert sorted(i for s in splits.values() for i in s) == [i for i, r in enumerate(records) if r.label != "cs.RO"]
     assert skips.counts == {"label outside the label set": 1}
     # an explicit label set wins over top_k
-    assert choose_labels(records, top_k=1, labels=["cs.RO", "cs.CL", "cs.RO"]) == ["cs.CL", "cs.RO"]
+    assert choose_labels(Counter(), top_k=1, labels=["cs.RO", "cs.CL", "cs.RO"]) == ["cs.CL", "cs.RO"]
 
 
 def test_splits_are_stable_when_the_file_grows():

@@ -132,17 +132,29 @@ class LengthGroupedSampler(Sampler[int]):
         return sum(len(b) for b in self.batches(self.epoch))
 
 
-def shard_for_eval(examples: Sequence[Example], num_replicas: int, rank: int) -> list[Example]:
+def shard_for_eval(examples: Sequence[Example], num_replicas: int, rank: int) -> Sequence[Example]:
     """Rank `rank`'s share of an evaluation split: every `num_replicas`-th example.
 
     Ranks must run as many batches (FSDP gathers weights in every forward), so the shorter shares get
     copies of the first examples marked `padding`, which the metrics skip: each paper counts once.
     """
     if num_replicas == 1:
-        return list(examples)
-    per_rank = -(-len(examples) // num_replicas)
-    padded = list(examples) + [
-        dataclasses.replace(examples[i % len(examples)], padding=True)
-        for i in range(per_rank * num_replicas - len(examples))
-    ]
-    return padded[rank::num_replicas]
+        return examples
+    return _EvalShard(examples, num_replicas, rank)
+
+
+class _EvalShard(Sequence[Example]):
+    """A rank's share of a split, read on demand (a split may be a large table on disk)."""
+
+    def __init__(self, examples: Sequence[Example], num_replicas: int, rank: int):
+        self.examples = examples
+        total = -(-len(examples) // num_replicas) * num_replicas
+        self.positions = range(rank, total, num_replicas)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int) -> Example:
+        position = self.positions[index]
+        example = self.examples[position % len(self.examples)]
+        return dataclasses.replace(example, padding=True) if position >= len(self.examples) else example

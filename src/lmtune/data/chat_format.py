@@ -81,7 +81,7 @@ def token_id(tokenizer, token: str) -> int | None:
     return None if i is None or (i == tokenizer.unk_token_id and token != tokenizer.unk_token) else i
 
 
-def _special_ids(tokenizer) -> set[int]:
+def special_ids(tokenizer) -> set[int]:
     ids = set(tokenizer.all_special_ids)
     ids.update(i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False))
     return ids
@@ -177,7 +177,7 @@ def detect_chat_format(tokenizer, eot_token: str | None = None, template_kwargs:
         reasons.insert(0, f"end of turn {eot_token} (model.eot_token)")
     else:
         after = full[full.index(_ANSWER, len(prompt)) + len(_ANSWER) :]
-        specials = _special_ids(tokenizer)
+        specials = special_ids(tokenizer)
         closer = next((i for i in tokenizer(after, add_special_tokens=False)["input_ids"] if i in specials), None)
         if closer is not None:
             eot_token = tokenizer.convert_ids_to_tokens(closer)

@@ -9,8 +9,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from lmtune.data.batching import LengthGroupedSampler, PaddingCollator, shard_for_eval
-from lmtune.data.formatting import ChatFormatter, Example, template_columns
-from lmtune.data.records import SPLITS, DataError, Record, RecordSpec, SkipCounts, choose_labels, split_records
+from lmtune.data.formatting import ChatFormatter, template_columns
+from lmtune.data.prepared import ExampleTable, RecordTable, format_examples, prepare_records
+from lmtune.data.records import SPLITS, DataError, RecordSpec, SkipCounts, choose_labels, split_indices
 from lmtune.data.sources import RecordSource
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int = 16,
         num_workers: int = 0,
+        num_proc: int | None = None,
         eot_token: str | None = None,
         chat_template_kwargs: dict | None = None,
         seed: int = 0,
@@ -87,6 +89,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.overfit = overfit
         self.max_length = max_length
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.num_proc, self.cache_dir = num_proc, cache_dir
         self.group_by_length, self.seed = group_by_length, seed
         # the base model evaluated zero-shot needs the label list even where a fine-tuned recipe drops it
         self.zero_shot_system = prompt.get("zero_shot_system") or prompt["system"]
@@ -101,9 +104,9 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.collator: PaddingCollator | None = None
         self.labels: list[str] = []
         self.formatter: ChatFormatter | None = None
-        self.splits: dict[str, list[Record]] = {}
+        self.splits: dict[str, RecordTable] = {}
         self.skips = SkipCounts()
-        self.examples: dict[str, list[Example]] = {}
+        self.examples: dict[str, ExampleTable] = {}
         self.stats: dict = {}
         self._resume_skip: tuple[int, int] | None = None
 
@@ -115,36 +118,44 @@ class TextClassificationDataModule(L.LightningDataModule):
         """On processes other than rank 0: wait until rank 0's `prepare_data` has fetched the data."""
         self.source.wait_until_prepared()
 
-    def load_splits(self) -> dict[str, list[Record]]:
+    def load_splits(self) -> dict[str, RecordTable]:
         """Records -> label set -> hash splits (limits applied); no tokenizer needed (the TF-IDF baseline uses it)."""
         if self.splits:
             return self.splits
-        self.skips = SkipCounts()
-        records = self.source.read(self.skips)
-        self.labels = choose_labels(records, self.top_k, self.requested_labels or self.source.categories)
+        records, self.skips, label_counts = prepare_records(*self.source.rows(), self.spec, self.cache_dir)
+        self.labels = choose_labels(label_counts, self.top_k, self.requested_labels or self.source.categories)
         if len(self.labels) < 2:
             raise DataError(
                 f"{self.source.where}: {len(self.labels)} label after filtering: {', '.join(self.labels)}; need at "
                 f"least 2 to classify. Give a file with two or more classes, or check data.labels and data.top_k."
             )
-        splits = split_records(records, self.labels, self.val_fraction, self.test_fraction, self.split_salt, self.skips)
-        where, summary = self.source.where, self.skips.summary()
-        log.info("%s: %d records, %d labels; %s", where, len(records), len(self.labels), summary)
+        positions = split_indices(
+            records.column("id"),
+            records.column("label"),
+            self.labels,
+            self.val_fraction,
+            self.test_fraction,
+            self.split_salt,
+            self.skips,
+        )
+        log.info(
+            "%s: %d records, %d labels; %s", self.source.where, len(records), len(self.labels), self.skips.summary()
+        )
         if self.overfit:
-            splits = {name: splits["train"][: self.overfit] for name in SPLITS}
+            positions = {name: positions["train"][: self.overfit] for name in SPLITS}
         else:
-            splits = {name: rs[: self.limits[name]] if self.limits[name] else rs for name, rs in splits.items()}
-        if not splits["train"]:
+            positions = {name: p[: self.limits[name]] if self.limits[name] else p for name, p in positions.items()}
+        if not positions["train"]:
             raise DataError(f"{self.source.where}: no training examples after filtering ({self.skips.summary()}).")
-        self.splits = splits
+        self.splits = {name: records.select(p) for name, p in positions.items()}
         self.stats = {
             "source": self.source.where,
             "records": len(records),
             "skipped": dict(self.skips.counts),
             "labels": self.labels,
-            **{f"{name}_examples": len(rs) for name, rs in splits.items()},
+            **{f"{name}_examples": len(p) for name, p in positions.items()},
         }
-        return splits
+        return self.splits
 
     def setup(self, stage: str | None = None) -> None:
         if self.examples:
@@ -157,8 +168,11 @@ class TextClassificationDataModule(L.LightningDataModule):
         splits = self.load_splits()
         self.formatter = ChatFormatter(self.tokenizer, self.labels, self.max_length, **self.prompts)
         log.info(self.formatter.chat_format.describe())
-        self.examples = {name: self.formatter.format(rs) for name, rs in splits.items()}
-        self.stats["truncated"] = {name: sum(e.truncated for e in ex) for name, ex in self.examples.items()}
+        self.examples = {
+            name: format_examples(rs, self.formatter, self.cache_dir, name, self.num_proc)
+            for name, rs in splits.items()
+        }
+        self.stats["truncated"] = {name: ex.truncated for name, ex in self.examples.items()}
         log.info(
             "data %s: %d labels %s; %s; train/val/test = %d/%d/%d examples; truncated prompts %s",
             self.source.where,
@@ -189,7 +203,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         num_replicas, rank = self._shard()
         # without grouping, mega-batches of one batch: plain random batches, still resumable mid-epoch
         sampler = LengthGroupedSampler(
-            [len(e.input_ids) for e in examples],
+            examples.lengths,
             self.batch_size,
             self.seed,
             mega_batch_factor=32 if self.group_by_length else 1,

@@ -13,12 +13,14 @@ never a silently shifted mask.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import string
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from lmtune.data.chat_format import detect_chat_format, render, token_id
+from lmtune.data.chat_format import detect_chat_format, render, special_ids, token_id
 from lmtune.data.records import DataError, Record
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,9 @@ class ChatFormatter:
         if self.eot_id is None:
             raise DataError(f"end-of-turn token {self.eot_token!r} is not in the vocabulary; set model.eot_token.")
         # Reference answers: the label set's token sequences, shared by training and rank scoring.
+        self.answer_texts: list[str | None] = []  # what the template appends to a prompt for each label
         self.answer_ids: list[list[int]] = [self._reference_answer(label) for label in self.labels]
+        self.prompt_tail = self._isolated_prompt_tail()
         self.longest_answer = max(len(a) for a in self.answer_ids)
         same = [
             (a, b)
@@ -114,6 +118,34 @@ class ChatFormatter:
         ]
         if same:
             raise DataError(f"labels {same[0][0]!r} and {same[0][1]!r} give the same answer tokens; rename one.")
+
+    def fingerprint(self) -> str:
+        """A hash of everything `format` depends on besides the records: the tokenizer (its vocabulary, merges,
+        normalizer and special tokens), the chat template and how it is used, the prompts, the label set and
+        max_length. Prepared examples are cached under it (`prepared.py`)."""
+        tok = self.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is not None:
+            state = json.loads(backend.to_str())
+            state.pop("truncation", None), state.pop("padding", None)  # call settings, not the tokenization
+        else:
+            state = sorted(tok.get_vocab().items())
+        parts = [
+            type(tok).__name__,
+            state,
+            tok.chat_template,
+            {str(k): str(v) for k, v in tok.added_tokens_decoder.items()},
+            self.system_prompt,
+            self.user_template,
+            self.labels,
+            self.max_length,
+            self.truncate_column,
+            self.eot_token,
+            self.chat_template_kwargs,
+            self.chat_format.system_in_user,
+            self.answer_ids,
+        ]
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     # --- rendering -------------------------------------------------------------------------------------
     def messages(self, fields: Mapping[str, str], label: str | None = None) -> list[dict]:
@@ -154,36 +186,69 @@ class ChatFormatter:
 
     def _reference_answer(self, label: str) -> list[int]:
         msgs = self.messages(dict.fromkeys(self.columns, "Text."), label)
-        prompt, full = self._encode([self._render(msgs[:-1], True), self._render(msgs, False)])
+        texts = [self._render(msgs[:-1], True), self._render(msgs, False)]
+        prompt, full = self._encode(texts)
         answer = self._answer_from_full(prompt, full, f"label {label!r}")
         if self.tokenizer.decode(answer[:-1]).strip() != label:
             raise DataError(f"label {label!r}: the answer tokens decode to {self.tokenizer.decode(answer)!r}.")
+        self.answer_texts.append(texts[1][len(texts[0]) :] if texts[1].startswith(texts[0]) else None)
+        self._reference_prompt = (texts[0], prompt)
         return answer
+
+    def _isolated_prompt_tail(self) -> str | None:
+        """The end of the prompt from its last special token on, when it tokenizes the same alone as in context,
+        with or without an answer after it (checked here on the reference prompt). Special tokens split the text
+        before the tokenizer's pre-tokenizer runs, so a prompt ending in this tail has the same tokens whether its
+        answer follows or not: its conversation is its prompt's ids + the label's reference answer, and only
+        its prompt needs tokenizing (`format` checks the texts; other templates tokenize both, as before)."""
+        text, ids = self._reference_prompt
+        special = [self.tokenizer.convert_ids_to_tokens(i) for i in special_ids(self.tokenizer)]
+        start = max((text.rfind(token) for token in special if token), default=-1)
+        if start < 0 or None in self.answer_texts:
+            return None
+        tail = text[start:]
+        alone = self._encode([tail] + [tail + answer for answer in self.answer_texts])
+        if ids[len(ids) - len(alone[0]) :] != alone[0] or any(
+            a[: len(alone[0])] != alone[0] or a[len(alone[0]) : len(alone[0]) + len(ref)] != ref
+            for a, ref in zip(alone[1:], self.answer_ids, strict=True)
+        ):
+            return None
+        return tail
 
     # --- examples --------------------------------------------------------------------------------------
     def prompt_ids(self, fields: Mapping[str, str]) -> list[int]:
         return self._encode([self._render(self.messages(fields), True)])[0]
 
-    def format(self, records: list[Record]) -> list[Example]:
+    def format(self, records: Sequence[Record]) -> list[Example]:
         """Tokenize records in one batch; shorten the truncate column (never the answer) to fit max_length."""
         prompts = [self._render(self.messages(r.fields), True) for r in records]
         fulls = [self._render(self.messages(r.fields, r.label), False) for r in records]
-        encoded = self._encode(prompts + fulls)
-        examples = []
+        label_indices = [self.label_to_index[r.label] for r in records]
+        # a conversation that is its prompt + the label's answer text after an isolated tail needs no tokenizing
+        tokenize_full = [
+            not (self.prompt_tail and prompt.endswith(self.prompt_tail) and full == prompt + self.answer_texts[label])
+            for prompt, full, label in zip(prompts, fulls, label_indices, strict=True)
+        ]
+        encoded = self._encode(prompts + [full for full, needed in zip(fulls, tokenize_full, strict=True) if needed])
+        prompt_ids, full_ids = encoded[: len(records)], iter(encoded[len(records) :])
         for i, r in enumerate(records):
-            prompt, full = encoded[i], encoded[len(records) + i]
-            label_index = self.label_to_index[r.label]
-            answer = self._answer_from_full(prompt, full, f"record {r.id}")
+            label_index = label_indices[i]
+            if not tokenize_full[i]:
+                continue
+            answer = self._answer_from_full(prompt_ids[i], next(full_ids), f"record {r.id}")
             if answer != self.answer_ids[label_index]:
                 raise DataError(
                     f"record {r.id}: answer tokens {answer} differ from the label's reference "
                     f"{self.answer_ids[label_index]}; the template merges tokens across the answer boundary."
                 )
-            # room for the longest answer, not this label's: the prompt must not depend on the label (a
-            # label-dependent cut would leak the answer's length into evaluation), and predict builds it the same way
-            truncated = len(prompt) + self.longest_answer > self.max_length
-            if truncated:
-                prompt = self._fit_prompt(r.fields, self.longest_answer, f"record {r.id}")
+        # room for the longest answer, not this label's: the prompt must not depend on the label (a
+        # label-dependent cut would leak the answer's length into evaluation), and predict builds it the same way
+        fitted = self._fit(
+            [r.fields for r in records], prompt_ids, self.longest_answer, [f"record {r.id}" for r in records]
+        )
+        examples = []
+        for r, (prompt, truncated), label_index in zip(records, fitted, label_indices, strict=True):
+            answer = self.answer_ids[label_index]
             examples.append(
                 Example(
                     id=r.id,
@@ -201,28 +266,40 @@ class ChatFormatter:
     ) -> list[tuple[list[int], bool]]:
         """Prompt ids for rows whose label is unknown (prediction), shortened exactly as in training.
         Returns (ids, truncated) per row."""
-        room = answer_length if answer_length is not None else max(len(a) for a in self.answer_ids)
+        room = answer_length if answer_length is not None else self.longest_answer
         encoded = self._encode([self._render(self.messages(fields), True) for fields in items])
-        return [
-            (ids, False)
-            if len(ids) + room <= self.max_length
-            else (self._fit_prompt(fields, room, f"row {next(iter(fields.values()))[:40]!r}"), True)
-            for ids, fields in zip(encoded, items, strict=True)
-        ]
+        return self._fit(items, encoded, room, [f"row {next(iter(f.values()))[:40]!r}" for f in items])
 
-    def _fit_prompt(self, fields: Mapping[str, str], answer_length: int, where: str) -> list[int]:
-        """Shorten the truncate column (default: this row's longest) until prompt + answer fit max_length."""
+    def _fit(
+        self, items: list[Mapping[str, str]], prompts: list[list[int]], answer_length: int, wheres: list[str]
+    ) -> list[tuple[list[int], bool]]:
+        """(ids, truncated) per row: the prompt as it is when prompt + answer fit max_length, else the prompt with
+        its truncate column (default: the row's longest) shortened until they fit. All rows that need it are
+        shortened together, a batch per round: a first guess drops the excess tokens, later rounds one more."""
         budget = self.max_length - answer_length
-        column = self.truncate_column or max(self.columns, key=lambda c: len(fields[c]))
-        cut_ids = self._encode([fields[column]])[0]
-        keep = len(cut_ids)
-        while True:
-            prompt = self.prompt_ids({**fields, column: self.tokenizer.decode(cut_ids[:keep]).strip()})
-            if len(prompt) <= budget:
-                return prompt
-            if keep == 0:
-                raise DataError(
-                    f"{where}: the prompt without any of its '{column}' is {len(prompt)} tokens, more than "
-                    f"data.max_length={self.max_length} minus the answer ({answer_length}); raise data.max_length."
-                )
-            keep = max(0, keep - (len(prompt) - budget) - 1)
+        fitted = [(ids, False) for ids in prompts]
+        over = [i for i, ids in enumerate(prompts) if len(ids) > budget]
+        if not over:
+            return fitted
+        columns = {i: self.truncate_column or max(self.columns, key=lambda c: len(items[i][c])) for i in over}
+        cut_ids = dict(zip(over, self._encode([items[i][columns[i]] for i in over]), strict=True))
+        keep = {i: max(0, len(cut_ids[i]) - (len(prompts[i]) - budget) - 1) for i in over}
+        while over:
+            texts = self.tokenizer.batch_decode([cut_ids[i][: keep[i]] for i in over])
+            shortened = [{**items[i], columns[i]: text.strip()} for i, text in zip(over, texts, strict=True)]
+            encoded = self._encode([self._render(self.messages(fields), True) for fields in shortened])
+            still_over = []
+            for i, ids in zip(over, encoded, strict=True):
+                if len(ids) <= budget:
+                    fitted[i] = (ids, True)
+                elif keep[i] == 0:
+                    raise DataError(
+                        f"{wheres[i]}: the prompt without any of its '{columns[i]}' is {len(ids)} tokens, more "
+                        f"than data.max_length={self.max_length} minus the answer ({answer_length}); raise "
+                        f"data.max_length."
+                    )
+                else:
+                    keep[i] = max(0, keep[i] - (len(ids) - budget) - 1)
+                    still_over.append(i)
+            over = still_over
+        return fitted

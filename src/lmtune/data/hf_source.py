@@ -99,8 +99,9 @@ def iter_hf_rows(
     split: str = "train",
     revision: str | None = None,
     spec: RecordSpec | None = None,
-) -> tuple[Iterator[dict], str]:
-    """Rows of a Hugging Face dataset as plain dicts (not yet renamed), and `where`, naming it in errors.
+) -> tuple[Iterator[dict], str, str]:
+    """Rows of a Hugging Face dataset as plain dicts (not yet renamed), `where`, naming it in errors, and the
+    dataset's fingerprint (`datasets`' own hash of its content and processing).
 
     `name` is a folder saved with `save_to_disk` (read with `load_from_disk`), else anything `load_dataset`
     takes: a Hub id or a local folder of data files. The dataset is loaded and its columns are checked here,
@@ -127,4 +128,4 @@ def iter_hf_rows(
     # a format saved with the dataset (numpy, torch, ...) would yield arrays; records want plain Python values
     dataset = dataset.with_format(None)
     log.info("%s: %d rows", where, len(dataset))
-    return iter(dataset), where
+    return iter(dataset), where, dataset._fingerprint  # what the prepared data's cache is keyed by

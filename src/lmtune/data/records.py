@@ -17,7 +17,7 @@ import json
 import logging
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -274,20 +274,32 @@ def reader_for(path: Path):
     raise DataError(f"{path}: unknown file type '{''.join(path.suffixes[-2 if gz else -1 :])}'; use one of {known}.")
 
 
-def read_records(path: str | Path, skips: SkipCounts, spec: RecordSpec) -> list[Record]:
-    """Read and validate all records of a file; duplicates and unusable rows are counted in `skips`."""
+def existing_file(path: str | Path, spec: RecordSpec) -> Path:
+    """`path` if it is a file, else a DataError naming it and what it should hold."""
     path = Path(path)
     if not path.is_file():
         raise DataError(
             f"data file not found: {path.resolve()}. Point `data.path=` at a JSONL, CSV or Parquet file "
             f"(optionally .gz) with the columns {', '.join(spec.text + spec.label[:1])}."
         )
+    return path
+
+
+def read_records(path: str | Path, skips: SkipCounts, spec: RecordSpec) -> list[Record]:
+    """Read and validate all records of a file; duplicates and unusable rows are counted in `skips`."""
+    path = existing_file(path, spec)
     return records_from_rows(reader_for(path)(path, spec), str(path), skips, spec)
 
 
 def records_from_rows(rows: Iterable[Mapping], where: str, skips: SkipCounts, spec: RecordSpec) -> list[Record]:
     """Validated, de-duplicated records from raw rows of any source; `where` names the source in errors."""
-    records, seen, columns, hashed = [], set(), set(), 0
+    return list(iter_records(rows, where, skips, spec))
+
+
+def iter_records(rows: Iterable[Mapping], where: str, skips: SkipCounts, spec: RecordSpec) -> Iterator[Record]:
+    """`records_from_rows` as a stream: memory stays flat however many rows there are (only ids are kept, to
+    drop duplicates); the checks that need every row (no rows, a column no row has) run at the end."""
+    seen, columns, hashed, kept = set(), set(), 0, 0
     for raw in rows:
         columns.update(raw)
         raw = rename_columns(raw, spec.rename)
@@ -299,7 +311,8 @@ def records_from_rows(rows: Iterable[Mapping], where: str, skips: SkipCounts, sp
             skips.add("duplicate id" if spec.id in raw else "duplicate text (no id column)")
             continue
         seen.add(record.id)
-        records.append(record)
+        kept += 1
+        yield record
     if not columns:
         raise DataError(
             f"{where}: the data has no rows; give a file with a header and rows (CSV) or one object per line."
@@ -307,16 +320,15 @@ def records_from_rows(rows: Iterable[Mapping], where: str, skips: SkipCounts, sp
     check_columns(where, columns, spec)  # a column no row has (JSONL has no header to check first)
     if hashed:
         log.info("%s: %d rows without an '%s' column get an id from a hash of their text", where, hashed, spec.id)
-    if not records:
+    if not kept:
         raise DataError(f"{where}: no usable records ({skips.summary()}).")
-    return records
 
 
-def choose_labels(records: list[Record], top_k: int | None, labels: list[str] | None) -> list[str]:
-    """The label set: an explicit list, else the top-k most frequent labels (ties broken by name), sorted."""
+def choose_labels(counts: Mapping[str, int], top_k: int | None, labels: list[str] | None) -> list[str]:
+    """The label set: an explicit list, else the top-k most frequent labels (ties broken by name), sorted.
+    `counts`: how many records have each label."""
     if labels:
         return sorted(dict.fromkeys(labels))
-    counts = Counter(r.label for r in records)
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     if top_k:
         ranked = ranked[:top_k]
@@ -338,18 +350,25 @@ def split_of(record_id: str, val_fraction: float, test_fraction: float, salt: st
     return "train"
 
 
-def split_records(
-    records: list[Record], labels: list[str], val_fraction: float, test_fraction: float, salt: str, skips: SkipCounts
-) -> dict[str, list[Record]]:
-    """Keep records whose label is in the label set and split them by id hash, each split in hash order."""
-    allowed = set(labels)
-    splits: dict[str, list[Record]] = {name: [] for name in SPLITS}
-    for r in records:
-        if r.label not in allowed:
+def split_indices(
+    ids: Sequence[str],
+    labels: Sequence[str],
+    label_set: list[str],
+    val_fraction: float,
+    test_fraction: float,
+    salt: str,
+    skips: SkipCounts,
+) -> dict[str, list[int]]:
+    """Positions of the records (given by id and label) whose label is in the label set, split by id hash,
+    each split in hash order."""
+    allowed = set(label_set)
+    splits: dict[str, list[int]] = {name: [] for name in SPLITS}
+    for i, (record_id, label) in enumerate(zip(ids, labels, strict=True)):
+        if label not in allowed:
             skips.add("label outside the label set")
             continue
-        splits[split_of(r.id, val_fraction, test_fraction, salt)].append(r)
+        splits[split_of(record_id, val_fraction, test_fraction, salt)].append(i)
     for name in SPLITS:
         # hash order is a fixed shuffle: a `limit` takes a representative, reproducible slice
-        splits[name].sort(key=lambda r: hash_unit(r.id, salt + name))
+        splits[name].sort(key=lambda i: hash_unit(ids[i], salt + name))
     return splits

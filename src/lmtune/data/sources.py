@@ -14,11 +14,11 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from lmtune.data.arxiv_api import ArxivApiError, ArxivClient, FetchPaths, fetch_dataset
-from lmtune.data.records import DataError, Record, RecordSpec, SkipCounts, read_records, records_from_rows
+from lmtune.data.records import DataError, RecordSpec, existing_file, reader_for
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +143,17 @@ class RecordSource:
                 )
             time.sleep(poll)
 
-    def read(self, skips: SkipCounts) -> list[Record]:
+    def rows(self) -> tuple[Iterable[Mapping], str, dict]:
+        """(the source's raw rows, `where` naming it in errors, what identifies its content): a file by its path,
+        size and modification time, a HF dataset by its fingerprint. Prepared data is cached under that key."""
         if self.kind == "hf":
             from lmtune.data.hf_source import iter_hf_rows
 
-            rows, where = iter_hf_rows(**self.hf, spec=self.spec)
-            return records_from_rows(rows, where, skips, self.spec)
+            rows, where, fingerprint = iter_hf_rows(**self.hf, spec=self.spec)
+            return rows, where, {"hf": self.hf, "fingerprint": fingerprint}
         if self.kind == "arxiv_api" and not self.path.is_file():
             self.prepare()
-        return read_records(self.path, skips, self.spec)
+        path = existing_file(self.path, self.spec)
+        stat = path.stat()
+        key = {"file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        return reader_for(path)(path, self.spec), str(path), key
