@@ -2,10 +2,11 @@
 
 Order matters: training throughput first (on a quiet machine), then accuracy (its fine-tuned export is what
 the evaluation benchmark scores), then evaluation throughput; the GPU section runs when CUDA is available; then
-data preparation at growing sizes (`data_scale.py`; 200k rows take ~15 GB and ~13 minutes today).
+data preparation at growing sizes (`data_scale.py`; 1M rows take ~10 minutes and under 1 GB), and training
+tokens/s at growing lengths.
 The JSON is rewritten after each part, so an interrupted run keeps what it measured.
 
-    python bench/run.py                    (the full CPU benchmark: ~75 minutes on 2 cores with the data part)
+    python bench/run.py                    (the full CPU benchmark: ~90 minutes on 2 cores with the data part)
     python bench/run.py --smoke --out /tmp/b --readme /tmp/b/README.md   (tiny model, under a minute: what tests run)
 """
 
@@ -28,6 +29,7 @@ import data_scale
 import eval_throughput
 import learning_curve
 import roofline
+import serve_load
 import torch
 import train_throughput
 from common import BENCH, ROOT, SHARED_ARXIV
@@ -243,8 +245,40 @@ def render(results: dict) -> str:
             lines += _throughput_table(gpu["results"], GPU_COLUMNS)
             lines += ["", *_limits_line(gpu["results"])]
         lines.append("")
+    lines += _serve_lines(results.get("serve"))
     lines += _data_lines(results.get("data"))
     return "\n".join(lines)
+
+
+def _serve_lines(serve: dict | None) -> list[str]:
+    """The HTTP server under closed-loop load beside the offline rate, and the soak."""
+    if not serve:
+        return []
+    lines = [
+        f"**6. Serving** (`src/serve.py`, LitServe, max_batch_size {serve['max_batch_size']}, closed-loop clients "
+        f"on the loopback, {serve['rows']} test rows; offline `Predictor.predict` on the same rows: "
+        f"{serve['offline_rows_per_s']:.2f} rows/s; `bench/serve_load.py`)",
+        "",
+        "| concurrency | requests | requests/s | vs offline | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in serve["levels"]:
+        lines.append(
+            f"| {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['vs_offline']:.2f}x | "
+            f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} |"
+        )
+    soak = serve.get("soak")
+    if soak:
+        growth = f"{soak['rss_growth']:+.1%}" if soak["rss_growth"] is not None else "not measured"
+        lines += [
+            "",
+            f"Soak: {soak['seconds']:.0f} s at concurrency {soak['concurrency']}, {soak['requests']} requests, "
+            f"{soak['errors']} errors, server RSS {soak['rss_mb'][0] if soak['rss_mb'] else '?'} -> "
+            f"{soak['rss_mb'][-1] if soak['rss_mb'] else '?'} MB ({growth}). Goals: ≥ 0.8x offline at concurrency "
+            "32 with 0 errors; RSS growth < 5% over 10 minutes.",
+        ]
+    lines.append("")
+    return lines
 
 
 def _data_lines(data: dict | None) -> list[str]:
@@ -252,9 +286,10 @@ def _data_lines(data: dict | None) -> list[str]:
     tokens/s as the examples grow longer."""
     if not data:
         return []
+    when = f"; measured {data['machine']['date'][:16]}, commit {data['machine']['git']}" if "machine" in data else ""
     lines = [
         f"**5. Data preparation** (`{data['experiment']}`, every row tokenized, the shared file repeated with new "
-        "ids; a fresh process per run; `bench/data_scale.py`)",
+        f"ids; a fresh process per run; `bench/data_scale.py`{when})",
         "",
         "| rows | file | first run | peak RSS | ms per row per core | cached run | peak RSS |",
         "|---|---|---|---|---|---|---|",
@@ -366,6 +401,13 @@ def main(a) -> dict:
         limit, naive = (8, 2) if a.smoke else (a.eval_limit, a.naive_limit)
         results["eval"] = eval_throughput.bench(export or a.ckpt, overrides, limit, naive, a.eval_runs)
         write(results, out, a.readme)
+    if "serve" in parts:  # the HTTP server under load, beside the offline rate (the accuracy part's export)
+        ckpt = export or a.ckpt
+        if a.smoke:
+            results["serve"] = serve_load.bench(ckpt, data_scale.SAMPLE, work, 16, 16, (1, 8), 3.0, 4)
+        else:
+            results["serve"] = serve_load.bench(ckpt, SHARED_ARXIV, work, 128, 128, (1, 8, 32), a.soak_seconds, 16)
+        write(results, out, a.readme)
     if "gpu" in parts:
         if torch.cuda.is_available():
             gpu = train_throughput.bench("gpu", ["lora", "qlora"], a.runs, a.steps, a.warmup, work / "gpu")
@@ -400,7 +442,7 @@ def parse(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny model and sample data: checks the scripts run")
     parser.add_argument(
         "--parts",
-        default="train,accuracy,eval,gpu,data",
+        default="train,accuracy,eval,serve,gpu,data",
         help="also: roofline (the limits alone), curve (learning curve)",
     )
     parser.add_argument("--data-rows", type=int, nargs="*", default=[20000, 200000, 1000000], help="data part rows")
@@ -414,6 +456,7 @@ def parse(argv=None):
     parser.add_argument("--eval-limit", type=int, default=200)
     parser.add_argument("--naive-limit", type=int, default=20)
     parser.add_argument("--eval-runs", type=int, default=1)
+    parser.add_argument("--soak-seconds", type=float, default=600.0, help="the serve part's soak at concurrency 8")
     parser.add_argument("--ckpt", default=None, help="export for the eval part when the accuracy part is skipped")
     parser.add_argument("--accuracy-overrides", nargs="*", default=[], help="extra overrides for the fine-tune run")
     parser.add_argument("--render", type=Path, help="only rewrite the README table from this results file")

@@ -29,7 +29,7 @@ SHARED_ARXIV = ROOT.parent / "shared" / "data" / "arxiv" / "arxiv_cs.jsonl"
 
 
 def run_script(
-    script: str, *overrides: str, timeout: int = 300, env: dict | None = None
+    script: str, *overrides: str, timeout: int = 300, env: dict | None = None, preexec_fn=None
 ) -> subprocess.CompletedProcess:
     """`python src/<script> <overrides>` as a user runs it, in a subprocess: offline W&B, output captured.
 
@@ -52,6 +52,7 @@ def run_script(
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=preexec_fn,
     )
 
 

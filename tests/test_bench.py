@@ -263,3 +263,13 @@ def test_learning_curve_smoke_form_builds_points_resumes_and_plots(tmp_path, cac
     (tmp_path / "not-a-curve.json").write_text('{"points": 3}')
     with pytest.raises(SystemExit, match="not-a-curve.json is not a learning-curve results file"):
         learning_curve.compare([path, tmp_path / "not-a-curve.json"], tmp_path / "bad.png")
+
+
+def test_serve_benchmark_loads_the_server_beside_the_offline_rate(smoke_bench):
+    serve = smoke_bench[0]["serve"]
+    assert serve["offline_rows_per_s"] > 0 and serve["exit_code_after_sigterm"] == 0
+    assert [r["concurrency"] for r in serve["levels"]] == [1, 8]
+    for level in serve["levels"]:
+        assert level["errors"] == 0 and level["requests"] == 16 and level["requests_per_s"] > 0
+        assert 0 < level["p50_ms"] <= level["p95_ms"] <= level["p99_ms"]
+    assert serve["soak"]["errors"] == 0 and serve["soak"]["requests"] > 0 and serve["soak"]["rss_mb"]

@@ -5,20 +5,27 @@ tests/cli_driver.py (one interpreter for many cases: a fresh one costs ~7 s of i
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import re
+import resource
 import shutil
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 from cli_driver import run_commands
-from conftest import ROOT, SAMPLE, compose_train
+from conftest import ROOT, SAMPLE, compose_train, run_script
 from fake_arxiv import read_jsonl
 from families import BY_NAME, build_family
+from lmtune.errors import UserError
+from lmtune.evaluation.predictor import Predictor, Row
 from lmtune.pipeline import train
+from lmtune.utils.export import write_folder
 
 
 @dataclass
@@ -85,7 +92,26 @@ def broken(tmp_path_factory, cache_dir):
     formatting = json.loads((tampered / "formatting.json").read_text())
     formatting["answer_ids"][0] = formatting["answer_ids"][0][::-1]
     (tampered / "formatting.json").write_text(json.dumps(formatting))
+    damage_saved_files(folder, run, cache_dir)
     return folder, run
+
+
+def damage_saved_files(folder, run, cache_dir):
+    """Checkpoints and exports as a cut-off copy, a mix-up or a full disk leaves them."""
+    from lmtune.model.loading import resolve_pretrained
+
+    ckpt = (run / "checkpoints" / "last.ckpt").read_bytes()
+    (folder / "truncated.ckpt").write_bytes(ckpt[: len(ckpt) // 2])
+    (folder / "notes.ckpt").write_text("not a checkpoint\n")
+    for name in ("no_weights", "cut_weights", "bad_labels"):
+        shutil.copytree(run / "export", folder / name)
+    (folder / "no_weights" / "adapter_model.safetensors").unlink()
+    weights = folder / "cut_weights" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (folder / "bad_labels" / "labels.json").write_text('["cs.CL", "cs.CV",')
+    tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    smaller = {"source": "tiny_random", "tiny": {**tiny, "intermediate_size": 64, "seed": 0}}
+    shutil.copytree(resolve_pretrained(smaller, cache_dir), folder / "other_base")
 
 
 def cases(f, run) -> list[Case]:
@@ -144,6 +170,18 @@ def cases(f, run) -> list[Case]:
         Case("tampered export", "predict.py", (f"ckpt={f}/tampered", "title=x", "abstract=y"), ("gives other answer tokens than training did",)),
         Case("merge into a used folder", "export.py", (export, f"out={f}/not_empty"), ("exists and is not empty",)),
         Case("merge without out=", "export.py", (export,), ("out= is required",)),
+        # saved checkpoints and exports: cut off, mixed up, damaged
+        Case("truncated checkpoint", "train.py", (*train_on, f"ckpt_path={f}/truncated.ckpt"), ("truncated.ckpt: not a readable checkpoint",)),
+        Case("text file named .ckpt", "train.py", (*train_on, f"ckpt_path={f}/notes.ckpt"), ("notes.ckpt: not a readable checkpoint",)),
+        Case("checkpoint of another rank", "train.py", (*train_on, "adapter.r=4", f"ckpt_path={run}"), ("last.ckpt: written for another model or adapter", "other shapes")),
+        Case("checkpoint of another model size", "train.py", (*train_on, "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", f"ckpt_path={run}"), ("written for another model or adapter",)),
+        Case("checkpoint of another label set", "train.py", (*train_on, "data.labels=[cs.CL,cs.CV]", f"ckpt_path={run}"), ("last.ckpt: trained on the labels ['cs.CL', 'cs.CV', 'cs.RO']",)),
+        Case("export without its weights", "predict.py", (f"ckpt={f}/no_weights", "title=x", "abstract=y"), ("no weights (adapter_model.safetensors or adapter_model.bin)", "copy the folder again")),
+        Case("export with cut-off weights", "predict.py", (f"ckpt={f}/cut_weights", "title=x", "abstract=y"), ("adapter_model.safetensors: unreadable weights",)),
+        Case("export with corrupt labels.json", "predict.py", (f"ckpt={f}/bad_labels", "title=x", "abstract=y"), ("labels.json: not valid JSON",)),
+        Case("export on another base", "predict.py", (export, f"base={f}/other_base", "title=x", "abstract=y"), ("its adapter does not fit the base model", "base=<that model's folder>")),
+        Case("eval on a cut-off export", "eval.py", (f"ckpt={f}/cut_weights", "logger=none"), ("unreadable weights",)),
+        Case("merge a cut-off export", "export.py", (f"ckpt={f}/cut_weights", f"out={f}/merged_cut"), ("unreadable weights",)),
         # predict inputs and ids
         Case("input lacks the prompt's columns", "predict.py", (export, f"input={f}/no_text.csv"), ("no_text.csv: row 1: needs `title`, `abstract`",)),
         Case("input of unknown type", "predict.py", (export, f"input={f}/papers.txt"), ("unknown file type '.txt'",)),
@@ -207,3 +245,58 @@ def test_every_kind_of_broken_input_ends_in_one_clear_line_or_a_counted_skip(bro
         if (problem := check(case, result))
     ]
     assert not problems, "\n\n".join(problems)
+
+
+def one_error_line(proc, *expect: str) -> str:
+    output = proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and "Traceback" not in output and len(lines) == 1, output[-3000:]
+    assert all(e in lines[0] for e in expect), lines[0]
+    return lines[0]
+
+
+def capped_file_size(limit: int):
+    """For a child process: writing a file past `limit` bytes fails (EFBIG), as writing to a full disk does."""
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_full_disk_or_an_unwritable_output_folder_is_one_line_and_keeps_what_was_saved(broken, cache_dir, tmp_path):
+    folder, run = broken
+    smoke = ("experiment=smoke", "logger=none", f"paths.cache_dir={cache_dir}")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way of the output folder")
+    proc = run_script("train.py", *smoke, f"hydra.run.dir={blocker}/run")
+    one_error_line(proc, f"hydra.run.dir={blocker}/run: cannot write there")
+
+    resumed = tmp_path / "resumed"  # the run resumed into its own folder, on a disk that fills up
+    shutil.copytree(run, resumed)
+    saved = {p.name: p.read_bytes() for p in (resumed / "checkpoints").iterdir()}
+    assert len(saved["last.ckpt"]) > 40_000
+    args = (*smoke, "trainer.max_steps=4", "report.enabled=false", f"ckpt_path={resumed}", f"hydra.run.dir={resumed}")
+    proc = run_script("train.py", *args, preexec_fn=capped_file_size(40_000))
+    one_error_line(
+        proc, "cannot write the checkpoint", f"{resumed}/checkpoints", "the checkpoints saved before it are intact"
+    )
+    assert {p.name: p.read_bytes() for p in (resumed / "checkpoints").iterdir()} == saved  # no temp file either
+    assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
+    predictor = Predictor.from_export(resumed / "export", cache_dir, torch.device("cpu"))
+    assert predictor.predict([Row({"title": "A title", "abstract": "An abstract."})])[0].category in predictor.labels
+
+
+def test_an_export_that_fails_half_way_leaves_the_previous_one_whole(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "labels.json").write_text('["a", "b"]')
+
+    def fill(folder):
+        (folder / "labels.json").write_text('["c", "d"]')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserError, match=r"cannot write the export .*export \(No space left on device\); the previous"):
+        write_folder(export, fill)
+    assert [p.name for p in tmp_path.iterdir()] == ["export"] and (export / "labels.json").read_text() == '["a", "b"]'

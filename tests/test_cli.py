@@ -58,6 +58,13 @@ def test_smoke_run_writes_checkpoints_export_metrics_and_wandb_files(tmp_path, c
     assert run["config"]["adapter"]["r"] == 2 and run["config"]["data"]["path"].endswith("arxiv_sample.jsonl")
     assert 0 < run["config"]["params/trainable_fraction"] < 0.1
     assert "W&B runs offline" in proc.stdout + proc.stderr
+    # the export and the data manifest travel with the run as artifacts (uploaded by `wandb sync`)
+    model, data = [a for a in run["artifacts"] if a["type"] in ("model", "dataset")]
+    assert model["type"] == "model" and model["name"] == f"model-{run['run']['id']}" and "latest" in model["aliases"]
+    assert set(model["files"]) == {p.name for p in export.iterdir() if p.is_file()}
+    assert data["type"] == "dataset" and data["name"] == "data-arxiv_sample" and data["files"] == ["data_manifest.json"]
+    manifest = json.loads((run_dir / "data_manifest.json").read_text())
+    assert manifest["records"] == metrics["data"]["records"] and manifest["source_identity"]["size"] > 0
     # stderr is not a terminal here: training progress comes as log lines, every ~10% of the 12 steps
     progress = [line for line in proc.stderr.splitlines() if "training: " in line and " steps (" in line]
     assert len(progress) >= 6 and "training: 12/12 steps (100%)" in progress[-1] and "steps/s" in progress[-1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 
 import pytest
@@ -15,10 +16,11 @@ from conftest import ROOT, SAMPLE, api_settings, arxiv_spec, compose_train, run_
 from fake_arxiv import Paper, Reply, closed_port_url, read_jsonl
 from lmtune.data.records import SkipCounts, read_records
 from lmtune.errors import UserError
-from lmtune.evaluation.predictor import Predictor, Row, find_export
+from lmtune.evaluation.predictor import Predictor, Row
 from lmtune.evaluation.scoring import rank_scores
 from lmtune.pipeline import train
 from lmtune.predict import predict, verbatim_ids
+from lmtune.utils.export import find_export
 
 LABELS = ["cs.CL", "cs.CV", "cs.RO"]
 # 2403.00010 ends in a zero that Hydra's float parsing of `arxiv_id=2403.00010` would drop
@@ -286,3 +288,37 @@ def test_an_export_from_before_configurable_tasks_still_predicts_and_evaluates(t
     assert torch.equal(predictor.scores(rows)[0], new.scores(rows)[0])
     dm = _loaded_datamodule(task_data_config(OmegaConf.load(old / "config.yaml").data, read_formatting(old)))
     assert [r.id for r in dm.splits["test"]] == [r.id for r in objects["datamodule"].splits["test"]]
+
+
+def test_an_export_travels_it_names_its_base_portably_and_loads_from_a_copy(trained, tmp_path, cache_dir):
+    """Copied to another machine (here: another folder, the training folder of the base gone), the export loads:
+    from the base its config names (the tiny model is rebuilt), or from `base=`; its scores do not change."""
+    run, objects = trained
+    rows = [Row(r.fields, r.id) for r in objects["datamodule"].splits["test"][:4]]
+    here = Predictor.from_export(run / "export", cache_dir, torch.device("cpu")).predict(rows)
+    copy = shutil.copytree(run / "export", tmp_path / "elsewhere" / "export")
+    formatting = json.loads((copy / "formatting.json").read_text())
+    adapter_config = json.loads((copy / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == formatting["base_model"]  # the smoke model: its folder
+    assert formatting["base_model_local"] == str(objects["module"].hparams.pretrained)
+    formatting["base_model_local"] = str(tmp_path / "the-training-machine" / "model")  # not on this machine
+    (copy / "formatting.json").write_text(json.dumps(formatting))
+    base_copy = shutil.copytree(formatting["base_model"], tmp_path / "my-base")
+    for base in (None, str(base_copy)):
+        there = Predictor.from_export(copy, tmp_path / "empty-cache", torch.device("cpu"), base=base).predict(rows)
+        for a, b in zip(there, here, strict=True):
+            assert a.probs == pytest.approx(b.probs)
+
+
+def test_exports_name_a_hub_id_as_their_base_where_there_is_one(tmp_path):
+    from lmtune.utils.export import base_model_reference
+
+    folder = str(tmp_path)  # a local folder the base was loaded from
+    gguf = compose_train(["model=smollm2_135m"], tmp_path, tmp_path).model
+    assert base_model_reference(gguf, folder) == ("HuggingFaceTB/SmolLM2-135M-Instruct", folder)
+    qwen = compose_train(["model=qwen2_5_0_5b"], tmp_path, tmp_path).model
+    assert base_model_reference(qwen, "Qwen/Qwen2.5-0.5B-Instruct") == ("Qwen/Qwen2.5-0.5B-Instruct", None)
+    mine = compose_train(["model=qwen2_5_0_5b", f"model.name_or_path={folder}"], tmp_path, tmp_path).model
+    assert base_model_reference(mine, folder) == (folder, folder)  # no hub id known: the folder, with a warning
+    mine.hub_id = "me/my-qwen"
+    assert base_model_reference(mine, folder) == ("me/my-qwen", folder)

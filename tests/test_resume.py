@@ -210,7 +210,7 @@ def test_latest_checkpoint_makes_the_trainer_write_atomically(tmp_path):
 
 def _touch_ckpt(path: Path, mtime: float) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"ckpt")
+    torch.save({"state_dict": {}, "global_step": 0}, path)  # resolving reads it: a truncated file is refused
     os.utime(path, (mtime, mtime))
     return path
 

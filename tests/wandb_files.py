@@ -45,9 +45,10 @@ def _key(item) -> str:
 
 def read_run(run_dir: Path) -> dict:
     """{'config': {...}, 'history': [{...}], 'summary': {...}, 'run': {'id', 'name', 'group'}, 'exit_code': int
-    or None (the run was never finished)} from an offline run folder."""
+    or None (the run was never finished), 'artifacts': [{'type', 'name', 'aliases', 'files'}]} from an offline
+    run folder."""
     (path,) = Path(run_dir).glob("run-*.wandb")
-    run = {"config": {}, "history": [], "summary": {}, "run": {}, "exit_code": None}
+    run = {"config": {}, "history": [], "summary": {}, "run": {}, "exit_code": None, "artifacts": []}
     for payload in _payloads(path):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
@@ -61,6 +62,10 @@ def read_run(run_dir: Path) -> dict:
         elif kind == "run":
             r = record.run
             run["run"] = {"id": r.run_id, "name": r.display_name, "group": r.run_group, "project": r.project}
+        elif kind == "artifact":
+            a = record.artifact
+            files = sorted(entry.path for entry in a.manifest.contents)
+            run["artifacts"].append({"type": a.type, "name": a.name, "aliases": list(a.aliases), "files": files})
         elif kind == "exit":
             run["exit_code"] = record.exit.exit_code
     return run

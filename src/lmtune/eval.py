@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lmtune.data.records import SPLITS
 from lmtune.errors import UserError
 from lmtune.evaluation.evaluate import MODES, evaluate
-from lmtune.evaluation.predictor import Predictor, export_and_checkpoint, pick_device
-from lmtune.utils.export import read_formatting, task_data_config
+from lmtune.evaluation.predictor import Predictor, pick_device
+from lmtune.utils.export import export_and_checkpoint, read_export, task_data_config
 from lmtune.utils.instantiators import instantiate_data, instantiate_loggers
 from lmtune.utils.task import task_wrapper
 
@@ -46,11 +46,13 @@ def load_for_eval(cfg: DictConfig):
         )
         return predictor, dm
     export, ckpt = export_and_checkpoint(cfg.ckpt)
+    export = read_export(export)  # checked before the model loads
+    options["base"] = cfg.get("base")
     if ckpt is not None:
         predictor = Predictor.from_checkpoint(ckpt, cfg.paths.cache_dir, device, **options)
     else:
-        predictor = Predictor.from_export(export, cfg.paths.cache_dir, device, **options)
-    data_cfg = task_data_config(OmegaConf.load(export / "config.yaml").data, read_formatting(export))
+        predictor = Predictor.from_export(export.path, cfg.paths.cache_dir, device, **options)
+    data_cfg = task_data_config(export.cfg.data, export.formatting)
     with open_dict(data_cfg):
         data_cfg.labels = list(predictor.labels)  # the model's label set decides which papers count
         if cfg.data.get("path"):

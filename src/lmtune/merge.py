@@ -20,8 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
 from lmtune.errors import UserError
-from lmtune.evaluation.predictor import export_and_checkpoint, load_checkpoint_weights, load_export_model
-from lmtune.utils.export import read_formatting
+from lmtune.evaluation.predictor import load_checkpoint_weights
+from lmtune.utils.export import (
+    CARD_INPUTS,
+    export_and_checkpoint,
+    load_export_model,
+    read_export,
+    write_card,
+    write_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +42,22 @@ def merge_export(cfg: DictConfig) -> Path:
         raise UserError("out= is required: the folder to write the merged model into.")
     if cfg.dtype not in DTYPES:
         raise UserError(f"dtype={cfg.dtype!r}: use one of {', '.join(DTYPES)}.")
-    export, ckpt = export_and_checkpoint(cfg.ckpt)
+    path, ckpt = export_and_checkpoint(cfg.ckpt)
     out = Path(cfg.out)
-    if out.resolve() == export.resolve():
+    if out.resolve() == path.resolve():
         raise UserError(f"out={out} is the export itself; give a new folder.")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"out={out} exists and is not empty; give a new folder (nothing was overwritten).")
-    run_cfg = OmegaConf.load(export / "config.yaml")
-    formatting = read_formatting(export)
-    if run_cfg.adapter.kind == "none":
+    export = read_export(path)
+    run_cfg, formatting = export.cfg, export.formatting
+    if not export.has_adapter:
         what = "a merged export" if formatting.get("merged") else "a fully fine-tuned model (adapter=none)"
         raise UserError(f"ckpt={cfg.ckpt}: {what} has no adapter to merge; it already loads with plain transformers.")
 
     device = torch.device("cpu")  # merging is a sum per weight: no accelerator needed, no GPU memory taken
-    load_cfg = OmegaConf.merge(run_cfg, {"model": {"dtype": cfg.dtype}})
-    model = load_export_model(export, load_cfg, formatting, cfg.paths.cache_dir, device, quantized=False)
+    model = load_export_model(
+        export, cfg.paths.cache_dir, device, quantized=False, base=cfg.get("base"), dtype=cfg.dtype
+    )
     if ckpt is not None:
         load_checkpoint_weights(model, ckpt, device)
     merged = model.merge_and_unload()
@@ -58,7 +66,7 @@ def merge_export(cfg: DictConfig) -> Path:
 
     quant = run_cfg.adapter.get("quantization")
     note = {
-        "from": str(ckpt or export),
+        "from": str(ckpt or export.path),
         "adapter": OmegaConf.to_container(run_cfg.adapter, resolve=True),
         "dtype": cfg.dtype,
         "into": (
@@ -67,16 +75,22 @@ def merge_export(cfg: DictConfig) -> Path:
             else f"the base in {cfg.dtype}"
         ),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
-    AutoTokenizer.from_pretrained(export).save_pretrained(out)
-    shutil.copy(export / "labels.json", out / "labels.json")
-    (out / "formatting.json").write_text(json.dumps({**formatting, "merged": note}, indent=1))
     # eval and predict load a folder whose adapter.kind is `none` as a full model in model.dtype
     merged_cfg = OmegaConf.merge(
         run_cfg, {"adapter": {"kind": "none", "quantization": None}, "model": {"dtype": cfg.dtype}}
     )
     merged_cfg.merged = note
-    OmegaConf.save(merged_cfg, out / "config.yaml")
+
+    def fill(folder: Path) -> None:
+        merged.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(export.path).save_pretrained(folder)
+        shutil.copy(export.path / "labels.json", folder / "labels.json")
+        (folder / "formatting.json").write_text(json.dumps({**formatting, "merged": note}, indent=1))
+        OmegaConf.save(merged_cfg, folder / "config.yaml")
+        if (export.path / CARD_INPUTS).is_file():  # exports from before model cards have none
+            shutil.copy(export.path / CARD_INPUTS, folder / CARD_INPUTS)
+            write_card(folder, formatting, run_cfg, merged=note)
+
+    write_folder(out, fill, "merged export")
     log.info("merged %s into %s (%s)", note["from"], out, note["into"])
     return out

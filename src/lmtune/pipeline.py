@@ -21,7 +21,8 @@ from lmtune.model.parallel import is_sharded
 from lmtune.utils.callbacks import TrainingStats
 from lmtune.utils.checkpoints import resolve_ckpt_path
 from lmtune.utils.config import fit_to_strategy, loggable_config, resolve_auto, validate_config
-from lmtune.utils.export import export_model
+from lmtune.utils.export import export_model, log_artifacts
+from lmtune.utils.files import atomic_write
 from lmtune.utils.instantiators import instantiate_callbacks, instantiate_data, instantiate_loggers
 from lmtune.utils.task import task_wrapper
 
@@ -60,6 +61,26 @@ def load_trainable_weights(module, ckpt: str) -> None:
     """The trainable weights of a checkpoint into `module` (what `trainer.test(ckpt_path=...)` would load)."""
     state = torch.load(ckpt, map_location=module.device, weights_only=False)["state_dict"]
     module.load_state_dict(state, strict=False)
+
+
+def card_inputs(summary: dict, report_rows: dict | None, test: dict) -> dict:
+    """What the model card reports besides the export's settings: the data, the training and the test results
+    (the report's rows beside each other, else the test metrics alone)."""
+    if report_rows:
+        results = {name: {"acc": m["acc"], "macro_f1": m["macro_f1"]} for name, m in report_rows.items()}
+        per_class = report_rows["fine-tuned"].get("per_class")
+    else:
+        results = {"fine-tuned": {"acc": test.get("test/acc"), "macro_f1": test.get("test/macro_f1")}}
+        per_class = None
+    train_stats, hardware = summary["train"], summary["hardware"]
+    training = {
+        "steps": train_stats.get("steps"),
+        "train_seconds": train_stats.get("train_seconds"),
+        "tokens_per_s": train_stats.get("tokens_per_s"),
+        "precision": summary["precision"],
+        "hardware": f"{hardware.get('device')}: {hardware.get('name')} ({hardware.get('capability')})",
+    }
+    return {"data": summary["data"], "training": training, "results": results, "per_class": per_class}
 
 
 @task_wrapper
@@ -133,11 +154,13 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         "precision": str(trainer.precision),
         "hardware": _plain(cfg.hardware),
     }
+    report_rows = None
     if trainer.is_global_zero and cfg.report.enabled:
         run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-        summary["report"], tuned = final_report(
+        summary["report"], report_rows = final_report(
             module, datamodule, output_dir, cfg.paths.cache_dir, cfg.report, summary["train"], trainer.precision, run
         )
+        tuned = report_rows["fine-tuned"]
         if report_is_test:
             test = summary["test"] = {f"test/{k}": float(tuned[k]) for k in ("loss", "acc", "macro_f1")}
             for logger in trainer.loggers:
@@ -145,10 +168,14 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
                 logger.save()  # after fit: the CSV logger writes only on save
     metrics = {**val, **test}
     if trainer.is_global_zero:
-        export_model(module, tokenizer, formatter, cfg, output_dir / "export", datamodule.spec)
-        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        card = card_inputs(summary, report_rows, test)
+        export = export_model(module, tokenizer, formatter, cfg, output_dir / "export", datamodule.spec, card)
+        manifest = output_dir / "data_manifest.json"
+        atomic_write(manifest, lambda f: json.dump(datamodule.stats, f, indent=1))
+        atomic_write(output_dir / "metrics.json", lambda f: json.dump(summary, f, indent=2))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.summary.update({f"final/{k}": v for k, v in metrics.items()})
+                log_artifacts(logger.experiment, export, manifest, Path(datamodule.source.where).stem)
         log.info("metrics: %s; export: %s", metrics, output_dir / "export")
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "summary": summary}

@@ -30,8 +30,8 @@ from lmtune.data.records import (
     rename_columns,
 )
 from lmtune.errors import UserError
-from lmtune.evaluation.predictor import Prediction, Predictor, Row, find_export, pick_device
-from lmtune.utils.export import read_formatting
+from lmtune.evaluation.predictor import Prediction, Predictor, Row, pick_device
+from lmtune.utils.export import read_export
 from lmtune.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,8 @@ def verbatim_ids(overrides: list[str]) -> str | list[str] | None:
 def task_spec(cfg: DictConfig) -> RecordSpec:
     """The task of the export (`ckpt=`) or, zero-shot, of `data`: prompt columns, label, id and renamed columns."""
     if cfg.ckpt:
-        export = find_export(cfg.ckpt)
-        formatting = read_formatting(export)
-        data = OmegaConf.load(export / "config.yaml").get("data") or {}
+        export = read_export(cfg.ckpt)  # checked before anything is read or loaded
+        formatting, data = export.formatting, export.cfg.get("data") or {}
         user, label, is_list, id_column = (
             formatting[k] for k in ("user_template", "label_column", "label_is_list", "id_column")
         )
@@ -192,7 +191,7 @@ def load_predictor(cfg: DictConfig) -> Predictor:
     if cfg.precision != "auto":
         options["precision"] = cfg.precision
     if cfg.ckpt:
-        return Predictor.from_export(cfg.ckpt, cfg.paths.cache_dir, device, **options)
+        return Predictor.from_export(cfg.ckpt, cfg.paths.cache_dir, device, base=cfg.get("base"), **options)
     if not cfg.labels:
         raise UserError("ckpt=null (zero-shot) needs a label set: labels=[cs.CL,cs.CV,...].")
     prompt = OmegaConf.to_container(cfg.data.prompt)

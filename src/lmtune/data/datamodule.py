@@ -122,7 +122,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         """Records -> label set -> hash splits (limits applied); no tokenizer needed (the TF-IDF baseline uses it)."""
         if self.splits:
             return self.splits
-        records, self.skips, label_counts = prepare_records(*self.source.rows(), self.spec, self.cache_dir)
+        rows, where, identity = self.source.rows()
+        records, self.skips, label_counts = prepare_records(rows, where, identity, self.spec, self.cache_dir)
         self.labels = choose_labels(label_counts, self.top_k, self.requested_labels or self.source.categories)
         if len(self.labels) < 2:
             raise DataError(
@@ -150,6 +151,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.splits = {name: records.select(p) for name, p in positions.items()}
         self.stats = {
             "source": self.source.where,
+            "source_identity": identity,  # a file's path, size and modification time; a HF dataset's fingerprint
             "records": len(records),
             "skipped": dict(self.skips.counts),
             "labels": self.labels,

@@ -8,26 +8,23 @@ the model was trained and evaluated on. Probabilities are a softmax over the lab
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from lmtune.data.formatting import ChatFormatter
 from lmtune.errors import UserError
 from lmtune.evaluation.scoring import left_pad, rank_scores
 from lmtune.model.loading import load_base_model, load_tokenizer, resolve_pretrained
-from lmtune.utils.export import read_formatting
+from lmtune.utils.checkpoints import check_weights_fit, read_checkpoint
+from lmtune.utils.export import load_export_model, read_export
 from lmtune.utils.hardware import AUTO, frozen_dtype, resolve_precision
 from lmtune.utils.progress import Progress
 
 log = logging.getLogger(__name__)
-
-EXPORT_FILES = ("labels.json", "formatting.json", "config.yaml")
 
 
 @dataclass(frozen=True)
@@ -53,61 +50,21 @@ class Prediction:
         return {"id": self.id, **self.shown, "category": self.category, "probs": self.probs}
 
 
-def find_export(path: str | Path) -> Path:
-    """The export folder from itself or from its run folder; a clear error for anything else."""
-    path = Path(path)
-    for candidate in (path, path / "export"):
-        if all((candidate / name).is_file() for name in EXPORT_FILES):
-            return candidate
-    if path.suffix == ".ckpt":
-        hint = f"use the export folder of that run instead: {path.parent.parent / 'export'}"
-    else:
-        hint = "give the export/ folder that train.py writes into its run folder, or ckpt=null for zero-shot"
-    raise UserError(f"ckpt={path}: not a trained export (needs {', '.join(EXPORT_FILES)}); {hint}.")
-
-
-def export_and_checkpoint(ckpt: str | Path) -> tuple[Path, Path | None]:
-    """`ckpt=` as eval and the merged export take it: an export or run folder, or a `.ckpt` of a run (whose
-    export supplies the rest). Returns the export folder and the checkpoint, if one was given."""
-    path = Path(ckpt)
-    if path.suffix != ".ckpt":
-        return find_export(path), None
-    if not path.is_file():
-        raise UserError(f"ckpt={path}: checkpoint not found.")
-    return find_export(path.parent.parent), path
-
-
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-def load_export_model(export: Path, cfg, formatting: dict, cache_dir, device: torch.device, quantized: bool = True):
-    """The export's model: the full model for adapter=none (and merged exports), else its base with the adapter.
-    `quantized=False` loads a QLoRA run's base unquantized, in `cfg.model.dtype` (what a merged export needs)."""
-    if cfg.adapter.kind == "none":  # a fully fine-tuned or merged model is the export itself
-        return AutoModelForCausalLM.from_pretrained(export, dtype=getattr(torch, cfg.model.dtype)).to(device)
-    from peft import PeftModel
-
-    base_path = formatting.get("base_model")
-    if not base_path or not Path(base_path).is_dir():  # trained elsewhere: rebuild from the config
-        base_path = resolve_pretrained(cfg.model, cache_dir)
-    quant = cfg.adapter.get("quantization") if quantized else None
-    base = load_base_model(base_path, cfg.model, quant, device)
-    return PeftModel.from_pretrained(base if quant else base.to(device), export)
-
-
 def load_checkpoint_weights(model, ckpt: Path, device: torch.device) -> None:
     """Replace the trainable weights of `model` (its run's export) with those of a Lightning checkpoint."""
-    trained = torch.load(ckpt, map_location=device, weights_only=False)["state_dict"]
-    weights = {k.removeprefix("model."): v for k, v in trained.items()}
-    result = model.load_state_dict(weights, strict=False)
-    if result.unexpected_keys or not weights:
-        raise UserError(
-            f"{ckpt}: its weights do not fit the model of {ckpt.parent.parent / 'export'} "
-            f"(unexpected: {result.unexpected_keys[:3]}); evaluate a checkpoint together with its own run."
-        )
+    trained = read_checkpoint(ckpt)["state_dict"]
+    weights = {k.removeprefix("model."): v.to(device) for k, v in trained.items()}
+    params = dict(model.named_parameters())
+    trainable = {n for n in params if "lora_" in n} if hasattr(model, "peft_config") else set(params)
+    fix = f"Evaluate a checkpoint together with its own run's export ({ckpt.parent.parent / 'export'})."
+    check_weights_fit(weights, params, trainable, str(ckpt), fix)
+    model.load_state_dict(weights, strict=False)
 
 
 class Predictor:
@@ -141,16 +98,17 @@ class Predictor:
         return self.formatter.labels
 
     @classmethod
-    def from_export(cls, export: str | Path, cache_dir: str | Path, device: torch.device, **kwargs) -> Predictor:
-        """Load the base model and the trained adapter (or the full model for adapter=none) of an export."""
-        export = find_export(export)
-        cfg = OmegaConf.load(export / "config.yaml")
-        formatting = read_formatting(export)
-        labels = json.loads((export / "labels.json").read_text())
-        tokenizer = AutoTokenizer.from_pretrained(export)
+    def from_export(
+        cls, export: str | Path, cache_dir: str | Path, device: torch.device, base: str | None = None, **kwargs
+    ) -> Predictor:
+        """Load the base model and the trained adapter (or the full model for adapter=none) of an export;
+        `base`: where the base model is (a folder or hub id), when not where the export says."""
+        export = read_export(export)
+        tokenizer = AutoTokenizer.from_pretrained(export.path)
+        formatting = export.formatting
         formatter = ChatFormatter(
             tokenizer,
-            labels,
+            export.labels,
             formatting["max_length"],
             system_prompt=formatting["system_prompt"],
             user_template=formatting["user_template"],
@@ -160,15 +118,15 @@ class Predictor:
         )
         if formatter.answer_ids != formatting["answer_ids"]:
             raise UserError(
-                f"{export}: the exported tokenizer gives other answer tokens than training did "
+                f"{export.path}: the exported tokenizer gives other answer tokens than training did "
                 f"({formatter.answer_ids} vs {formatting['answer_ids']}); the export was modified or the "
                 f"tokenizers library changed how it tokenizes. Re-export with this environment."
             )
-        model = load_export_model(export, cfg, formatting, cache_dir, device)
-        log.info("loaded %s (%s, labels %s) on %s", export, cfg.adapter.kind, labels, device)
+        model = load_export_model(export, cache_dir, device, base=base)
+        log.info("loaded %s (%s, labels %s) on %s", export.path, export.cfg.adapter.kind, export.labels, device)
         log.info(formatter.chat_format.describe())
-        kwargs.setdefault("precision", cfg.trainer.get("precision"))
-        return cls(model, formatter, tokenizer.pad_token_id, source=str(export), **kwargs)
+        kwargs.setdefault("precision", export.cfg.trainer.get("precision"))
+        return cls(model, formatter, tokenizer.pad_token_id, source=str(export.path), **kwargs)
 
     @classmethod
     def from_checkpoint(cls, ckpt: str | Path, cache_dir: str | Path, device: torch.device, **kwargs) -> Predictor:
@@ -176,7 +134,7 @@ class Predictor:
         the base model, tokenizer and prompts; the checkpoint's trainable weights replace the exported ones."""
         ckpt = Path(ckpt)
         run_dir = ckpt.parent.parent  # <run>/checkpoints/<name>.ckpt
-        predictor = cls.from_export(find_export(run_dir), cache_dir, device, **kwargs)
+        predictor = cls.from_export(run_dir, cache_dir, device, **kwargs)
         load_checkpoint_weights(predictor.causal_lm, ckpt, device)
         predictor.source = str(ckpt)
         return predictor

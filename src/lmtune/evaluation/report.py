@@ -110,7 +110,7 @@ def final_report(
     module, datamodule, output_dir: Path, cache_dir: Path, report_cfg, train_stats: dict, precision: str, run=None
 ) -> dict:
     """Evaluate fine-tuned (and zero-shot, TF-IDF), write report.md; returns the numbers for the summary and
-    the fine-tuned model's test metrics (which training reports as its test metrics on one process)."""
+    each model's test metrics by name (the fine-tuned model's are training's test metrics on one process)."""
     formatter, pad_id = datamodule.formatter, datamodule.collator.pad_token_id
     records, examples = datamodule.splits["test"], datamodule.examples["test"]
     module.eval()
@@ -141,4 +141,4 @@ def final_report(
     if run is not None:
         run.summary.update(summary)
     log.info("report: %s", output_dir / "report.md")
-    return summary, rows["fine-tuned"]
+    return summary, rows

@@ -36,6 +36,7 @@ from lmtune.model.architecture import decoder_layers, head_logits
 from lmtune.model.loading import load_model
 from lmtune.model.loss import masked_lm_loss_sum, masked_lm_loss_sum_via_forward
 from lmtune.model.parallel import full_tensor, shard_decoder
+from lmtune.utils.checkpoints import check_weights_fit
 
 log = logging.getLogger(__name__)
 
@@ -266,12 +267,16 @@ class CausalLMClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.model is not None and "state_dict" in checkpoint:  # FSDP2Strategy has loaded it already
-            missing = sorted(self.trainable_names() - set(checkpoint["state_dict"]))
-            if missing:
-                raise RuntimeError(
-                    f"checkpoint lacks {len(missing)} trainable weights (first: {missing[0]}); it was written "
-                    f"with a different adapter config. Resume with the same adapter settings."
+            where = str(self.trainer.ckpt_path) if self._trainer is not None else "the checkpoint"
+            labels = checkpoint.get("hyper_parameters", {}).get("labels")
+            if labels is not None and list(labels) != list(self.hparams.labels):
+                raise UserError(
+                    f"{where}: trained on the labels {list(labels)}, this run has {list(self.hparams.labels)}; "
+                    f"resume with the data and label settings it was trained with, or start afresh."
                 )
+            fix = "Resume with the model and adapter settings it was trained with, or start afresh."
+            params = dict(self.named_parameters())
+            check_weights_fit(checkpoint["state_dict"], params, self.trainable_names(), where, fix)
         states = checkpoint.get("torch_rng_states") or [checkpoint.get("torch_rng_state")]
         if states[0] is not None:
             torch.set_rng_state(states[self.global_rank] if self.global_rank < len(states) else states[0])

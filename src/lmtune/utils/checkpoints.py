@@ -13,7 +13,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
 from lmtune.errors import UserError
-from lmtune.utils.files import atomic_write
+from lmtune.utils.files import WRITE_ERRNOS, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,44 @@ def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str | Path) -> str | None
         elif not path.is_file():
             raise UserError(f"ckpt_path={text}: no such file or folder (expected last, a run folder or a .ckpt file)")
     path = path.absolute()  # not resolve(): last.ckpt may be a link (save_last=link)
+    read_checkpoint(path)  # a truncated or foreign file fails here, before minutes of loading
     written = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime))
     log.info("resuming from %s (written %s%s)", path, written, _started_with(path))
     return str(path)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint of this project, read lazily (memory-mapped); a truncated or foreign file is one line."""
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # torch raises several types for a cut-off zip, a text file, another pickle
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(
+            f"{path}: not a readable checkpoint ({reason}): a file cut off while it was written or copied, or not a "
+            f"checkpoint at all. Use another one ({path.parent}), or start afresh without ckpt_path."
+        ) from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise UserError(f"{path}: not a checkpoint written by src/train.py (no state_dict); name one of its runs'.")
+    return checkpoint
+
+
+def check_weights_fit(weights: dict, params: dict, trainable: set[str], where: str, fix: str) -> None:
+    """`weights` (a checkpoint's) load into a model with these `params` (name -> tensor): every trainable weight
+    present, none unknown, every shape equal; else one line saying which weight differs and `fix`."""
+    missing = sorted(trainable - set(weights))
+    unknown = sorted(set(weights) - set(params))
+    wrong = [(n, tuple(w.shape), tuple(params[n].shape)) for n, w in weights.items() if n in params]
+    wrong = [(n, a, b) for n, a, b in wrong if a != b]
+    if wrong:
+        name, theirs, ours = wrong[0]
+        problem = f"{len(wrong)} weights have other shapes (first: {name} is {list(theirs)} there, {list(ours)} here)"
+    elif missing or unknown:
+        first = (missing or unknown)[0]
+        problem = f"{len(missing)} trainable weights missing and {len(unknown)} unknown (first: {first})"
+    else:
+        return
+    raise UserError(f"{where}: written for another model or adapter: {problem}. {fix}")
 
 
 def _started_with(ckpt: Path) -> str:
@@ -93,4 +128,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_write(Path(path), lambda f: torch.save(checkpoint, f), mode="wb")
+        try:
+            atomic_write(Path(path), lambda f: torch.save(checkpoint, f), mode="wb")
+        except (OSError, RuntimeError) as e:
+            if not _write_failed(e):
+                raise
+            reason = e.strerror if isinstance(e, OSError) else "the file system refused the write: full?"
+            raise UserError(
+                f"cannot write the checkpoint {path} ({reason}); the checkpoints saved before it are intact. Free "
+                f"space in {Path(path).parent} (or write elsewhere: hydra.run.dir=<folder>) and resume from them."
+            ) from None
+
+
+def _write_failed(error: Exception) -> bool:
+    """A full disk, a quota, a read-only folder; torch's zip writer reports these as a RuntimeError."""
+    if isinstance(error, OSError):
+        return error.errno in WRITE_ERRNOS
+    return "write failed" in str(error)

@@ -1,11 +1,20 @@
-"""Files that are never half-written: readers see the old file or the new one, nothing in between."""
+"""Files that are never half-written (readers see the old file or the new one, nothing in between), and
+write failures (a full disk, a read-only or unwritable folder) as one line that names the folder."""
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+
+# errors that say the folder cannot take the file: no space, over quota, read-only, too large, not allowed
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
 
 
 def atomic_write(path: Path, write: Callable[[object], None], mode: str = "w") -> None:
@@ -22,3 +31,33 @@ def atomic_write(path: Path, write: Callable[[object], None], mode: str = "w") -
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_writable(folder: Path, setting: str) -> str | None:
+    """None if a file can be written in `folder` (created if needed), else the one-line problem and its fix."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return f"{setting}={folder}: cannot write there ({e.strerror or e}); point {setting}= at a writable folder."
+    return None
+
+
+class CheckOutputWritable(Callback):
+    """Before Hydra writes anything into the run folder: a read-only, full or blocked output folder is one line
+    (exit status 1) instead of a traceback from the first logger or checkpoint that tries."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._check(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(config, setting: str) -> None:
+        problem = check_writable(Path(OmegaConf.select(config, setting)), setting)
+        if problem:
+            sys.exit(f"error: {problem}")

@@ -9,6 +9,7 @@ import sys
 import threading
 
 from lmtune.errors import UserError
+from lmtune.utils.files import WRITE_ERRNOS
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,16 @@ def task_wrapper(task):
         except UserError:
             exit_code = 1  # shown once, as one line, by the entry point
             raise
+        except OSError as e:
+            if e.errno not in WRITE_ERRNOS:
+                exit_code = 1
+                log.exception("run failed")
+                raise
+            exit_code = 1
+            raise UserError(
+                f"cannot write {e.filename or 'into ' + str(cfg.paths.output_dir)} ({e.strerror}); what was saved "
+                f"before is intact. Free space there, or write elsewhere (hydra.run.dir=<folder>)."
+            ) from None
         except BaseException as e:
             if not _sigterm(e):
                 exit_code = 1

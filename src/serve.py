@@ -1,0 +1,27 @@
+"""Serve a trained export over HTTP: `python src/serve.py ckpt=<export> port=8000` (conf/serve.yaml)."""
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
+
+from lmtune.errors import UserError  # noqa: E402
+from lmtune.serving import serve  # noqa: E402
+from lmtune.utils.task import check_command_line  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="serve.yaml")
+def main(cfg: DictConfig) -> None:
+    try:
+        serve(cfg)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
+    main()
