@@ -5,6 +5,7 @@ Importing it also sets PROJECT_ROOT (as `src/train.py` does), which `conf/paths`
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,3 +37,11 @@ def run_logged(cmd: list[str], log: Path) -> None:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
         shown = " ".join(str(c).replace(sys.executable, "python") for c in cmd[:3])
         raise RuntimeError(f"{shown} ... failed (exit {proc.returncode}); log {log}:\n{tail}")
+
+
+def emit(result: dict, out: Path | None) -> dict:
+    """A script's result: printed as JSON, and written to `out` when given."""
+    if out:
+        out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return result

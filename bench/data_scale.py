@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import BENCH, ROOT, SHARED_ARXIV
+from common import BENCH, ROOT, SHARED_ARXIV, emit
 
 SAMPLE = ROOT / "tests" / "assets" / "arxiv_sample.jsonl"
 ALL_ROWS = ["data.limit_train=null", "data.limit_val=null", "data.limit_test=null"]
@@ -158,10 +158,7 @@ def main(argv=None) -> dict:
         result = bench([100, 200], SAMPLE, a.work, "smoke", overrides)
     else:
         result = bench(a.rows, SHARED_ARXIV, a.work, "lora_arxiv", overrides)
-    if a.out:
-        a.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    return result
+    return emit(result, a.out)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ data preparation at growing sizes (`data_scale.py`; 1M rows take ~10 minutes and
 tokens/s at growing lengths.
 The JSON is rewritten after each part, so an interrupted run keeps what it measured.
 
-    python bench/run.py                    (the full CPU benchmark: ~90 minutes on 2 cores with the data part)
+    python bench/run.py                    (the full CPU benchmark: ~105 minutes on 2 cores, data and serve parts too)
     python bench/run.py --smoke --out /tmp/b --readme /tmp/b/README.md   (tiny model, under a minute: what tests run)
 """
 
@@ -245,8 +245,8 @@ def render(results: dict) -> str:
             lines += _throughput_table(gpu["results"], GPU_COLUMNS)
             lines += ["", *_limits_line(gpu["results"])]
         lines.append("")
-    lines += _serve_lines(results.get("serve"))
     lines += _data_lines(results.get("data"))
+    lines += _serve_lines(results.get("serve"))
     return "\n".join(lines)
 
 
@@ -254,10 +254,11 @@ def _serve_lines(serve: dict | None) -> list[str]:
     """The HTTP server under closed-loop load beside the offline rate, and the soak."""
     if not serve:
         return []
+    when = f"; measured {serve['machine']['date'][:16]}, commit {serve['machine']['git']}" if "machine" in serve else ""
     lines = [
         f"**6. Serving** (`src/serve.py`, LitServe, max_batch_size {serve['max_batch_size']}, closed-loop clients "
         f"on the loopback, {serve['rows']} test rows; offline `Predictor.predict` on the same rows: "
-        f"{serve['offline_rows_per_s']:.2f} rows/s; `bench/serve_load.py`)",
+        f"{serve['offline_rows_per_s']:.2f} rows/s; `bench/serve_load.py`{when})",
         "",
         "| concurrency | requests | requests/s | vs offline | p50 ms | p95 ms | p99 ms | errors |",
         "|---|---|---|---|---|---|---|---|",

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import ROOT, SHARED_ARXIV, project_config
+from common import ROOT, SHARED_ARXIV, emit, project_config
 
 
 def rows_of(source: Path, limit: int) -> list[dict]:
@@ -165,7 +165,7 @@ def closed_loop(port: int, rows: list[dict], clients: int, requests: int) -> dic
 
 
 def soak(server: Server, rows: list[dict], seconds: float, clients: int = 8, warmup: float = 30.0) -> dict:
-    """Concurrency `clients` for `seconds`; RSS sampled after a warm-up, growth = last sample / first - 1."""
+    """Concurrency `clients` for `seconds`; the server's RSS sampled after a warm-up (`growth`)."""
     stop, counts, samples = time.monotonic() + seconds, {"requests": 0, "errors": 0}, []
     lock = threading.Lock()
 
@@ -191,8 +191,16 @@ def soak(server: Server, rows: list[dict], seconds: float, clients: int = 8, war
         time.sleep(max(0.5, min(10.0, seconds / 20)))
     for t in threads:
         t.join()
-    growth = samples[-1] / samples[0] - 1 if len(samples) > 1 else None
-    return {"seconds": seconds, "concurrency": clients, **counts, "rss_mb": samples, "rss_growth": growth}
+    return {"seconds": seconds, "concurrency": clients, **counts, "rss_mb": samples, "rss_growth": growth(samples)}
+
+
+def growth(samples: list[float]) -> float | None:
+    """Median RSS of the last quarter of the samples over the first quarter's, less one (a batch in flight moves a
+    single sample by ~10%: medians see the trend, not the batches)."""
+    if len(samples) < 4:
+        return None
+    quarter = len(samples) // 4
+    return statistics.median(samples[-quarter:]) / statistics.median(samples[:quarter]) - 1
 
 
 def bench(ckpt: str, source: Path, work: Path, limit: int, requests: int, levels, soak_seconds: float, batch: int):
@@ -241,10 +249,7 @@ def main(argv=None) -> dict:
         result = bench(a.ckpt, source, a.work, 16, 16, (1, 8), 3.0, 4)
     else:
         result = bench(a.ckpt, SHARED_ARXIV, a.work, a.rows, a.requests, (1, 8, 32), a.soak_seconds, a.max_batch_size)
-    if a.out:
-        a.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    return result
+    return emit(result, a.out)
 
 
 if __name__ == "__main__":
