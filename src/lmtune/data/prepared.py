@@ -49,6 +49,9 @@ def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+_SCRATCH: Path | None = None  # where prepared data goes when no cache folder is configured (removed at exit)
+
+
 def cache_root(cache_dir: str | Path | None) -> Path:
     """`<cache_dir>/data`, or a folder removed at exit when no cache folder is configured."""
     if cache_dir is None:
@@ -58,9 +61,6 @@ def cache_root(cache_dir: str | Path | None) -> Path:
             atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
         return _SCRATCH
     return Path(cache_dir) / "data"
-
-
-_SCRATCH: Path | None = None
 
 
 @contextmanager
