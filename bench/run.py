@@ -254,6 +254,8 @@ def _serve_lines(serve: dict | None) -> list[str]:
     """The HTTP server under closed-loop load beside the offline rate, and the soak."""
     if not serve:
         return []
+    if serve.get("measured") is False:
+        return [f"**6. Serving**: not measured ({serve['reason']}).", ""]
     when = f"; measured {serve['machine']['date'][:16]}, commit {serve['machine']['git']}" if "machine" in serve else ""
     lines = [
         f"**6. Serving** (`src/serve.py`, LitServe, max_batch_size {serve['max_batch_size']}, closed-loop clients "
@@ -404,7 +406,9 @@ def main(a) -> dict:
         write(results, out, a.readme)
     if "serve" in parts:  # the HTTP server under load, beside the offline rate (the accuracy part's export)
         ckpt = export or a.ckpt
-        if a.smoke:
+        if ckpt is None:
+            results["serve"] = {"measured": False, "reason": "no export: run the accuracy part too, or give --ckpt"}
+        elif a.smoke:
             results["serve"] = serve_load.bench(ckpt, data_scale.SAMPLE, work, 16, 16, (1, 8), 3.0, 4)
         else:
             results["serve"] = serve_load.bench(ckpt, SHARED_ARXIV, work, 128, 128, (1, 8, 32), a.soak_seconds, 16)
