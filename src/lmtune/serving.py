@@ -21,6 +21,7 @@ import litserve as ls
 from omegaconf import DictConfig, OmegaConf
 
 from lmtune.data.arxiv_api import ArxivApiError, ArxivClient, fetch_by_ids, normalize_id
+from lmtune.data.formatting import template_columns
 from lmtune.data.records import clean_text
 from lmtune.errors import UserError
 from lmtune.evaluation.predictor import Prediction, Predictor, Row, pick_device
@@ -39,7 +40,7 @@ class ClassifierAPI(ls.LitAPI):
         self.ckpt, self.base, self.cache_dir = ckpt, base, cache_dir
         self.device_name, self.precision = device, precision
 
-    def setup(self, device) -> None:
+    def setup(self, device) -> None:  # LitServe's device name; ours follows `device=` as predict.py does
         options = {"precision": self.precision} if self.precision else {}
         device = pick_device(self.device_name)
         self.predictor = Predictor.from_export(self.ckpt, self.cache_dir, device, base=self.base, **options)
@@ -152,8 +153,6 @@ async def _error(send, status: int, message: str) -> None:
 def build_server(cfg: DictConfig) -> ls.LitServer:
     """The LitServer for `cfg.ckpt`: the export is checked here, before any process starts."""
     export = read_export(cfg.ckpt)
-    from lmtune.data.formatting import template_columns
-
     columns = list(template_columns(export.formatting["user_template"], "data.prompt.user"))
     fetch = None
     if set(columns) <= set(ARXIV_COLUMNS):
