@@ -107,6 +107,26 @@ def test_template_drift_is_a_clear_error(tiny_tokenizer):
         arxiv_formatter(drifting, LABELS)
 
 
+def test_a_template_that_changes_one_record_s_answer_is_caught_for_that_record(tiny_tokenizer):
+    """Whether a conversation needs its own tokenization is decided per record from the rendered texts: a template
+    whose answer turn depends on the record (here: a marker after answers to texts about robots) is checked and
+    refused for exactly that record, however the other records are formatted."""
+    content_dependent = build_tiny_tokenizer()
+    content_dependent.chat_template = CHAT_TEMPLATE.replace(
+        "message['content'] + '<|eot_id|>'",
+        "message['content'] + (' (robotics)' if message['role'] == 'assistant' and 'robot' in messages[-2]['content']"
+        " else '') + '<|eot_id|>'",
+    )
+    assert content_dependent.chat_template != CHAT_TEMPLATE
+    formatter = arxiv_formatter(content_dependent, LABELS)
+    assert formatter.prompt_tail is not None  # the texts decide; an isolated tail alone does not
+    plain = paper("p1", "Parsing", "We parse sentences.", "cs.CL")
+    (example,) = formatter.format([plain])
+    assert example.input_ids[example.prompt_length :] == formatter.answer_ids[LABELS.index("cs.CL")]
+    with pytest.raises(DataError, match="record r1: answer tokens .* differ from the label's reference"):
+        formatter.format([plain, paper("r1", "Grasping", "A robot arm grasps.", "cs.RO")])
+
+
 def test_missing_chat_template_is_a_clear_error():
     tok = build_tiny_tokenizer()
     tok.chat_template = None
