@@ -164,10 +164,24 @@ def test_sigterm_answers_the_requests_in_flight_then_exits(export, cache_dir, tm
     assert "Traceback" not in log and "stopped" in log
 
 
-def test_a_broken_export_or_setting_stops_before_the_server_starts(tmp_path, cache_dir):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, str(ROOT / "src" / "serve.py"), f"ckpt={tmp_path}", f"hydra.run.dir={tmp_path / 'h'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+@pytest.mark.parametrize("case", ["not an export", "port in use", "batch size zero"], ids=lambda c: c.replace(" ", "_"))
+def test_a_broken_export_or_setting_stops_before_the_server_starts(case, export, cache_dir, tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    settings, expect = {
+        "not an export": ([f"ckpt={tmp_path}"], f"ckpt={tmp_path}: not a trained export (needs labels.json"),
+        "port in use": (
+            [f"ckpt={export}", f"port={busy.getsockname()[1]}"],
+            f"port={busy.getsockname()[1]}: cannot listen there (Address already in use); pick a free port",
+        ),
+        "batch size zero": ([f"ckpt={export}", "serve.max_batch_size=0"], "serve.max_batch_size=0 and"),
+    }[case]
+    cmd = [sys.executable, str(ROOT / "src" / "serve.py"), *settings, f"paths.cache_dir={cache_dir}"]
+    proc = subprocess.run(
+        [*cmd, f"hydra.run.dir={tmp_path / 'h'}"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    busy.close()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert line.startswith(f"error: ckpt={tmp_path}: not a trained export (needs labels.json, formatting.json")
+    assert expect in line

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 
 import litserve as ls
@@ -188,8 +189,22 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
     )
 
 
+def check_address(host: str, port) -> None:
+    """The address is free to listen on, before minutes of model loading."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in str(host) else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((str(host), int(port)))
+    except (OSError, ValueError, OverflowError) as e:
+        raise UserError(
+            f"host={host} port={port}: cannot listen there ({getattr(e, 'strerror', None) or e}); pick a free port "
+            "(port=8001) or stop what listens there, and a host of this machine (127.0.0.1, 0.0.0.0)."
+        ) from None
+
+
 def serve(cfg: DictConfig) -> None:
     """Run until SIGTERM or Ctrl+C; either stops taking requests, answers those in flight, then exits."""
+    check_address(cfg.host, cfg.port)
     server = build_server(cfg)
     log.info("serving %s on http://%s:%d/predict (health: /health)", cfg.ckpt, cfg.host, cfg.port)
     main = os.getpid()
