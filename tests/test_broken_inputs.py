@@ -25,7 +25,7 @@ from families import BY_NAME, build_family
 from lmtune.errors import UserError
 from lmtune.evaluation.predictor import Predictor, Row
 from lmtune.pipeline import train
-from lmtune.utils.export import write_folder
+from lmtune.utils.files import write_folder
 
 
 @dataclass

@@ -21,14 +21,8 @@ from transformers import AutoTokenizer
 
 from lmtune.errors import UserError
 from lmtune.evaluation.predictor import load_checkpoint_weights
-from lmtune.utils.export import (
-    CARD_INPUTS,
-    export_and_checkpoint,
-    load_export_model,
-    read_export,
-    write_card,
-    write_folder,
-)
+from lmtune.utils.export import CARD_INPUTS, export_and_checkpoint, load_export_model, read_export, write_card
+from lmtune.utils.files import write_folder
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +18,7 @@ from lmtune.model.loading import load_tokenizer, resolve_pretrained
 from lmtune.model.module import CausalLMClassifier, parameter_counts
 from lmtune.model.parallel import is_sharded
 from lmtune.utils.callbacks import TrainingStats
-from lmtune.utils.checkpoints import resolve_ckpt_path
+from lmtune.utils.checkpoints import read_checkpoint, resolve_ckpt_path
 from lmtune.utils.config import fit_to_strategy, loggable_config, resolve_auto, validate_config
 from lmtune.utils.export import export_model, log_artifacts
 from lmtune.utils.files import atomic_write
@@ -46,7 +45,7 @@ def best_validation(trainer: L.Trainer, module, datamodule, best: str | None) ->
     """The validation metrics of the weights that are evaluated and exported (the best checkpoint, else the final
     weights): those measured when they were validated during training, else (a resumed run's best, no validation
     at the last step) a validation pass. Logged again either way, so the loggers end on the same numbers."""
-    step = torch.load(best, map_location="cpu", weights_only=False, mmap=True)["global_step"] if best else None
+    step = read_checkpoint(best)["global_step"] if best else None
     known = module.validations.get(trainer.global_step if step is None else step)
     if known is None:
         return _metrics_of(trainer.validate(module, datamodule=datamodule, ckpt_path=best))
@@ -59,8 +58,7 @@ def best_validation(trainer: L.Trainer, module, datamodule, best: str | None) ->
 
 def load_trainable_weights(module, ckpt: str) -> None:
     """The trainable weights of a checkpoint into `module` (what `trainer.test(ckpt_path=...)` would load)."""
-    state = torch.load(ckpt, map_location=module.device, weights_only=False)["state_dict"]
-    module.load_state_dict(state, strict=False)
+    module.load_state_dict(read_checkpoint(ckpt)["state_dict"], strict=False)
 
 
 def card_inputs(summary: dict, report_rows: dict | None, test: dict) -> dict:

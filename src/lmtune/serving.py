@@ -74,10 +74,10 @@ class RequestCheck:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/predict":
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
-        if self.api_key and not hmac.compare_digest(headers.get(b"x-api-key", b""), self.api_key.encode()):
+        received = dict(scope["headers"])
+        if self.api_key and not hmac.compare_digest(received.get(b"x-api-key", b""), self.api_key.encode()):
             return await _error(send, 401, "missing or wrong X-API-Key header")
-        declared = headers.get(b"content-length")
+        declared = received.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await _error(send, 413, f"body over {self.max_bytes} bytes (serve.max_body_bytes)")
         body, more = b"", True

@@ -13,7 +13,6 @@ never a silently shifted mask.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import string
@@ -21,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from lmtune.data.chat_format import detect_chat_format, render, special_ids, token_id
-from lmtune.data.records import DataError, Record
+from lmtune.data.records import DataError, Record, json_digest
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +105,9 @@ class ChatFormatter:
         if self.eot_id is None:
             raise DataError(f"end-of-turn token {self.eot_token!r} is not in the vocabulary; set model.eot_token.")
         # Reference answers: the label set's token sequences, shared by training and rank scoring.
-        self.answer_texts: list[str | None] = []  # what the template appends to a prompt for each label
-        self.answer_ids: list[list[int]] = [self._reference_answer(label) for label in self.labels]
+        references = [self._reference_answer(label) for label in self.labels]
+        self.answer_ids: list[list[int]] = [ids for ids, _ in references]
+        self.answer_texts: list[str | None] = [text for _, text in references]  # what follows the prompt's text
         self.prompt_tail = self._isolated_prompt_tail()
         self.longest_answer = max(len(a) for a in self.answer_ids)
         same = [
@@ -145,7 +145,7 @@ class ChatFormatter:
             self.chat_format.system_in_user,
             self.answer_ids,
         ]
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        return json_digest(parts)
 
     # --- rendering -------------------------------------------------------------------------------------
     def messages(self, fields: Mapping[str, str], label: str | None = None) -> list[dict]:
@@ -184,16 +184,18 @@ class ChatFormatter:
             )
         return rest[: rest.index(self.eot_id) + 1]
 
-    def _reference_answer(self, label: str) -> list[int]:
-        msgs = self.messages(dict.fromkeys(self.columns, "Text."), label)
-        texts = [self._render(msgs[:-1], True), self._render(msgs, False)]
-        prompt, full = self._encode(texts)
+    REFERENCE_FIELD = "Text."  # every column's value in the conversations the reference answers come from
+
+    def _reference_answer(self, label: str) -> tuple[list[int], str | None]:
+        """The label's answer tokens, and the text the template appends to the prompt for it (None if the
+        prompt's text is not a prefix of the conversation's)."""
+        msgs = self.messages(dict.fromkeys(self.columns, self.REFERENCE_FIELD), label)
+        prompt_text, full_text = self._render(msgs[:-1], True), self._render(msgs, False)
+        prompt, full = self._encode([prompt_text, full_text])
         answer = self._answer_from_full(prompt, full, f"label {label!r}")
         if self.tokenizer.decode(answer[:-1]).strip() != label:
             raise DataError(f"label {label!r}: the answer tokens decode to {self.tokenizer.decode(answer)!r}.")
-        self.answer_texts.append(texts[1][len(texts[0]) :] if texts[1].startswith(texts[0]) else None)
-        self._reference_prompt = (texts[0], prompt)
-        return answer
+        return answer, full_text[len(prompt_text) :] if full_text.startswith(prompt_text) else None
 
     def _isolated_prompt_tail(self) -> str | None:
         """The end of the prompt from its last special token on, when it tokenizes the same alone as in context,
@@ -201,7 +203,8 @@ class ChatFormatter:
         before the tokenizer's pre-tokenizer runs, so a prompt ending in this tail has the same tokens whether its
         answer follows or not: its conversation is its prompt's ids + the label's reference answer, and only
         its prompt needs tokenizing (`format` checks the texts; other templates tokenize both, as before)."""
-        text, ids = self._reference_prompt
+        text = self._render(self.messages(dict.fromkeys(self.columns, self.REFERENCE_FIELD)), True)
+        ids = self._encode([text])[0]
         special = [self.tokenizer.convert_ids_to_tokens(i) for i in special_ids(self.tokenizer)]
         start = max((text.rfind(token) for token in special if token), default=-1)
         if start < 0 or None in self.answer_texts:

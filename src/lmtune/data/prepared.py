@@ -20,7 +20,6 @@ Old entries are not evicted: `rm -rf <cache_dir>/data` clears them.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from lmtune.data.formatting import IGNORE_INDEX, ChatFormatter, Example
-from lmtune.data.records import DataError, Record, RecordSpec, SkipCounts, iter_records
+from lmtune.data.records import DataError, Record, RecordSpec, SkipCounts, iter_records, json_digest
+from lmtune.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ CACHE_VERSION = 1  # bump when the readers or the formatter change what they pro
 WRITE_BATCH = 10_000  # records per Arrow record batch while streaming
 PROGRESS_EVERY = 100_000  # rows between progress lines while reading
 ROWS_PER_PROCESS = 4_000  # tokenizing fewer rows than this per process is not worth starting one
-
-
-def _digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 _SCRATCH: Path | None = None  # where prepared data goes when no cache folder is configured (removed at exit)
@@ -73,6 +69,8 @@ def _writing(root: Path, name: str):
         with FileLock(str(root / "locks" / f"{name}.lock")):
             yield
     except OSError as e:
+        if e.filename and not Path(e.filename).is_relative_to(root):
+            raise  # another file (the data itself): not the cache's to explain
         raise DataError(
             f"cannot write prepared data under {root} ({e.strerror or e}). Free space there, or point "
             f"`paths.cache_dir=` (or LMTUNE_CACHE) at a writable folder with room."
@@ -97,7 +95,7 @@ class RecordTable(Sequence[Record]):
 
     def __iter__(self) -> Iterator[Record]:
         for batch in self.table.iter(batch_size=1000):
-            yield from (self._record(dict(zip(batch, row, strict=True))) for row in zip(*batch.values(), strict=True))
+            yield from map(self._record, _rows(batch))
 
     def _record(self, row: Mapping) -> Record:
         return Record(id=row["id"], fields={c: row[c] for c in self.columns}, label=row["label"])
@@ -109,6 +107,11 @@ class RecordTable(Sequence[Record]):
         """The records at these positions of this table, in this order."""
         rows = list(positions) if self.rows is None else [self.rows[i] for i in positions]
         return RecordTable(self.table.select(positions), self.columns, self.key, rows)
+
+
+def _rows(batch: Mapping[str, list]) -> Iterator[dict]:
+    """The rows of a batch of columns (what `Dataset.iter` and indexing by a list give)."""
+    return (dict(zip(batch, row, strict=True)) for row in zip(*batch.values(), strict=True))
 
 
 def column(table, name: str) -> list:
@@ -124,7 +127,9 @@ def prepare_records(
     from datasets import Dataset
 
     root = cache_root(cache_dir)
-    name = "records-" + _digest(CACHE_VERSION, key, spec.text, spec.label, spec.id, spec.label_is_list, spec.rename)
+    name = "records-" + json_digest(
+        [CACHE_VERSION, key, spec.text, spec.label, spec.id, spec.label_is_list, spec.rename]
+    )
     arrow, manifest = root / f"{name}.arrow", root / f"{name}.json"
     with _writing(root, name):
         if not (arrow.is_file() and manifest.is_file()):
@@ -153,10 +158,8 @@ def _write_records(rows: Iterable[Mapping], where: str, spec: RecordSpec, arrow:
             if batch:
                 writer.write_batch(_record_batch(batch, spec, schema))
         os.replace(tmp, arrow)
-        text = json.dumps({"where": where, "records": read + len(batch), "skipped": skips.counts, "labels": labels})
-        tmp_manifest = manifest.with_name(f"{manifest.name}.{os.getpid()}.tmp")
-        tmp_manifest.write_text(text)
-        os.replace(tmp_manifest, manifest)
+        counts = {"where": where, "records": read + len(batch), "skipped": skips.counts, "labels": labels}
+        atomic_write(manifest, lambda f: json.dump(counts, f))
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -193,12 +196,11 @@ class ExampleTable(Sequence[Example]):
 
     def __getitems__(self, indices: list[int]) -> list[Example]:
         """One read for a whole batch (torch's DataLoader calls this when it exists)."""
-        batch = self.table[indices]
-        return [_example(dict(zip(batch, row, strict=True))) for row in zip(*batch.values(), strict=True)]
+        return list(map(_example, _rows(self.table[indices])))
 
     def __iter__(self) -> Iterator[Example]:
         for batch in self.table.iter(batch_size=256):
-            yield from (_example(dict(zip(batch, row, strict=True))) for row in zip(*batch.values(), strict=True))
+            yield from map(_example, _rows(batch))
 
     @property
     def lengths(self) -> list[int]:
@@ -252,8 +254,8 @@ def format_examples(
     from datasets.utils.logging import is_progress_bar_enabled
 
     root = cache_root(cache_dir)
-    rows = _digest(records.rows) if records.rows is not None else "all"
-    fingerprint = "examples-" + _digest(CACHE_VERSION, records.key, rows, formatter.fingerprint())
+    rows = json_digest(records.rows) if records.rows is not None else "all"
+    fingerprint = "examples-" + json_digest([CACHE_VERSION, records.key, rows, formatter.fingerprint()])
     if num_proc is None:
         num_proc = max(1, min(len(os.sched_getaffinity(0)), len(records) // ROWS_PER_PROCESS))
     num_proc = max(1, min(num_proc, len(records)))

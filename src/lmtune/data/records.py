@@ -73,6 +73,11 @@ class RecordSpec:
         return ""
 
 
+def json_digest(value, length: int = 20) -> str:
+    """A stable short hash of a JSON-able value (dict keys sorted), for cache keys."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 def text_id(fields: Mapping[str, str]) -> str:
     """A stable id from a row's text, for files without an id column."""
     return hashlib.sha256("\x1f".join(fields.values()).encode()).hexdigest()[:16]

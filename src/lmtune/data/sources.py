@@ -10,7 +10,6 @@ Downloading happens in `prepare()` (Lightning's `prepare_data`), reading in `rea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -18,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from lmtune.data.arxiv_api import ArxivApiError, ArxivClient, FetchPaths, fetch_dataset
-from lmtune.data.records import DataError, RecordSpec, existing_file, reader_for
+from lmtune.data.records import DataError, RecordSpec, existing_file, json_digest, reader_for
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +89,7 @@ class RecordSource:
         """The cache file of this query: the same categories, dates, size and server give the same file."""
         key = {k: self.query.get(k) for k in ("categories", "max_results", "per_category", "date_from", "date_to")}
         key["base_url"] = self.client_settings.get("base_url")
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        return cache_dir / "arxiv" / f"arxiv-{digest}.jsonl"
+        return cache_dir / "arxiv" / f"arxiv-{json_digest(key, 12)}.jsonl"
 
     def prepare(self) -> None:
         """Fetch from the arXiv API unless this query is cached; other sources need no download step."""

@@ -21,6 +21,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from lmtune.data.records import json_digest
 from lmtune.evaluation.evaluate import evaluate
 from lmtune.evaluation.metrics import most_confused
 from lmtune.evaluation.predictor import Predictor
@@ -41,7 +42,7 @@ def zero_shot_key(pretrained: str, model_cfg: dict, quant_cfg: dict | None, form
             json.dumps([[e.id, e.input_ids[: e.prompt_length]] for e in examples]).encode()
         ).hexdigest(),
     }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(spec, 16)
 
 
 def zero_shot_metrics(

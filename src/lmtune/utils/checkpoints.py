@@ -71,7 +71,9 @@ def read_checkpoint(path: str | Path) -> dict:
             f"checkpoint at all. Use another one ({path.parent}), or start afresh without ckpt_path."
         ) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise UserError(f"{path}: not a checkpoint written by src/train.py (no state_dict); name one of its runs'.")
+        raise UserError(
+            f"{path}: not a checkpoint written by src/train.py (no state_dict); use a .ckpt from a run's checkpoints/."
+        )
     return checkpoint
 
 

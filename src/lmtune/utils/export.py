@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmtune.errors import UserError
 from lmtune.utils.config import redact_secrets
+from lmtune.utils.files import write_folder
+from lmtune.utils.model_card import model_card
 
 log = logging.getLogger(__name__)
 
@@ -48,31 +47,6 @@ DAMAGED = "the export is incomplete or damaged: copy the folder again from where
 
 
 # --- writing -------------------------------------------------------------------------------------------
-def write_folder(out_dir: str | Path, fill: Callable[[Path], None], what: str = "export") -> Path:
-    """Write a folder whole or not at all: `fill` writes into a temporary sibling, which then replaces `out_dir`.
-    If anything fails (a full disk, an unwritable folder), the previous `out_dir` is left as it was."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        fill(tmp)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-    except OSError as e:
-        raise UserError(
-            f"cannot write the {what} {out_dir} ({e.strerror or e}); "
-            + ("the previous one is unchanged. " if out_dir.exists() else "")
-            + "Free space there or write elsewhere (hydra.run.dir=<folder>)."
-        ) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
-
-
 def base_model_reference(model_cfg, pretrained: str) -> tuple[str, str | None]:
     """(what an export names as its base, the local folder it was loaded from): a hub id when there is one, so the
     export loads on any machine: `model.hub_id` or a `model.name_or_path` that is not a folder; for a GGUF file, the
@@ -139,8 +113,6 @@ def export_model(
 
 def write_card(folder: Path, formatting: dict, cfg: DictConfig, merged: dict | None = None) -> None:
     """README.md, the model card, from the export's settings and `card.json` (data, training and results)."""
-    from lmtune.utils.model_card import model_card
-
     card = _json(folder / CARD_INPUTS)
     text = model_card(
         base_model=formatting["base_model"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
+
+from lmtune.errors import UserError
 
 # errors that say the folder cannot take the file: no space, over quota, read-only, too large, not allowed
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
@@ -31,6 +34,31 @@ def atomic_write(path: Path, write: Callable[[object], None], mode: str = "w") -
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_folder(out_dir: str | Path, fill: Callable[[Path], None], what: str = "export") -> Path:
+    """Write a folder whole or not at all: `fill` writes into a temporary sibling, which then replaces `out_dir`.
+    If anything fails (a full disk, an unwritable folder), the previous `out_dir` is left as it was."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+    except OSError as e:
+        raise UserError(
+            f"cannot write the {what} {out_dir} ({e.strerror or e}); "
+            + ("the previous one is unchanged. " if out_dir.exists() else "")
+            + "Free space there or write elsewhere (hydra.run.dir=<folder>)."
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
 
 
 def check_writable(folder: Path, setting: str) -> str | None:

@@ -61,11 +61,10 @@ def task_wrapper(task):
             exit_code = 1  # shown once, as one line, by the entry point
             raise
         except OSError as e:
+            exit_code = 1
             if e.errno not in WRITE_ERRNOS:
-                exit_code = 1
                 log.exception("run failed")
                 raise
-            exit_code = 1
             raise UserError(
                 f"cannot write {e.filename or 'into ' + str(cfg.paths.output_dir)} ({e.strerror}); what was saved "
                 f"before is intact. Free space there, or write elsewhere (hydra.run.dir=<folder>)."
