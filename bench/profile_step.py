@@ -3,7 +3,8 @@
 Ours: dynamic padding to the longest of the 8, the decoder body, the LM head only at supervised positions.
 Baseline: padded to `data.max_length`, `model(..., labels=...)` with full-vocabulary logits. Forward and
 backward (no optimizer step) under the run's precision; the ops that take the most time and those that
-allocate the most memory, for each side.
+allocate the most memory, for each side. With `compile=true` both sides run compiled decoder layers (Inductor's
+fused kernels then appear as `graph_*` / `CompiledFunction` rows).
 
     python bench/profile_step.py experiment=lora_arxiv data.path=../shared/data/arxiv/arxiv_cs.jsonl data.max_length=512
 """
@@ -18,7 +19,7 @@ import torch
 from hf_baseline import padded_to, training_data
 from torch.profiler import ProfilerActivity, profile
 
-from lmtune.model.architecture import head_logits
+from lmtune.model.architecture import decoder_layers, head_logits
 from lmtune.model.loading import load_model
 from lmtune.model.loss import masked_lm_loss_sum
 
@@ -32,8 +33,14 @@ def main(overrides: list[str], steps: int, rows: int) -> None:
     base_batch = {k: torch.tensor([r[k] for r in fixed]) for k in fixed[0]}
 
     model = load_model(pretrained, cfg.model, cfg.adapter, torch.device("cpu")).train()
+    if cfg.compile is True:  # as the training module does: each decoder layer in place
+        for layer in decoder_layers(model):
+            layer.compile()
     bf16 = str(cfg.trainer.precision).startswith("bf16")
-    print(f"precision {cfg.trainer.precision}, frozen base {cfg.model.dtype}, LoRA dropout {cfg.adapter.dropout}")
+    print(
+        f"precision {cfg.trainer.precision}, frozen base {cfg.model.dtype}, LoRA dropout {cfg.adapter.dropout}, "
+        f"compile {cfg.compile}"
+    )
 
     def ours():
         hidden = model.get_decoder()(
@@ -52,7 +59,8 @@ def main(overrides: list[str], steps: int, rows: int) -> None:
         model.zero_grad(set_to_none=True)
 
     for name, fn, batch in (("ours", ours, ours_batch), ("baseline", baseline, base_batch)):
-        step(fn)  # warm-up
+        step(fn)  # warm-up (and compilation)
+        step(fn)
         started = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             for _ in range(steps):

@@ -160,6 +160,13 @@ def render(results: dict) -> str:
             f"`{_shown(next(iter(train['results'].values()))['overrides'])}`)",
             "",
         ]
+        compiled = [a for a, r in train["results"].items() if "compile=true" in r.get("ours_overrides", ())]
+        if compiled:
+            lines += [
+                f"Ours with `compile=true` for {', '.join(compiled)}: what `compile=auto` picks for the flagship's "
+                "150 steps on this machine (compilation in the warm-up steps, not in the rate).",
+                "",
+            ]
         lines += _throughput_table(train["results"], CPU_COLUMNS)
         lines += ["", *_limits_line(train["results"]), ""]
     ev = results.get("eval")

@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import roofline
+import yaml
 from common import BENCH, ROOT, SHARED_ARXIV, run_logged
 
-from lmtune.utils.hardware import compute_dtype_name
+from lmtune.utils.hardware import AUTO, choose_compile, compute_dtype_name, current_hardware
 
 # The settings each preset trains with; `adapter=` is added per measured configuration.
 PRESETS = {
@@ -43,6 +44,21 @@ OURS_ONLY_TRAINING = [
     "callbacks=none",
     "optimized_metric=null",  # nothing validated, nothing to return to a sweep
 ]
+
+
+def shipped_compile(adapter: str, preset: str, extra) -> list[str]:
+    """The `compile=` the flagship's own run gets on this machine (`compile=auto` at `lora_arxiv`'s step budget):
+    the benchmark's runs are a few steps long, which auto would leave eager, so the choice is passed explicitly
+    and the shipped training is what gets measured. Nothing is added when the overrides set `compile=`."""
+    if preset == "smoke" or any(o.startswith("compile=") for o in extra):
+        return []
+    steps = yaml.safe_load((ROOT / "conf" / "experiment" / "lora_arxiv.yaml").read_text())["trainer"]["max_steps"]
+    checkpointing = any(o.startswith("model.gradient_checkpointing=") and not o.endswith("=false") for o in extra)
+    hardware = current_hardware("gpu" if preset == "gpu" else "cpu")
+    on, _ = choose_compile(
+        AUTO, hardware, max_steps=steps, quantized=adapter == "qlora", strategy="single", checkpointing=checkpointing
+    )
+    return [f"compile={str(on).lower()}"]
 
 
 def run_worker(cmd: list[str], out: Path, log: Path) -> dict:
@@ -117,12 +133,16 @@ def bench(preset: str, adapters: list[str], runs: int, steps: int, warmup: int, 
     results = {}
     for adapter in adapters:
         overrides = [*PRESETS[preset], f"adapter={adapter}", f"trainer.max_steps={steps}", *extra]
+        ours_overrides = [*overrides, *shipped_compile(adapter, preset, extra)]
         measured = {"ours": [], "baseline": []}
         for i in range(runs):
             order = ["ours", "baseline"] if i % 2 == 0 else ["baseline", "ours"]
             for side in order:
                 started = time.perf_counter()
-                run = (ours if side == "ours" else baseline)(overrides, work / adapter / f"{side}-{i}", warmup)
+                if side == "ours":
+                    run = ours(ours_overrides, work / adapter / f"ours-{i}", warmup)
+                else:
+                    run = baseline(overrides, work / adapter / f"baseline-{i}", warmup)
                 run["process_seconds"] = round(time.perf_counter() - started, 1)
                 measured[side].append(run)
                 print(
@@ -135,7 +155,14 @@ def bench(preset: str, adapters: list[str], runs: int, steps: int, warmup: int, 
         for run in measured["ours"] + measured["baseline"]:
             with_limits(run, limits["peak_gflops"], limits["model_shaped_gflops"])
         o, b = summarize(measured["ours"]), summarize(measured["baseline"])
-        results[adapter] = {"ours": o, "baseline": b, **ratios(o, b), "limits": limits, "overrides": overrides}
+        results[adapter] = {
+            "ours": o,
+            "baseline": b,
+            **ratios(o, b),
+            "limits": limits,
+            "overrides": overrides,
+            "ours_overrides": ours_overrides,
+        }
     return {"preset": preset, "runs": runs, "steps": steps, "warmup_steps": warmup, "results": results}
 
 

@@ -153,6 +153,7 @@ def cases(f, run) -> list[Case]:
         # model settings
         Case("targets match nothing", "train.py", (*train_on, "adapter.target_modules=[qkv, c_attn]"), ("adapter.target_modules=['qkv', 'c_attn'] matches no linear layer", "down_proj, gate_proj, k_proj")),
         Case("rank zero", "train.py", (*train_on, "adapter.r=0"), ("adapter.r=0: must be a positive integer",)),
+        Case("compile not a switch", "train.py", (*train_on, "compile=fast"), ("compile='fast': use auto, true or false.",)),
         Case("model folder missing", "train.py", (*train_on, f"model.name_or_path={f}/no_model"), (f"model.name_or_path={f}/no_model: no such folder",)),
         Case("model folder empty", "train.py", (*train_on, f"model.name_or_path={f}/empty_model"), ("the folder has no config.json (it is empty)",)),
         Case("eot token not in the vocabulary", "train.py", (*train_on, "model.eot_token=eot"), ("end-of-turn token 'eot' is not in the vocabulary",)),

@@ -77,6 +77,36 @@ def test_qlora_arxiv_resolves_every_auto_for_the_machine(hardware, precision, dt
     assert cfg.hardware.precision_reason
 
 
+@pytest.mark.parametrize(
+    ("overrides", "hardware", "compiled", "reason"),
+    [
+        (["experiment=lora_arxiv"], XEON_AMX, True, "150 steps"),
+        (["experiment=lora_arxiv"], EPYC_AVX2, True, "150 steps"),
+        (["experiment=lora_arxiv"], H100, False, "CUDA"),
+        (["experiment=qlora_arxiv"], XEON_AMX, False, "4-bit"),
+        (["experiment=lora_arxiv", "trainer=ddp"], EPYC_AVX2, False, "several processes"),
+        (["experiment=lora_arxiv", "model.gradient_checkpointing=mlp"], XEON_AMX, False, "checkpointing"),
+        (["experiment=smoke"], XEON_AMX, False, "trainer.max_steps="),
+        (["experiment=lora_arxiv", "trainer.max_steps=99"], XEON_AMX, False, "under 100"),
+        (["experiment=smoke", "compile=true"], H100, True, "explicitly"),
+        (["experiment=lora_arxiv", "compile=false"], XEON_AMX, False, "explicitly"),
+    ],
+)
+def test_auto_compile_only_where_it_was_measured_to_pay(overrides, hardware, compiled, reason, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "sh")  # a compiler found whatever this machine has (the reason under test is another)
+    cfg = compose_train(overrides, tmp_path, tmp_path)
+    resolve_auto(cfg, hardware, _never_measured)
+    assert cfg.compile is compiled and reason in cfg.hardware.compile_reason
+
+
+def test_auto_compile_stays_eager_without_a_cpp_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++, clang++ or c++ on it
+    monkeypatch.delenv("CXX", raising=False)
+    cfg = compose_train(["experiment=lora_arxiv"], tmp_path, tmp_path)
+    resolve_auto(cfg, XEON_AMX, _never_measured)
+    assert cfg.compile is False and "C++ compiler" in cfg.hardware.compile_reason
+
+
 def test_explicit_settings_are_never_overridden(tmp_path):
     cfg = compose_train(
         ["experiment=lora_arxiv", "trainer.precision=32-true", "model.dtype=float32"], tmp_path, tmp_path

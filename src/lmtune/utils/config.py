@@ -17,7 +17,15 @@ from lmtune.data.chat_format import chat_template_source
 from lmtune.data.sources import SOURCES as SOURCES_OF_DATA
 from lmtune.errors import UserError
 from lmtune.model.loading import CHECKPOINTING, SOURCES, model_source
-from lmtune.utils.hardware import AUTO, Hardware, compute_dtype_name, frozen_dtype, measure_probe, resolve_precision
+from lmtune.utils.hardware import (
+    AUTO,
+    Hardware,
+    choose_compile,
+    compute_dtype_name,
+    frozen_dtype,
+    measure_probe,
+    resolve_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
             f"model.gradient_checkpointing={model.gradient_checkpointing!r}: use false, true (whole decoder layers) "
             f"or mlp (only the MLP blocks: most of the memory for less recomputation)."
         )
+    if cfg.get("compile", False) not in (AUTO, True, False):
+        problems.append(f"compile={cfg.compile!r}: use auto, true or false.")
     if adapter.kind == "lora":
         for key in ("r", "alpha"):
             value = adapter.get(key)
@@ -135,7 +145,7 @@ def strategy_problems(cfg: DictConfig) -> list[str]:
 def resolve_auto(cfg: DictConfig, hardware: Hardware | None = None, measure=measure_probe) -> Hardware:
     """Decide every `auto` that depends on the machine, once, in the config itself (so the W&B config, the
     export's config.yaml and eval/predict see the resolved values): `trainer.precision`, the frozen base's
-    `model.dtype` and QLoRA's `compute_dtype`. The hardware it was decided on goes in `cfg.hardware`."""
+    `model.dtype`, QLoRA's `compute_dtype` and `compile`. The hardware it was decided on goes in `cfg.hardware`."""
     trainer = cfg.trainer
     precision, hw, why = resolve_precision(
         trainer.precision, trainer.get("accelerator"), cfg.paths.cache_dir, hardware, measure
@@ -146,9 +156,22 @@ def resolve_auto(cfg: DictConfig, hardware: Hardware | None = None, measure=meas
     quant = cfg.adapter.get("quantization")
     if quant and str(quant.get("compute_dtype")) == AUTO:
         quant.compute_dtype = compute_dtype_name(precision)
+    compile_, compile_why = choose_compile(
+        cfg.get("compile", False),
+        hw,
+        max_steps=int(trainer.get("max_steps", -1)),
+        quantized=bool(quant),
+        strategy=strategy_name(trainer),
+        checkpointing=cfg.model.get("gradient_checkpointing"),
+    )
     with open_dict(cfg):
-        cfg.hardware = {k.removeprefix("hardware/"): v for k, v in hw.as_dict().items()} | {"precision_reason": why}
+        cfg.compile = compile_
+        cfg.hardware = {k.removeprefix("hardware/"): v for k, v in hw.as_dict().items()} | {
+            "precision_reason": why,
+            "compile_reason": compile_why,
+        }
     log.info("precision %s (%s; %s); frozen base stored as %s", precision, why, hw.describe(), cfg.model.dtype)
+    log.info("compile %s (%s)", str(compile_).lower(), compile_why)
     return hw
 
 

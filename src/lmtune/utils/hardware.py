@@ -11,6 +11,10 @@ on the devices at hand:
 An explicit `trainer.precision=...` is never changed. `model.dtype=auto` then stores the frozen base in the
 compute dtype (bf16 under bf16-mixed) when only adapters train, so autocast does not re-cast every frozen
 weight at every use; trainable weights stay fp32.
+
+`compile=auto` (the default) compiles each decoder layer where that was measured to pay for its compilation:
+a run on the CPU, long enough (`COMPILE_MIN_STEPS`), with a C++ compiler for Inductor, on one process, without
+4-bit weights or activation checkpointing. Everywhere else it stays eager until measured there (bench/README.md).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -40,6 +45,8 @@ GPU_PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A1
 # the doubt-resolving measurement: one SmolLM2 MLP projection at a CPU batch's token count (8 x 300)
 PROBE_SHAPE = (2400, 576, 1536)
 PROBE_SECONDS = 0.4  # per dtype, so the whole measurement stays under a second
+# compile=auto: the fewest optimizer steps over which compiling the decoder layers pays for its compilation
+COMPILE_MIN_STEPS = 100
 
 
 @dataclass
@@ -198,6 +205,34 @@ def resolve_precision(
         return str(requested), hw, "set explicitly"
     precision, why = choose_precision(hw, _cached(cache_dir, "bf16-probe", hw, measure))
     return precision, hw, why
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler Inductor would use on the CPU (`CXX`, else the usual names), or None."""
+    for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def choose_compile(
+    requested, hw: Hardware, *, max_steps: int, quantized: bool, strategy: str, checkpointing
+) -> tuple[bool, str]:
+    """(compile, why) for `compile=auto`; an explicit true/false is returned as given."""
+    if str(requested) != AUTO:
+        return bool(requested), "set explicitly"
+    reasons = [
+        (hw.device != "cpu", "not yet measured on CUDA"),
+        (quantized, "not measured with 4-bit weights"),
+        (strategy != "single", "not measured with several processes"),
+        (bool(checkpointing), "not measured with activation checkpointing"),
+        (max_steps < COMPILE_MIN_STEPS, f"trainer.max_steps={max_steps} is under {COMPILE_MIN_STEPS}: too short"),
+        (cpp_compiler() is None, "no C++ compiler for Inductor (set CXX or install g++)"),
+    ]
+    for applies, why in reasons:
+        if applies:
+            return False, why
+    return True, f"a CPU run of {max_steps} steps: fused elementwise work pays back the compilation"
 
 
 def compute_dtype_name(precision: str) -> str:
