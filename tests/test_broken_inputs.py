@@ -1,6 +1,6 @@
 """Broken input of every kind, through the CLIs as a user runs them: each ends in one clear line (`error: ...`,
 exit status 1, no traceback) or, for rows that can be dropped, in a counted skip in the log. The table below is
-the list in the README's Data section. Each case runs its script as `python src/<script> <args>` would, inside
+the list in docs/data.md "Broken input". Each case runs its script as `python src/<script> <args>` would, inside
 tests/cli_driver.py (one interpreter for many cases: a fresh one costs ~7 s of imports each)."""
 
 from __future__ import annotations

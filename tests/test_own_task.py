@@ -19,7 +19,7 @@ from lmtune.evaluation.predictor import Predictor, Row
 from lmtune.evaluation.scoring import rank_scores
 from lmtune.pipeline import train
 
-# the README's "Your own task" builds the same file from the shared arXiv data
+# the README's "Your own task" builds the same file from the repository's sample
 TOPICS = {"cs.CL": "language", "cs.CV": "vision", "cs.GR": "vision", "cs.RO": "robots & control"}
 LABELS = ["language", "robots & control", "vision"]
 
