@@ -131,7 +131,7 @@ def test_results_table_replaces_only_its_section(smoke_bench):
     assert readme.startswith("# Benchmarks\n\nintro kept\n") and readme.endswith("<!-- results:end -->\nkept\n")
     assert "old table" not in readme
     assert (
-        f"| lora | **ours / baseline** | **{results['train']['results']['lora']['tokens_per_s_ratio']:.2f}x**" in readme
+        f"| lora | **ours / baseline** | **{results['train']['results']['lora']['tokens_per_s_ratio']:.3g}x**" in readme
     )
     if not torch.cuda.is_available():
         assert "Not measured: no CUDA device on this machine." in readme  # never a guess
