@@ -20,7 +20,7 @@ from pathlib import Path
 import roofline
 from common import BENCH, ROOT, SHARED_ARXIV, run_logged
 
-from lmtune.utils.hardware import compute_dtype_name
+from lmtune.model.precision import compute_dtype_name
 
 # The settings each preset trains with; `adapter=` is added per measured configuration.
 PRESETS = {

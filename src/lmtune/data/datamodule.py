@@ -8,10 +8,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lmtune.core.errors import DataError
 from lmtune.data.batching import LengthGroupedSampler, PaddingCollator, shard_for_eval
 from lmtune.data.formatting import ChatFormatter, template_columns
 from lmtune.data.prepared import ExampleTable, RecordTable, format_examples, prepare_records
-from lmtune.data.records import SPLITS, DataError, RecordSpec, SkipCounts, choose_labels, split_indices
+from lmtune.data.records import SPLITS, RecordSpec, SkipCounts, choose_labels, split_indices
 from lmtune.data.sources import RecordSource
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             return self.splits
         rows, where, identity = self.source.rows()
         records, self.skips, label_counts = prepare_records(rows, where, identity, self.spec, self.cache_dir)
-        self.labels = choose_labels(label_counts, self.top_k, self.requested_labels or self.source.categories)
+        self.labels = choose_labels(label_counts, self.top_k, self.requested_labels or self.source.natural_labels)
         if len(self.labels) < 2:
             raise DataError(
                 f"{self.source.where}: {len(self.labels)} label after filtering: {', '.join(self.labels)}; need at "

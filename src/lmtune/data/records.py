@@ -21,15 +21,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmtune.errors import UserError
+from lmtune.core.errors import DataError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-
-
-class DataError(UserError):
-    """Input data that cannot be used; the message names the file, line or field and the fix."""
 
 
 @dataclass(frozen=True)
@@ -71,11 +67,6 @@ class RecordSpec:
             if clean_text(value):
                 return clean_text(value)
         return ""
-
-
-def json_digest(value, length: int = 20) -> str:
-    """A stable short hash of a JSON-able value (dict keys sorted), for cache keys."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def text_id(fields: Mapping[str, str]) -> str:

@@ -3,7 +3,7 @@
 The prompt is rebuilt from the export's own tokenizer, label set and prompt templates (`formatting.json`),
 and the answer tokens are checked against the ones training used, so a prediction sees exactly the tokens
 the model was trained and evaluated on. Probabilities are a softmax over the label set's rank scores
-(summed log-probabilities of each label's answer tokens, see `scoring.py`).
+(summed log-probabilities of each label's answer tokens, see `model/scoring.py`).
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from lmtune.artifacts.checkpoints import load_checkpoint_weights
+from lmtune.artifacts.export import load_export_model, read_export
+from lmtune.core.errors import UserError
+from lmtune.core.progress import Progress
 from lmtune.data.formatting import ChatFormatter
-from lmtune.errors import UserError
-from lmtune.evaluation.scoring import left_pad, rank_scores
 from lmtune.model.loading import load_base_model, load_tokenizer, resolve_pretrained
-from lmtune.utils.checkpoints import check_weights_fit, read_checkpoint
-from lmtune.utils.export import load_export_model, read_export
-from lmtune.utils.hardware import AUTO, frozen_dtype, resolve_precision
-from lmtune.utils.progress import Progress
+from lmtune.model.precision import AUTO, frozen_dtype, resolve_precision
+from lmtune.model.scoring import left_pad, rank_scores
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +54,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def load_checkpoint_weights(model, ckpt: Path, device: torch.device) -> None:
-    """Replace the trainable weights of `model` (its run's export) with those of a Lightning checkpoint."""
-    trained = read_checkpoint(ckpt)["state_dict"]
-    weights = {k.removeprefix("model."): v.to(device) for k, v in trained.items()}
-    params = dict(model.named_parameters())
-    trainable = {n for n in params if "lora_" in n} if hasattr(model, "peft_config") else set(params)
-    fix = f"Evaluate a checkpoint together with its own run's export ({ckpt.parent.parent / 'export'})."
-    check_weights_fit(weights, params, trainable, str(ckpt), fix)
-    model.load_state_dict(weights, strict=False)
 
 
 class Predictor:

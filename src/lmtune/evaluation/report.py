@@ -21,9 +21,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from lmtune.data.records import json_digest
-from lmtune.evaluation.evaluate import evaluate
+from lmtune.core.digest import json_digest
 from lmtune.evaluation.metrics import most_confused
+from lmtune.evaluation.modes import evaluate
 from lmtune.evaluation.predictor import Predictor
 from lmtune.model.loading import load_base_model
 

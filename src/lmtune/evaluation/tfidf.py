@@ -15,8 +15,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
+from lmtune.core.errors import UserError
 from lmtune.data.records import Record
-from lmtune.errors import UserError
 from lmtune.evaluation.metrics import classification_metrics
 from lmtune.evaluation.outputs import EvalPredictions, shown_columns, write_eval_outputs
 

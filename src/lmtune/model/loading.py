@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from lmtune.core.errors import UserError
 from lmtune.data.chat_format import chat_template_source, token_id
-from lmtune.errors import UserError
 from lmtune.model.architecture import (
     all_linear_targets,
     check_targets,
