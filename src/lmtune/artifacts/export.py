@@ -1,5 +1,5 @@
 """The export format, in one place: what an export folder holds, how it is written (whole, or not at all),
-found, read and checked. Training writes the adapter export, `src/merge.py` the merged one (`merge.py`); eval,
+found, read and checked. Training writes the adapter export, `src/merge.py` the merged one (`merge.py` here); eval,
 predict and merging read both through `read_export` and `load_export_model`.
 
 export/

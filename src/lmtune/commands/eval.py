@@ -55,7 +55,7 @@ def load_for_eval(cfg: DictConfig):
         predictor = Predictor.from_export(export.path, cfg.paths.cache_dir, device, **options)
     data_cfg = task_data_config(export.cfg.data, export.formatting)
     with open_dict(data_cfg):
-        data_cfg.labels = list(predictor.labels)  # the model's label set decides which papers count
+        data_cfg.labels = list(predictor.labels)  # the model's label set decides which rows count
         if cfg.data.get("path"):
             data_cfg.path = cfg.data.path
             data_cfg.source = "file"

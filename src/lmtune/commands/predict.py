@@ -162,7 +162,7 @@ def load_predictor(cfg: DictConfig) -> Predictor:
 def format_text(prediction: Prediction, top_k: int, truncate_column: str | None) -> str:
     name = prediction.id or "row"
     shown = next(iter(prediction.shown.values()), "")
-    lines = [f"{name}: {prediction.category}    {shown}"]
+    lines = [f"{name}: {prediction.label}    {shown}"]
     lines += [f"    {label:<12} {p:.3f}" for label, p in prediction.top(top_k)]
     if prediction.truncated:
         lines.append(f"    ({truncate_column or 'the longest column'} shortened to fit max_length, as in training)")

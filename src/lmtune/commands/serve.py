@@ -59,7 +59,7 @@ class ClassifierAPI(ls.LitAPI):
     def encode_response(self, prediction) -> dict:
         if isinstance(prediction, list):  # without batching, predict answered a list of one
             (prediction,) = prediction
-        return {"label": prediction.category, "probs": prediction.probs, "truncated": prediction.truncated}
+        return {"label": prediction.label, "probs": prediction.probs, "truncated": prediction.truncated}
 
 
 class RequestCheck:

@@ -69,7 +69,7 @@ class RecordSource:
 
     @property
     def natural_labels(self) -> list[str] | None:
-        """The label set the source itself names (the categories asked of the arXiv API), if it names one."""
+        """The label set the source itself names (what a downloaded source was asked for), if it names one."""
         return self.download.categories if self.download else None
 
     def prepare(self) -> None:

@@ -1,6 +1,6 @@
 """Evaluate a predictor on labelled records in rank and/or generate mode, and write the outputs.
 
-- rank: the label whose full answer (category + end-of-turn) is most likely after the prompt; always a valid
+- rank: the label whose full answer (label + end-of-turn) is most likely after the prompt; always a valid
   label, with probabilities (softmax over the label set), hence calibration (ECE).
 - generate: greedy decoding, the answer parsed against the label set; anything else is "(invalid)" and wrong.
 With both, the report says how often they agree: a fine-tuned model should agree with itself.
@@ -28,7 +28,7 @@ _EDGES = re.compile(r"^[\s`'\"*]+|[\s`'\".*]+$")
 
 def parse_answer(text: str, labels: list[str]) -> int:
     """The label index of a generated answer, or INVALID. Surrounding quotes, backticks, bold markers and a
-    final period are forgiven; anything else (a sentence, another category) is not a valid answer."""
+    final period are forgiven; anything else (a sentence, a label outside the set) is not a valid answer."""
     answer = _EDGES.sub("", text)
     return labels.index(answer) if answer in labels else INVALID
 

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Row:
-    """One input to classify: the columns the prompt reads (e.g. title and abstract), and an id if known."""
+    """One input to classify: the columns the prompt reads, and an id if known."""
 
     fields: dict[str, str]
     id: str | None = None
@@ -38,16 +38,21 @@ class Row:
 @dataclass
 class Prediction:
     id: str | None
-    shown: dict[str, str]  # the prompt's first column, to recognise the row (arXiv: its title)
-    category: str  # the predicted label
+    shown: dict[str, str]  # the prompt's first column, to recognise the row
+    label: str  # the predicted label
     probs: dict[str, float]  # every label, most likely first; sums to 1
     truncated: bool = False  # the truncate column was shortened to fit max_length
+
+    @property
+    def category(self) -> str:
+        """The predicted label under the name predict's output has always used for it (`"category"`)."""
+        return self.label
 
     def top(self, k: int) -> list[tuple[str, float]]:
         return list(self.probs.items())[:k]
 
     def to_dict(self) -> dict:
-        return {"id": self.id, **self.shown, "category": self.category, "probs": self.probs}
+        return {"id": self.id, **self.shown, "category": self.label, "probs": self.probs}
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -22,7 +22,7 @@ from lmtune.evaluation.outputs import EvalPredictions, shown_columns, write_eval
 
 
 def record_text(record: Record) -> str:
-    """The text the LM reads too: the prompt's columns joined (arXiv: "title. abstract"; a short column's words
+    """The text the LM reads too: the prompt's columns joined ("first. second"; a short column's words
     weigh as much as a long one's)."""
     return ". ".join(record.fields.values())
 

@@ -163,7 +163,7 @@ def _first_line(e: Exception) -> str:
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
-    if name == "auto":  # resolved by utils.config.resolve_auto (or Predictor.zero_shot) before any model loads
+    if name == "auto":  # resolved by training.config.resolve_auto (or Predictor.zero_shot) before any model loads
         raise ModelConfigError("a dtype of 'auto' reached the model loader unresolved; this is a bug, please report it")
     return getattr(torch, name) if name else None
 

@@ -1,4 +1,4 @@
-"""The LightningModule: a causal LM with LoRA/QLoRA adapters trained to answer with a category.
+"""The LightningModule: a causal LM with LoRA/QLoRA adapters trained to answer with a label.
 
 Feature flags and their trade-offs:
 - adapter.kind=lora: only LoRA matrices train (a fraction of a percent of the weights); checkpoints hold
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(UserError):
-    """The loss became NaN or inf; the message names the step and the papers in the batch."""
+    """The loss became NaN or inf; the message names the step and the ids of the rows in the batch."""
 
 
 def _is_4bit(p: torch.Tensor) -> bool:

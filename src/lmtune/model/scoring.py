@@ -1,4 +1,4 @@
-"""Rank scoring: the predicted category is the label whose answer tokens are most likely after the prompt.
+"""Rank scoring: the predicted label is the one whose answer tokens are most likely after the prompt.
 
 Each prompt is encoded once; every label's answer tokens are then scored in one short pass on top of that
 prompt's KV cache (tree attention), so the cost is one prompt pass plus a few tokens per label instead of one
