@@ -33,9 +33,10 @@ def project_config(name: str, overrides: list[str]) -> DictConfig:
 
 
 def run_logged(cmd: list[str], log: Path) -> None:
-    """Run `cmd` from the repository root with its output in `log` (bench/ importable, W&B offline); a failure
-    raises with the log's last lines."""
-    env = {**os.environ, "PYTHONPATH": str(BENCH), "WANDB_MODE": "offline", "PROJECT_ROOT": str(ROOT)}
+    """Run `cmd` from the repository root with its output in `log` (this checkout's src/ and bench/ importable, W&B
+    offline); a failure raises with the log's last lines."""
+    path = os.pathsep.join(str(folder) for folder in (ROOT / "src", BENCH))
+    env = {**os.environ, "PYTHONPATH": path, "WANDB_MODE": "offline", "PROJECT_ROOT": str(ROOT)}
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -39,9 +40,6 @@ def wandb_identity() -> tuple[str | None, str | None]:
     """Default (group, name) of this job's W&B run. In a Hydra multirun (`-m`, an Optuna search, a SLURM array):
     the sweep folder's name, and `<script>-<job num> <the job's overrides>` (secrets redacted); else no group and
     `<script>-<time>`."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if not HydraConfig.initialized():
         return None, None
     hydra_cfg = HydraConfig.get()
@@ -55,8 +53,9 @@ def wandb_identity() -> tuple[str | None, str | None]:
 
 
 def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
-    """As callbacks; a W&B logger with `offline: null` goes offline when there is no API key, and one with no
-    `group` or `name` gets them from `wandb_identity` (grouped by sweep in a multirun)."""
+    """The `logger` group, built as `instantiate_callbacks` builds callbacks; a W&B logger with `offline: null`
+    goes offline when there is no API key, and one with no `group` or `name` gets them from `wandb_identity`
+    (grouped by sweep in a multirun)."""
     for conf in (cfg or {}).values():
         if isinstance(conf, DictConfig) and str(conf.get("_target_", "")).endswith("WandbLogger"):
             group, name = wandb_identity()
