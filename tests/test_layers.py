@@ -1,7 +1,7 @@
 """The package's layering, checked on the source: every module under src/lmtune imports only its own package and
 the packages of the layers below it, and the packages import each other without a cycle.
 
-Bottom to top (see REORG_NOTES.md for why each package sits where it does):
+Bottom to top (each package's docstring says what it holds):
 
     core        errors, atomic file writes, progress, digests, secret redaction, the entry points' checks
     arxiv       the arXiv API: ids, feed, client, queries, fetching datasets and papers by id, the data source
