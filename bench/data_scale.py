@@ -54,7 +54,7 @@ def worker(overrides: list[str]) -> dict:
     from common import project_config
 
     from lmtune.model.loading import load_tokenizer, resolve_pretrained
-    from lmtune.utils.instantiators import instantiate_data
+    from lmtune.training.instantiate import instantiate_data
 
     cfg = project_config("train", overrides)
     tokenizer = load_tokenizer(resolve_pretrained(cfg.model, cfg.paths.cache_dir), cfg.model.get("pad_token"))

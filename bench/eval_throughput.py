@@ -24,16 +24,10 @@ import time
 import torch
 from common import project_config
 
-from lmtune.eval import load_for_eval
-from lmtune.evaluation.evaluate import predict_records
+from lmtune.commands.eval import load_for_eval
 from lmtune.evaluation.metrics import classification_metrics
-from lmtune.evaluation.scoring import (
-    SharedPrefix,
-    encode_prompts,
-    naive_rank_scores,
-    rank_scores,
-    shared_prefix_length,
-)
+from lmtune.evaluation.modes import predict_records
+from lmtune.model.scoring import SharedPrefix, encode_prompts, naive_rank_scores, rank_scores, shared_prefix_length
 
 
 def _timed(fn):

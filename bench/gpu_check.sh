@@ -68,8 +68,8 @@ for name in ("torch", "transformers", "peft", "lightning", "torchmetrics", "acce
 # absent on the image; only needed for logger=wandb, GGUF models and the hub data source (imported lazily)
 print("absent (not needed here):", [m for m in ("wandb", "gguf", "datasets") if importlib.util.find_spec(m) is None])
 import bitsandbytes, hydra, omegaconf  # noqa: E401,F401  the kit imports
-from lmtune.pipeline import train  # noqa: F401  the project imports from the source tree
-from lmtune.utils.hardware import resolve_precision
+from lmtune.training.train import train  # noqa: F401  the project imports from the source tree
+from lmtune.model.precision import resolve_precision
 
 print("cuda available:", torch.cuda.is_available())
 if torch.cuda.is_available():

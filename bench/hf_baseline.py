@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 from lmtune.data.formatting import IGNORE_INDEX
 from lmtune.model.loading import load_model, load_tokenizer, resolve_pretrained
 from lmtune.model.module import parameter_counts, training_flops_per_token
-from lmtune.utils.config import resolve_auto
+from lmtune.training.config import resolve_auto
 
 
 def padded_to(examples, max_length: int, pad_id: int) -> list[dict]:

@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import BENCH, ROOT, SHARED_ARXIV, project_config, run_logged
+from common import BENCH, ROOT, SHARED_ARXIV, machine, machine_name, project_config, run_logged
 from omegaconf import OmegaConf
 
 DEFAULT_SIZES = (150, 600, 2400)
@@ -229,8 +229,6 @@ def recipe(cfg) -> dict:
 
 
 def main(a) -> dict:
-    from run import machine, machine_name  # the same machine record as `make bench`
-
     if a.compare:
         path, _ = compare(a.compare, a.out / f"{dt.date.today().isoformat()}-curves-accuracy-vs-tokens.png")
         print(f"[curve] {path}", file=sys.stderr)

@@ -21,7 +21,8 @@ from common import project_config
 from transformers import AutoConfig
 
 from lmtune.model.loading import resolve_pretrained
-from lmtune.utils.hardware import cpu_hardware, peak_flops
+from lmtune.model.precision import cpu_hardware
+from lmtune.training.throughput import peak_flops
 
 
 def _seconds_per_call(fn, device: torch.device, seconds: float) -> float:

@@ -14,13 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata as md
 import json
-import os
-import platform
-import re
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,49 +26,9 @@ import roofline
 import serve_load
 import torch
 import train_throughput
-from common import BENCH, ROOT, SHARED_ARXIV
-
-from lmtune.utils.hardware import cpu_hardware, resolve_precision
+from common import BENCH, ROOT, SHARED_ARXIV, machine, machine_name
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-
-
-def machine_name() -> str:
-    """`<host>-<cpu>-<capability>[-bf16]`: results of different machines never share a file name."""
-    hw = cpu_hardware()
-    cpu = re.sub(r"\((r|tm)\)|\b(processor|cpu|core|with|radeon graphics)\b", "", hw.name.lower())
-    parts = [socket.gethostname(), *re.findall(r"[a-z0-9]+", cpu), hw.capability.lower()]
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", "-".join(parts) + ("-bf16" if hw.native_bf16 else ""))
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-    except OSError:
-        sha, dirty = "", ""
-    packages = ("torch", "transformers", "peft", "bitsandbytes", "lightning", "accelerate", "scikit-learn")
-    hw = cpu_hardware()
-    return {
-        "host": socket.gethostname(),
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "cpu": cpu,
-        "cpu_capability": hw.capability,
-        "cpu_native_bf16": hw.native_bf16,
-        "auto_precision": resolve_precision("auto", "auto")[0],
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "versions": {p: md.version(p) for p in packages},
-        "git": sha.strip() + ("-dirty" if dirty.strip() else ""),
-    }
 
 
 # --- the markdown table ---------------------------------------------------------------------------------

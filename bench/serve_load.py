@@ -30,7 +30,7 @@ from common import ROOT, SHARED_ARXIV, emit, project_config
 
 def rows_of(source: Path, limit: int) -> list[dict]:
     """The first `limit` test-split rows of the arXiv task (title, abstract), as a client would send them."""
-    from lmtune.utils.instantiators import instantiate_data
+    from lmtune.training.instantiate import instantiate_data
 
     cfg = project_config("train", ["experiment=lora_arxiv", f"data.path={source}", f"data.limit_test={limit}"])
     datamodule = instantiate_data(cfg.data)

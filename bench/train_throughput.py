@@ -21,7 +21,7 @@ import roofline
 import yaml
 from common import BENCH, ROOT, SHARED_ARXIV, run_logged
 
-from lmtune.utils.hardware import AUTO, choose_compile, compute_dtype_name, current_hardware
+from lmtune.model.precision import AUTO, choose_compile, compute_dtype_name, current_hardware
 
 # The settings each preset trains with; `adapter=` is added per measured configuration.
 PRESETS = {

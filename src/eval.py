@@ -9,9 +9,9 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 
-from lmtune.errors import UserError  # noqa: E402
-from lmtune.eval import run_eval  # noqa: E402
-from lmtune.utils.task import check_command_line  # noqa: E402
+from lmtune.commands.eval import run_eval  # noqa: E402
+from lmtune.core.cli import check_command_line  # noqa: E402
+from lmtune.core.errors import UserError  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval.yaml")

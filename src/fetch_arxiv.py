@@ -10,8 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 
-from lmtune.data.arxiv_api import ArxivClient, fetch_dataset  # noqa: E402
-from lmtune.errors import UserError  # noqa: E402
+from lmtune.arxiv.client import ArxivClient  # noqa: E402
+from lmtune.arxiv.dataset import fetch_dataset  # noqa: E402
+from lmtune.core.errors import UserError  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,10 @@ from omegaconf import DictConfig, open_dict
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 
-from lmtune.errors import UserError  # noqa: E402
-from lmtune.predict import predict, verbatim_ids  # noqa: E402
-from lmtune.utils.task import check_command_line  # noqa: E402
+from lmtune.arxiv.lookup import verbatim_ids  # noqa: E402
+from lmtune.commands.predict import predict  # noqa: E402
+from lmtune.core.cli import check_command_line  # noqa: E402
+from lmtune.core.errors import UserError  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict.yaml")

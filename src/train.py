@@ -12,10 +12,12 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 
-from lmtune.errors import UserError  # noqa: E402
-from lmtune.pipeline import train  # noqa: E402
-from lmtune.utils.metrics import optimized_metric  # noqa: E402
-from lmtune.utils.task import check_command_line  # noqa: E402
+from lmtune.core.cli import check_command_line  # noqa: E402
+from lmtune.core.errors import UserError  # noqa: E402
+from lmtune.training.train import (
+    optimized_metric,  # noqa: E402
+    train,  # noqa: E402
+)
 
 log = logging.getLogger(__name__)
 

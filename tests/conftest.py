@@ -124,8 +124,8 @@ def _no_proxy_for_localhost(monkeypatch):
 
 @pytest.fixture
 def arxiv_server():
-    """A real HTTP server on 127.0.0.1 that answers like the arXiv API (see fake_arxiv.py)."""
-    from fake_arxiv import FakeArxiv
+    """A real HTTP server on 127.0.0.1 that answers like the arXiv API (see helpers/fake_arxiv.py)."""
+    from helpers.fake_arxiv import FakeArxiv
 
     server = FakeArxiv()
     server.start()

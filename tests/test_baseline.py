@@ -10,9 +10,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from conftest import ROOT, compose_train, run_script
-from lmtune.baseline import run_baseline
-from lmtune.errors import UserError
-from wandb_files import read_run
+from helpers.wandb_files import read_run
+from lmtune.commands.baseline import run_baseline
+from lmtune.core.errors import UserError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OUTPUT_FILES = ("eval_metrics.json", "predictions.jsonl", "confusion_matrix.png", "per_class.md")

@@ -1,7 +1,7 @@
 """Broken input of every kind, through the CLIs as a user runs them: each ends in one clear line (`error: ...`,
 exit status 1, no traceback) or, for rows that can be dropped, in a counted skip in the log. The table below is
 the list in docs/data.md "Broken input". Each case runs its script as `python src/<script> <args>` would, inside
-tests/cli_driver.py (one interpreter for many cases: a fresh one costs ~7 s of imports each)."""
+tests/helpers/cli_driver.py (one interpreter for many cases: a fresh one costs ~7 s of imports each)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from cli_driver import run_commands
 from conftest import ROOT, SAMPLE, compose_train, run_script
-from fake_arxiv import read_jsonl
-from families import BY_NAME, build_family
-from lmtune.errors import UserError
+from helpers.cli_driver import run_commands
+from helpers.fake_arxiv import read_jsonl
+from helpers.families import BY_NAME, build_family
+from lmtune.core.errors import UserError
+from lmtune.core.files import write_folder
 from lmtune.evaluation.predictor import Predictor, Row
-from lmtune.pipeline import train
-from lmtune.utils.files import write_folder
+from lmtune.training.train import train
 
 
 @dataclass
@@ -169,8 +169,8 @@ def cases(f, run) -> list[Case]:
         Case("unknown split", "eval.py", (export, "split=holdout", "logger=none"), ("split='holdout'",)),
         Case("missing checkpoint", "eval.py", (f"ckpt={run}/checkpoints/nope.ckpt", "logger=none"), ("checkpoint not found",)),
         Case("tampered export", "predict.py", (f"ckpt={f}/tampered", "title=x", "abstract=y"), ("gives other answer tokens than training did",)),
-        Case("merge into a used folder", "export.py", (export, f"out={f}/not_empty"), ("exists and is not empty",)),
-        Case("merge without out=", "export.py", (export,), ("out= is required",)),
+        Case("merge into a used folder", "merge.py", (export, f"out={f}/not_empty"), ("exists and is not empty",)),
+        Case("merge without out=", "merge.py", (export,), ("out= is required",)),
         # saved checkpoints and exports: cut off, mixed up, damaged
         Case("truncated checkpoint", "train.py", (*train_on, f"ckpt_path={f}/truncated.ckpt"), ("truncated.ckpt: not a readable checkpoint",)),
         Case("text file named .ckpt", "train.py", (*train_on, f"ckpt_path={f}/notes.ckpt"), ("notes.ckpt: not a readable checkpoint",)),
@@ -182,7 +182,7 @@ def cases(f, run) -> list[Case]:
         Case("export with corrupt labels.json", "predict.py", (f"ckpt={f}/bad_labels", "title=x", "abstract=y"), ("labels.json: not valid JSON",)),
         Case("export on another base", "predict.py", (export, f"base={f}/other_base", "title=x", "abstract=y"), ("its adapter does not fit the base model", "base=<that model's folder>")),
         Case("eval on a cut-off export", "eval.py", (f"ckpt={f}/cut_weights", "logger=none"), ("unreadable weights",)),
-        Case("merge a cut-off export", "export.py", (f"ckpt={f}/cut_weights", f"out={f}/merged_cut"), ("unreadable weights",)),
+        Case("merge a cut-off export", "merge.py", (f"ckpt={f}/cut_weights", f"out={f}/merged_cut"), ("unreadable weights",)),
         # predict inputs and ids
         Case("input lacks the prompt's columns", "predict.py", (export, f"input={f}/no_text.csv"), ("no_text.csv: row 1: needs `title`, `abstract`",)),
         Case("input of unknown type", "predict.py", (export, f"input={f}/papers.txt"), ("unknown file type '.txt'",)),
@@ -197,7 +197,7 @@ def out_name(case: Case) -> str:
 
 
 def run_cases(table: list[Case], folder, cache_dir, tag: str) -> list[dict]:
-    """The cases' CLI runs, in one interpreter (tests/cli_driver.py: each as `python src/<script> <args>`)."""
+    """The cases' CLI runs, in one interpreter (tests/helpers/cli_driver.py: each as `python src/<script> <args>`)."""
     commands = [
         {
             "script": str(ROOT / "src" / case.script),

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from conftest import run_script
-from wandb_files import read_run
+from helpers.wandb_files import read_run
 
 
 def test_smoke_run_writes_checkpoints_export_metrics_and_wandb_files(tmp_path, cache_dir):

@@ -7,7 +7,8 @@ from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, SAMPLE, compose_train
 from lmtune.model.loading import model_source
-from lmtune.utils.config import (
+from lmtune.model.precision import Hardware
+from lmtune.training.config import (
     ConfigError,
     config_problems,
     fit_to_strategy,
@@ -15,7 +16,6 @@ from lmtune.utils.config import (
     strategy_name,
     validate_config,
 )
-from lmtune.utils.hardware import Hardware
 
 sys.path.insert(0, str(ROOT / "bench"))
 from preset_memory import SHAPES, estimate  # noqa: E402

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from conftest import SAMPLE, api_settings, arxiv_datamodule, arxiv_spec, compose_train, run_script
-from fake_arxiv import PAPERS, Paper, Reply, closed_port_url, expected, read_jsonl
-from lmtune.data.arxiv_api import ArxivClient, fetch_dataset
+from helpers.fake_arxiv import PAPERS, Paper, Reply, closed_port_url, expected, read_jsonl
+from lmtune.arxiv.client import ArxivClient
+from lmtune.arxiv.dataset import fetch_dataset
+from lmtune.core.errors import DataError
 from lmtune.data.datamodule import TextClassificationDataModule
-from lmtune.data.records import DataError
-from lmtune.pipeline import train
+from lmtune.training.train import train
 
 SAMPLE_ROWS = read_jsonl(SAMPLE)
 SAMPLE_PAPERS = [

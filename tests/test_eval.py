@@ -11,11 +11,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from conftest import ROOT, compose_train, run_script
-from lmtune.eval import run_eval as run_eval_task
-from lmtune.evaluation.evaluate import parse_answer
+from helpers.wandb_files import read_run
+from lmtune.commands.eval import run_eval as run_eval_task
 from lmtune.evaluation.metrics import INVALID, classification_metrics, most_confused
-from lmtune.pipeline import train
-from wandb_files import read_run
+from lmtune.evaluation.modes import parse_answer
+from lmtune.training.train import train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LABELS = ["cs.CL", "cs.CV", "cs.RO"]

@@ -1,7 +1,7 @@
 """Every model family the presets name trains, scores, resumes, merges and predicts with nothing but its folder.
 
 Each family is a tiny random model of the real checkpoints' transformers class with a tokenizer that reproduces
-the family's published chat format and special tokens (tests/families.py). In process: the supervised tokens are
+the family's published chat format and special tokens (tests/helpers/families.py). In process: the supervised tokens are
 exactly `<label><end-of-turn>` in that family's format, detected from the template alone; every architecture-
 dependent path equals its reference (the loss against full logits, fast rank scoring against one forward per
 label, MLP checkpointing against none, QLoRA trains). Through the CLIs: train a few steps, resume, rank-score the
@@ -17,15 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from cli_driver import run_commands
 from conftest import ROOT, arxiv_formatter, assert_compile_matches_eager, paper
-from families import BY_NAME, FAMILIES, build_family
+from helpers.cli_driver import run_commands
+from helpers.families import BY_NAME, FAMILIES, build_family
 from lmtune.data.batching import PaddingCollator
 from lmtune.data.formatting import IGNORE_INDEX
-from lmtune.evaluation.scoring import naive_rank_scores, rank_scores
 from lmtune.model.architecture import decoder_layers, head_logits, is_linear, layers_prefix
 from lmtune.model.loading import checkpoint_mlps, load_model, load_tokenizer
 from lmtune.model.loss import masked_lm_loss_sum, reference_masked_lm_loss
+from lmtune.model.scoring import naive_rank_scores, rank_scores
 from test_distributed import CPU_2, first_step_gradients
 
 LABELS = ["cs.CL", "cs.CV", "cs.LG"]
@@ -177,7 +177,7 @@ def cli_chain(family, folder: str, out, cache_dir) -> list[dict]:
         ("train.py", *common, f"hydra.run.dir={first}", "trainer.max_steps=2", "report.enabled=false"),
         ("train.py", *common, f"hydra.run.dir={second}", f"ckpt_path={first}", "trainer.max_steps=3")
         + ("report.zero_shot=false", "report.tfidf=false"),
-        ("export.py", f"ckpt={second}", f"out={merged}"),
+        ("merge.py", f"ckpt={second}", f"out={merged}"),
         ("predict.py", f"ckpt={second / 'export'}", row, "format=json"),
         ("predict.py", f"ckpt={merged}", row, "format=json"),
     ]
@@ -192,7 +192,7 @@ STEPS = ("train", "resume", "merge", "predict_adapter", "predict_merged")
 
 @pytest.fixture(scope="module")
 def cli_runs(family_dirs, tmp_path_factory, cache_dir) -> dict[str, dict]:
-    """Every family's commands, in two interpreters side by side (tests/cli_driver.py: one interpreter runs
+    """Every family's commands, in two interpreters side by side (tests/helpers/cli_driver.py: one interpreter runs
     many commands as `python src/<script> <args>` would, without paying the imports each time)."""
     root = tmp_path_factory.mktemp("family-cli")
     halves = {"a": FAMILIES[0::2], "b": FAMILIES[1::2]}

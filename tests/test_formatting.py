@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from conftest import SAMPLE, arxiv_datamodule, arxiv_formatter, arxiv_task, compose_train, paper
+from lmtune.core.errors import DataError
 from lmtune.data import batching
 from lmtune.data.batching import LengthGroupedSampler, PaddingCollator
 from lmtune.data.formatting import IGNORE_INDEX, ChatFormatter
-from lmtune.data.records import DataError, Record
+from lmtune.data.records import Record
 from lmtune.model.tiny import CHAT_TEMPLATE, build_tiny_tokenizer
-from lmtune.utils.instantiators import instantiate_data
+from lmtune.training.instantiate import instantiate_data
 
 LABELS = ["cs.AI", "cs.CL", "cs.CV", "cs.LG", "cs.RO"]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import compose_train
-from lmtune.pipeline import train
+from lmtune.training.train import train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

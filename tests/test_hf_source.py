@@ -14,8 +14,9 @@ from dataclasses import replace
 import pytest
 
 from conftest import arxiv_spec, paper
+from lmtune.core.errors import DataError
 from lmtune.data.hf_source import iter_hf_rows
-from lmtune.data.records import DataError, SkipCounts, records_from_rows
+from lmtune.data.records import SkipCounts, records_from_rows
 
 datasets = pytest.importorskip("datasets")
 

@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 from conftest import arxiv_formatter, assert_compile_matches_eager, paper
 from lmtune.data.batching import PaddingCollator
 from lmtune.data.formatting import IGNORE_INDEX
-from lmtune.evaluation.scoring import MIN_SHARED_PREFIX, PrefixTree, SharedPrefix, naive_rank_scores, rank_scores
 from lmtune.model.loss import masked_lm_loss_sum, masked_lm_loss_sum_via_forward, reference_masked_lm_loss
+from lmtune.model.scoring import MIN_SHARED_PREFIX, PrefixTree, SharedPrefix, naive_rank_scores, rank_scores
 
 
 def test_loss_equals_reference_full_logit_cross_entropy(tiny_dir):

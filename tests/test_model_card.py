@@ -9,8 +9,8 @@ import re
 import pytest
 
 from conftest import compose_train, run_script
-from lmtune.pipeline import train
-from lmtune.utils.model_card import read_front_matter
+from lmtune.artifacts.model_card import read_front_matter
+from lmtune.training.train import train
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_the_card_s_code_loads_the_model(run, monkeypatch):
 def test_a_merged_export_gets_its_own_card(run, cache_dir, tmp_path):
     out = tmp_path / "merged"
     proc = run_script(
-        "export.py", f"ckpt={run}", f"out={out}", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'h'}"
+        "merge.py", f"ckpt={run}", f"out={out}", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'h'}"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = (out / "README.md").read_text()

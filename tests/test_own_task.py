@@ -13,11 +13,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import SAMPLE, compose_train, run_script
-from fake_arxiv import read_jsonl
+from helpers.fake_arxiv import read_jsonl
 from lmtune.data.records import SkipCounts, read_records
 from lmtune.evaluation.predictor import Predictor, Row
-from lmtune.evaluation.scoring import rank_scores
-from lmtune.pipeline import train
+from lmtune.model.scoring import rank_scores
+from lmtune.training.train import train
 
 # the README's "Your own task" builds the same file from the repository's sample
 TOPICS = {"cs.CL": "language", "cs.CV": "vision", "cs.GR": "vision", "cs.RO": "robots & control"}
@@ -129,7 +129,7 @@ def test_the_merged_export_loads_with_plain_transformers_and_scores_like_the_ada
     data, run, _, objects = topics
     out = tmp_path / "merged"
     proc = run_script(
-        "export.py", f"ckpt={run}", f"out={out}", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'h'}"
+        "merge.py", f"ckpt={run}", f"out={out}", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'h'}"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").is_file()
@@ -149,5 +149,5 @@ def test_the_merged_export_loads_with_plain_transformers_and_scores_like_the_ada
     merged = Predictor.from_export(out, cache_dir, torch.device("cpu"))
     assert [p.category for p in merged.predict(rows)] == [p.category for p in adapter.predict(rows)]
 
-    again = run_script("export.py", f"ckpt={out}", f"out={tmp_path / 'twice'}", f"hydra.run.dir={tmp_path / 'h2'}")
+    again = run_script("merge.py", f"ckpt={out}", f"out={tmp_path / 'twice'}", f"hydra.run.dir={tmp_path / 'h2'}")
     assert again.returncode == 1 and "a merged export has no adapter to merge" in again.stderr

@@ -13,14 +13,15 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from conftest import ROOT, SAMPLE, api_settings, arxiv_spec, compose_train, run_script
-from fake_arxiv import Paper, Reply, closed_port_url, read_jsonl
+from helpers.fake_arxiv import Paper, Reply, closed_port_url, read_jsonl
+from lmtune.artifacts.export import find_export
+from lmtune.arxiv.lookup import verbatim_ids
+from lmtune.commands.predict import predict
+from lmtune.core.errors import UserError
 from lmtune.data.records import SkipCounts, read_records
-from lmtune.errors import UserError
 from lmtune.evaluation.predictor import Predictor, Row
-from lmtune.evaluation.scoring import rank_scores
-from lmtune.pipeline import train
-from lmtune.predict import predict, verbatim_ids
-from lmtune.utils.export import find_export
+from lmtune.model.scoring import rank_scores
+from lmtune.training.train import train
 
 LABELS = ["cs.CL", "cs.CV", "cs.RO"]
 # 2403.00010 ends in a zero that Hydra's float parsing of `arxiv_id=2403.00010` would drop
@@ -265,8 +266,8 @@ def test_an_export_from_before_configurable_tasks_still_predicts_and_evaluates(t
 
     from omegaconf import OmegaConf
 
-    from lmtune.eval import _loaded_datamodule
-    from lmtune.utils.export import read_formatting, task_data_config
+    from lmtune.artifacts.export import read_formatting, task_data_config
+    from lmtune.commands.eval import _loaded_datamodule
 
     run, objects = trained
     old = tmp_path / "old-export"
@@ -311,7 +312,7 @@ def test_an_export_travels_it_names_its_base_portably_and_loads_from_a_copy(trai
 
 
 def test_exports_name_a_hub_id_as_their_base_where_there_is_one(tmp_path):
-    from lmtune.utils.export import base_model_reference
+    from lmtune.artifacts.export import base_model_reference
 
     folder = str(tmp_path)  # a local folder the base was loaded from
     gguf = compose_train(["model=smollm2_135m"], tmp_path, tmp_path).model

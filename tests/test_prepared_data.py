@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from conftest import SAMPLE, arxiv_datamodule, arxiv_formatter, arxiv_spec
+from lmtune.core.errors import DataError
 from lmtune.data import prepared
 from lmtune.data.batching import shard_for_eval
-from lmtune.data.records import SPLITS, DataError, SkipCounts, choose_labels, read_records, split_indices
+from lmtune.data.records import SPLITS, SkipCounts, choose_labels, read_records, split_indices
 
 SETTINGS = dict(top_k=3, val_fraction=0.2, test_fraction=0.2, max_length=216, limit_train=40, limit_test=12)
 

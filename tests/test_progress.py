@@ -2,11 +2,11 @@
 
 import logging
 
-from lmtune.utils.progress import Progress
+from lmtune.core.progress import Progress
 
 
 def test_a_line_at_every_tenth_however_the_work_is_chunked(caplog):
-    with caplog.at_level(logging.INFO, logger="lmtune.utils.progress"):
+    with caplog.at_level(logging.INFO, logger="lmtune.core.progress"):
         with Progress(300, "rank scoring", terminal=False) as progress:
             for chunk in [7] * 42 + [6]:  # chunks that do not divide the tenths
                 progress.advance(chunk)
@@ -19,7 +19,7 @@ def test_a_line_at_every_tenth_however_the_work_is_chunked(caplog):
 
 
 def test_a_chunk_that_crosses_several_tenths_writes_one_line_and_a_terminal_writes_none(caplog):
-    with caplog.at_level(logging.INFO, logger="lmtune.utils.progress"):
+    with caplog.at_level(logging.INFO, logger="lmtune.core.progress"):
         with Progress(10, "scoring", terminal=False) as progress:
             progress.advance(6)
             progress.advance(4)

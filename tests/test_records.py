@@ -8,15 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import arxiv_spec
-from lmtune.data.records import (
-    DataError,
-    RecordSpec,
-    SkipCounts,
-    choose_labels,
-    read_records,
-    split_indices,
-    split_of,
-)
+from lmtune.core.errors import DataError
+from lmtune.data.records import RecordSpec, SkipCounts, choose_labels, read_records, split_indices, split_of
 
 ARXIV = arxiv_spec()
 

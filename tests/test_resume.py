@@ -22,12 +22,12 @@ from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 
 from conftest import ROOT, compose_train
-from lmtune.errors import UserError
-from lmtune.pipeline import train
-from lmtune.utils.callbacks import LatestCheckpoint
-from lmtune.utils.checkpoints import AtomicCheckpointIO, resolve_ckpt_path
-from lmtune.utils.task import Terminated, task_wrapper
-from wandb_files import read_run
+from helpers.wandb_files import read_run
+from lmtune.artifacts.checkpoint_saving import AtomicCheckpointIO, LatestCheckpoint
+from lmtune.artifacts.checkpoints import resolve_ckpt_path
+from lmtune.core.errors import UserError
+from lmtune.training.task_wrapper import Terminated, task_wrapper
+from lmtune.training.train import train
 
 # 16 steps over two epochs of 8 batches, validation every 4 steps, a periodic last.ckpt every 5
 COMMON = [

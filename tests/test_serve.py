@@ -19,9 +19,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from conftest import ROOT, compose_train
-from fake_arxiv import FakeArxiv, Paper
-from lmtune.pipeline import train
-from lmtune.predict import predict
+from helpers.fake_arxiv import FakeArxiv, Paper
+from lmtune.commands.predict import predict
+from lmtune.training.train import train
 
 KEY = "s3cret"
 ROBOT = Paper(

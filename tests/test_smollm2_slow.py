@@ -8,8 +8,8 @@ import torch
 
 from conftest import ROOT, compose_train
 from lmtune.evaluation.predictor import Predictor, Row
-from lmtune.evaluation.scoring import rank_scores
-from lmtune.pipeline import train
+from lmtune.model.scoring import rank_scores
+from lmtune.training.train import train
 
 pytestmark = pytest.mark.slow
 

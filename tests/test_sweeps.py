@@ -13,10 +13,11 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, compose_train, run_script
-from lmtune.utils.config import REDACTED, config_problems, redact_override, redact_secrets
-from lmtune.utils.hardware import frozen_dtype
-from lmtune.utils.metrics import optimized_metric
-from wandb_files import read_run
+from helpers.wandb_files import read_run
+from lmtune.core.secrets import REDACTED, redact_override, redact_secrets
+from lmtune.model.precision import frozen_dtype
+from lmtune.training.config import config_problems
+from lmtune.training.train import optimized_metric
 
 SECRET = "hf_test-secret-that-must-never-be-logged"
 HPARAMS_SEARCHES = sorted(p.stem for p in (ROOT / "conf" / "hparams_search").glob("*.yaml"))

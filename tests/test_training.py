@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, SnapshotAtFitStart, compose_train
 from lmtune.evaluation.predictor import Row
-from lmtune.evaluation.scoring import rank_scores
 from lmtune.model.module import NonFiniteLossError
-from lmtune.pipeline import train
+from lmtune.model.scoring import rank_scores
+from lmtune.training.train import train
 
 
 @pytest.mark.parametrize("checkpointing", [False, True, "mlp"], ids=["plain", "gradient_checkpointing", "mlp"])
@@ -54,8 +54,8 @@ def test_every_lora_b_gets_a_gradient_with_gradient_checkpointing(tmp_path, cach
 
     from lmtune.model.loading import load_tokenizer, resolve_pretrained
     from lmtune.model.module import CausalLMClassifier
-    from lmtune.pipeline import _plain
-    from lmtune.utils.config import resolve_auto
+    from lmtune.training.config import resolve_auto
+    from lmtune.training.train import _plain
 
     cfg = compose_train(["experiment=smoke", "model.gradient_checkpointing=true"], tmp_path, cache_dir)
     resolve_auto(cfg)
@@ -173,12 +173,12 @@ def test_qlora_stores_the_base_in_4bit_nf4_trains_the_adapter_and_merges_into_a_
     assert 0 <= metrics["test/acc"] <= 1
 
     # merged for shipping: into the base reloaded in float32, not into the 4-bit weights
+    from lmtune.artifacts.merge import merge_export
     from lmtune.evaluation.predictor import Predictor
-    from lmtune.merge import merge_export
     from lmtune.model.loading import load_base_model
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        export_cfg = compose("export.yaml", overrides=[f"ckpt={tmp_path}", f"out={tmp_path / 'merged'}"])
+        export_cfg = compose("merge.yaml", overrides=[f"ckpt={tmp_path}", f"out={tmp_path / 'merged'}"])
     with open_dict(export_cfg):
         export_cfg.paths.cache_dir = str(cache_dir)
     merged_dir = merge_export(export_cfg)
@@ -303,7 +303,7 @@ def test_the_best_weights_are_validated_and_tested_once_with_the_numbers_a_secon
     process the report's evaluation of the test split gives the test metrics: neither split is scored twice.
     Lightning's own validate/test passes over the same weights give the same numbers."""
     cfg = compose_train(["experiment=smoke", "logger=none", "trainer.precision=32-true"], tmp_path, cache_dir)
-    with caplog.at_level("INFO", logger="lmtune.pipeline"):
+    with caplog.at_level("INFO", logger="lmtune.training.train"):
         metrics, objects = train(cfg)
     assert "measured during training" in caplog.text
     trainer, module, dm = objects["trainer"], objects["module"], objects["datamodule"]

@@ -1,13 +1,13 @@
 """Dynamic padding, length-grouped sampling, and the split of both across DDP/FSDP processes.
 
 Padding is to the longest example in the batch (optionally rounded up to a multiple of 8), so a batch of
-short abstracts does not pay for the longest one in the data set. Padded positions get attention 0 and
+short texts does not pay for the longest one in the data set. Padded positions get attention 0 and
 label -100 by position, never by token id: SmolLM2 pads with its end-of-turn token, which must stay
 supervised in the answer.
 
 Under DDP/FSDP the samplers here shard the data themselves (`use_distributed_sampler: false` in the
 trainer config): Lightning's wrapper would reshuffle the length-grouped order, and its evaluation sampler
-counts repeated papers in the metrics.
+counts repeated rows in the metrics.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def shard_for_eval(examples: Sequence[Example], num_replicas: int, rank: int) ->
     """Rank `rank`'s share of an evaluation split: every `num_replicas`-th example.
 
     Ranks must run as many batches (FSDP gathers weights in every forward), so the shorter shares get
-    copies of the first examples marked `padding`, which the metrics skip: each paper counts once.
+    copies of the first examples marked `padding`, which the metrics skip: each example counts once.
     """
     if num_replicas == 1:
         return examples

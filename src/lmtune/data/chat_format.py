@@ -23,7 +23,7 @@ from pathlib import Path
 
 from jinja2.exceptions import TemplateError
 
-from lmtune.data.records import DataError
+from lmtune.core.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lmtune.core.errors import DataError
 from lmtune.data.batching import LengthGroupedSampler, PaddingCollator, shard_for_eval
 from lmtune.data.formatting import ChatFormatter, template_columns
 from lmtune.data.prepared import ExampleTable, RecordTable, format_examples, prepare_records
-from lmtune.data.records import SPLITS, DataError, RecordSpec, SkipCounts, choose_labels, split_indices
+from lmtune.data.records import SPLITS, RecordSpec, SkipCounts, choose_labels, split_indices
 from lmtune.data.sources import RecordSource
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ class TextClassificationDataModule(L.LightningDataModule):
     Any task is a configuration: `prompt.user` names the columns the model reads (`"Subject: {subject}\n\n{body}"`),
     `prompt.system` may list the labels (`{labels}`), `label_column` holds the class and `id_column` the id (a
     hash of the row's text when the file has none). Splits are by a hash of the id, so a row never changes split
-    when the file grows. The label set is `labels` if given, else the categories asked of the arXiv API (source
+    when the file grows. The label set is `labels` if given, else the labels the source itself names (source
     arxiv_api), else the `top_k` most frequent labels; other records are dropped and counted. `overfit=N` uses
     the first N training examples as train, val and test (a sanity check).
     """
@@ -124,7 +125,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             return self.splits
         rows, where, identity = self.source.rows()
         records, self.skips, label_counts = prepare_records(rows, where, identity, self.spec, self.cache_dir)
-        self.labels = choose_labels(label_counts, self.top_k, self.requested_labels or self.source.categories)
+        self.labels = choose_labels(label_counts, self.top_k, self.requested_labels or self.source.natural_labels)
         if len(self.labels) < 2:
             raise DataError(
                 f"{self.source.where}: {len(self.labels)} label after filtering: {', '.join(self.labels)}; need at "
@@ -187,7 +188,7 @@ class TextClassificationDataModule(L.LightningDataModule):
 
     def zero_shot_formatter(self) -> ChatFormatter:
         """The formatter the zero-shot base model is scored with: `data.prompt.zero_shot_system` (default: the
-        training system prompt) over the same columns, labels and answers, so it sees the same papers."""
+        training system prompt) over the same columns, labels and answers, so it sees the same examples."""
         if self.zero_shot_system == self.prompts["system_prompt"]:
             return self.formatter
         return ChatFormatter(

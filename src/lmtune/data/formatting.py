@@ -19,8 +19,10 @@ import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from lmtune.core.digest import json_digest
+from lmtune.core.errors import DataError
 from lmtune.data.chat_format import detect_chat_format, render, special_ids, token_id
-from lmtune.data.records import DataError, Record, json_digest
+from lmtune.data.records import Record
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmtune.data.records import DataError, RecordSpec, check_columns
+from lmtune.core.errors import DataError
+from lmtune.data.records import RecordSpec, check_columns
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from lmtune.core.digest import json_digest
+from lmtune.core.errors import DataError
+from lmtune.core.files import atomic_write
 from lmtune.data.formatting import IGNORE_INDEX, ChatFormatter, Example
-from lmtune.data.records import DataError, Record, RecordSpec, SkipCounts, iter_records, json_digest
-from lmtune.utils.files import atomic_write
+from lmtune.data.records import Record, RecordSpec, SkipCounts, iter_records
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 by id hash.
 
 Which columns make a record is the task's choice (`RecordSpec`: the columns the prompt reads, the label column,
-the id column), so one reader serves arXiv papers, support tickets or reviews. Every record that is skipped is
+the id column), so one reader serves any labelled text (support tickets, reviews). Every skipped record is
 counted by reason (`SkipCounts`), so a user can see what was dropped; input that cannot be trusted at all (a
 malformed line, a missing column, bytes that are not UTF-8) raises `DataError` naming the file, the line and
 the fix.
@@ -21,15 +21,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmtune.errors import UserError
+from lmtune.core.errors import DataError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-
-
-class DataError(UserError):
-    """Input data that cannot be used; the message names the file, line or field and the fix."""
 
 
 @dataclass(frozen=True)
@@ -45,9 +41,9 @@ class RecordSpec:
 
     `text`: the columns the prompt reads (each must be non-empty); `label`: the label columns, the first
     non-empty one wins; `label_is_list`: a label cell lists several classes (a list, a JSON list, or words
-    separated by spaces or commas) and the first is the label, as arXiv's `categories`; `id`: the id column:
+    separated by spaces or commas) and the first is the label; `id`: the id column:
     when the file has none, the id is a hash of the row's text, so splits stay stable when the file grows;
-    `rename`: the name used here -> the file's own column (e.g. {abstract: summary}).
+    `rename`: the name used here -> the file's own column (e.g. {body: text}).
     """
 
     text: tuple[str, ...] = ("text",)
@@ -65,17 +61,12 @@ class RecordSpec:
         for column in self.label:
             value = row.get(column)
             if self.label_is_list:
-                value = next(iter(_categories(value)), "")
+                value = next(iter(_label_list(value)), "")
             elif isinstance(value, list | tuple):  # a list cell: its first class
                 value = value[0] if value else ""
             if clean_text(value):
                 return clean_text(value)
         return ""
-
-
-def json_digest(value, length: int = 20) -> str:
-    """A stable short hash of a JSON-able value (dict keys sorted), for cache keys."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def text_id(fields: Mapping[str, str]) -> str:
@@ -110,7 +101,7 @@ def clean_text(value) -> str:
     return " ".join(str(value).split())
 
 
-def _categories(value) -> list[str]:
+def _label_list(value) -> list[str]:
     """Accept a list, a JSON list string, or a space/comma separated string (CSV exports)."""
     if value is None:
         return []
@@ -341,7 +332,7 @@ def choose_labels(counts: Mapping[str, int], top_k: int | None, labels: list[str
 
 
 def hash_unit(record_id: str, salt: str = "") -> float:
-    """A stable number in [0, 1) from the id: the same paper always lands in the same split."""
+    """A stable number in [0, 1) from the id: the same row always lands in the same split."""
     digest = hashlib.sha256(f"{salt}{record_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 

@@ -1,25 +1,19 @@
-"""Where training records come from: a local file, a Hugging Face dataset, or (arXiv tasks) the arXiv API.
+"""Where training records come from: a local file, a Hugging Face dataset, or the arXiv API (`arxiv.source`).
 
 `data.source=auto` (the default) picks `file` when `data.path` is set, `hf` when `data.hf_name` is set,
 and otherwise `arxiv_api` when the task has an arXiv query (`data=arxiv`), so
-`python src/train.py experiment=qlora_arxiv` works from nothing on a machine with network. The arXiv source
-fetches once into a file under `paths.cache_dir/arxiv/` named
-by a hash of the query; a later run with the same query reads that file (`refresh=true` fetches again).
-Downloading happens in `prepare()` (Lightning's `prepare_data`), reading in `read()`.
+`python src/train.py experiment=qlora_arxiv` works from nothing on a machine with network. Downloading happens
+in `prepare()` (Lightning's `prepare_data`), reading in `rows()`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from lmtune.data.arxiv_api import ArxivApiError, ArxivClient, FetchPaths, fetch_dataset
-from lmtune.data.records import DataError, RecordSpec, existing_file, json_digest, reader_for
-
-log = logging.getLogger(__name__)
+from lmtune.arxiv.source import ArxivSource
+from lmtune.core.errors import DataError
+from lmtune.data.records import RecordSpec, existing_file, reader_for
 
 SOURCES = ("auto", "file", "arxiv_api", "hf")
 
@@ -39,7 +33,7 @@ def resolve_source(source: str, path: str | None, hf_name: str | None, arxiv_que
 
 
 class RecordSource:
-    """One configured source of records; `read()` returns validated records (skips counted)."""
+    """One configured source of records; `rows()` gives the raw rows, read as the task's records."""
 
     def __init__(
         self,
@@ -57,22 +51,15 @@ class RecordSource:
         self.kind = resolve_source(source, path, hf_name, arxiv_query)
         self.path = Path(path) if path else None
         self.spec = spec
-        self.query = dict(arxiv_query or {})
-        self.client_settings = dict(arxiv or {})
         self.hf = {"name": hf_name, "config": hf_config, "split": hf_split, "revision": hf_revision}
+        self.download: ArxivSource | None = None  # a source fetched before it is read
         if self.kind == "file" and self.path is None:
             raise DataError("data.source=file needs `data.path=` (a JSONL, CSV or Parquet file, optionally .gz).")
         if self.kind == "hf" and not hf_name:
             raise DataError("data.source=hf needs `data.hf_name=` (a hub dataset id or a local dataset folder).")
         if self.kind == "arxiv_api":
-            if not self.query.get("categories"):
-                raise DataError("data.source=arxiv_api needs data.arxiv_query.categories, e.g. [cs.CL,cs.CV].")
-            if not set(spec.text) <= {"title", "abstract"}:
-                raise DataError(
-                    f"data.source=arxiv_api gives papers' title and abstract, but data.prompt.user reads "
-                    f"{', '.join(spec.text)}; use data=arxiv's prompt, or give your data with `data.path=`."
-                )
-            self.path = self.cached_path(Path(cache_dir or ".cache"))
+            self.download = ArxivSource(arxiv_query, arxiv, spec.text, Path(cache_dir or ".cache"))
+            self.path = self.download.path
 
     @property
     def where(self) -> str:
@@ -81,65 +68,19 @@ class RecordSource:
         return str(self.path)
 
     @property
-    def categories(self) -> list[str] | None:
-        """The categories asked of the arXiv API: the natural label set of that source."""
-        return list(self.query["categories"]) if self.kind == "arxiv_api" else None
-
-    def cached_path(self, cache_dir: Path) -> Path:
-        """The cache file of this query: the same categories, dates, size and server give the same file."""
-        key = {k: self.query.get(k) for k in ("categories", "max_results", "per_category", "date_from", "date_to")}
-        key["base_url"] = self.client_settings.get("base_url")
-        return cache_dir / "arxiv" / f"arxiv-{json_digest(key, 12)}.jsonl"
+    def natural_labels(self) -> list[str] | None:
+        """The label set the source itself names (what a downloaded source was asked for), if it names one."""
+        return self.download.categories if self.download else None
 
     def prepare(self) -> None:
-        """Fetch from the arXiv API unless this query is cached; other sources need no download step."""
-        if self.kind != "arxiv_api":
-            return
-        paths = FetchPaths.for_output(self.path)
-        if paths.out.is_file() and paths.manifest.is_file() and not self.query.get("refresh"):
-            manifest = json.loads(paths.manifest.read_text())
-            log.info(
-                "using cached arXiv data %s (%d records fetched %s)",
-                paths.out,
-                manifest["count"],
-                manifest["fetched_at"],
-            )
-            return
-        client = ArxivClient(**self.client_settings)
-        try:
-            result = fetch_dataset(
-                client,
-                self.query["categories"],
-                int(self.query.get("max_results", 1000)),
-                paths.out,
-                per_category=bool(self.query.get("per_category", True)),
-                page_size=int(self.query.get("page_size", 100)),
-                date_from=self.query.get("date_from"),
-                date_to=self.query.get("date_to"),
-            )
-        except ArxivApiError as e:
-            raise DataError(
-                f"could not fetch training data from the arXiv API: {e}. A rerun resumes where this one "
-                f"stopped. To train without network, use a local file: `data.path=<records.jsonl>` "
-                f"(JSONL, CSV or Parquet with id, title, abstract, primary_category)."
-            ) from None
-        log.info("fetched %d arXiv records into %s", result.count, result.path)
+        """Download what a downloaded source needs unless it is cached; other sources need no download step."""
+        if self.download:
+            self.download.prepare()
 
     def wait_until_prepared(self, timeout: float = 3600.0, poll: float = 2.0) -> None:
-        """Wait for another process (rank 0) to finish `prepare()`: its output is renamed into place whole."""
-        if self.kind != "arxiv_api" or self.query.get("refresh"):
-            return
-        manifest = FetchPaths.for_output(self.path).manifest
-        deadline = time.monotonic() + timeout
-        if not manifest.is_file():
-            log.info("waiting for rank 0 to fetch the arXiv data into %s", self.path)
-        while not manifest.is_file():
-            if time.monotonic() > deadline:
-                raise DataError(
-                    f"waited {timeout:.0f} s for rank 0 to fetch {self.path}; fetch it first with "
-                    f"`python src/fetch_arxiv.py` (or train from `data.path=`) and start again."
-                )
-            time.sleep(poll)
+        """Wait for another process (rank 0) to finish `prepare()`."""
+        if self.download:
+            self.download.wait_until_prepared(timeout, poll)
 
     def rows(self) -> tuple[Iterable[Mapping], str, dict]:
         """(the source's raw rows, `where` naming it in errors, what identifies its content): a file by its path,
@@ -149,7 +90,7 @@ class RecordSource:
 
             rows, where, fingerprint = iter_hf_rows(**self.hf, spec=self.spec)
             return rows, where, {"hf": self.hf, "fingerprint": fingerprint}
-        if self.kind == "arxiv_api" and not self.path.is_file():
+        if self.download and not self.path.is_file():
             self.prepare()
         path = existing_file(self.path, self.spec)
         stat = path.stat()

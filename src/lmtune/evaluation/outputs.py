@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from lmtune.core.files import atomic_write
 from lmtune.data.records import Record
 from lmtune.evaluation.metrics import INVALID, INVALID_NAME
-from lmtune.utils.files import atomic_write
 
 
 def shown_columns(records: list[Record]) -> dict[str, list[str]]:

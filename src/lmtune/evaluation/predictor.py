@@ -3,7 +3,7 @@
 The prompt is rebuilt from the export's own tokenizer, label set and prompt templates (`formatting.json`),
 and the answer tokens are checked against the ones training used, so a prediction sees exactly the tokens
 the model was trained and evaluated on. Probabilities are a softmax over the label set's rank scores
-(summed log-probabilities of each label's answer tokens, see `scoring.py`).
+(summed log-probabilities of each label's answer tokens, see `model/scoring.py`).
 """
 
 from __future__ import annotations
@@ -15,21 +15,21 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from lmtune.artifacts.checkpoints import load_checkpoint_weights
+from lmtune.artifacts.export import load_export_model, read_export
+from lmtune.core.errors import UserError
+from lmtune.core.progress import Progress
 from lmtune.data.formatting import ChatFormatter
-from lmtune.errors import UserError
-from lmtune.evaluation.scoring import left_pad, rank_scores
 from lmtune.model.loading import load_base_model, load_tokenizer, resolve_pretrained
-from lmtune.utils.checkpoints import check_weights_fit, read_checkpoint
-from lmtune.utils.export import load_export_model, read_export
-from lmtune.utils.hardware import AUTO, frozen_dtype, resolve_precision
-from lmtune.utils.progress import Progress
+from lmtune.model.precision import AUTO, frozen_dtype, resolve_precision
+from lmtune.model.scoring import left_pad, rank_scores
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Row:
-    """One input to classify: the columns the prompt reads (e.g. title and abstract), and an id if known."""
+    """One input to classify: the columns the prompt reads, and an id if known."""
 
     fields: dict[str, str]
     id: str | None = None
@@ -38,33 +38,27 @@ class Row:
 @dataclass
 class Prediction:
     id: str | None
-    shown: dict[str, str]  # the prompt's first column, to recognise the row (arXiv: its title)
-    category: str  # the predicted label
+    shown: dict[str, str]  # the prompt's first column, to recognise the row
+    label: str  # the predicted label
     probs: dict[str, float]  # every label, most likely first; sums to 1
     truncated: bool = False  # the truncate column was shortened to fit max_length
+
+    @property
+    def category(self) -> str:
+        """The predicted label under the name predict's output has always used for it (`"category"`)."""
+        return self.label
 
     def top(self, k: int) -> list[tuple[str, float]]:
         return list(self.probs.items())[:k]
 
     def to_dict(self) -> dict:
-        return {"id": self.id, **self.shown, "category": self.category, "probs": self.probs}
+        return {"id": self.id, **self.shown, "category": self.label, "probs": self.probs}
 
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def load_checkpoint_weights(model, ckpt: Path, device: torch.device) -> None:
-    """Replace the trainable weights of `model` (its run's export) with those of a Lightning checkpoint."""
-    trained = read_checkpoint(ckpt)["state_dict"]
-    weights = {k.removeprefix("model."): v.to(device) for k, v in trained.items()}
-    params = dict(model.named_parameters())
-    trainable = {n for n in params if "lora_" in n} if hasattr(model, "peft_config") else set(params)
-    fix = f"Evaluate a checkpoint together with its own run's export ({ckpt.parent.parent / 'export'})."
-    check_weights_fit(weights, params, trainable, str(ckpt), fix)
-    model.load_state_dict(weights, strict=False)
 
 
 class Predictor:

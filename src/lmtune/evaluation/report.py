@@ -3,7 +3,7 @@
 - fine-tuned: the best checkpoint's weights, rank mode, full outputs in the run folder (eval_metrics.json,
   predictions.jsonl, confusion_matrix.png, per_class.md).
 - zero-shot: the same model with its adapters disabled (LoRA off is exactly the base model, so no second
-  copy is loaded), the same papers and answers, prompted with `data.prompt.zero_shot_system` (default: the
+  copy is loaded), the same examples and answers, prompted with `data.prompt.zero_shot_system` (default: the
   training system prompt; a recipe whose fine-tuned prompt drops the label list keeps it there); cached
   under `paths.cache_dir/zero_shot/` by a key of the base model, quantization, prompts, answers and test
   examples, so repeated runs do not pay for it again.
@@ -21,9 +21,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from lmtune.data.records import json_digest
-from lmtune.evaluation.evaluate import evaluate
+from lmtune.core.digest import json_digest
 from lmtune.evaluation.metrics import most_confused
+from lmtune.evaluation.modes import evaluate
 from lmtune.evaluation.predictor import Predictor
 from lmtune.model.loading import load_base_model
 

@@ -15,14 +15,14 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 
+from lmtune.core.errors import UserError
 from lmtune.data.records import Record
-from lmtune.errors import UserError
 from lmtune.evaluation.metrics import classification_metrics
 from lmtune.evaluation.outputs import EvalPredictions, shown_columns, write_eval_outputs
 
 
 def record_text(record: Record) -> str:
-    """The text the LM reads too: the prompt's columns joined (arXiv: "title. abstract"; a short column's words
+    """The text the LM reads too: the prompt's columns joined ("first. second"; a short column's words
     weigh as much as a long one's)."""
     return ". ".join(record.fields.values())
 

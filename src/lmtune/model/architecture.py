@@ -12,7 +12,7 @@ import re
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from lmtune.errors import UserError
+from lmtune.core.errors import UserError
 
 # Where transformers keeps the decoder layers: Llama/Qwen/Gemma/Phi/Mistral/GPT-NeoX `layers`, GPT-2 `h`.
 LAYER_LISTS = ("layers", "h")

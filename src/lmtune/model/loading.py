@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from lmtune.core.errors import UserError
 from lmtune.data.chat_format import chat_template_source, token_id
-from lmtune.errors import UserError
 from lmtune.model.architecture import (
     all_linear_targets,
     check_targets,
@@ -163,7 +163,7 @@ def _first_line(e: Exception) -> str:
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
-    if name == "auto":  # resolved by utils.config.resolve_auto (or Predictor.zero_shot) before any model loads
+    if name == "auto":  # resolved by training.config.resolve_auto (or Predictor.zero_shot) before any model loads
         raise ModelConfigError("a dtype of 'auto' reached the model loader unresolved; this is a bug, please report it")
     return getattr(torch, name) if name else None
 

@@ -1,4 +1,4 @@
-"""The LightningModule: a causal LM with LoRA/QLoRA adapters trained to answer with a category.
+"""The LightningModule: a causal LM with LoRA/QLoRA adapters trained to answer with a label.
 
 Feature flags and their trade-offs:
 - adapter.kind=lora: only LoRA matrices train (a fraction of a percent of the weights); checkpoints hold
@@ -10,7 +10,7 @@ Feature flags and their trade-offs:
   slower); non-reentrant, so LoRA weights still get gradients. "mlp" recomputes only the MLP blocks, whose
   activations are the largest (selective checkpointing).
 - The loss projects onto the vocabulary only where a label is supervised (see `loss.py`); validation
-  and test score every label's full answer (`evaluation/scoring.py`) for accuracy and macro-F1.
+  and test score every label's full answer (`scoring.py`) for accuracy and macro-F1.
 - The loss is a mean over every supervised token of an optimizer step: all micro-batches of a gradient
   accumulation window on all ranks (`on_before_optimizer_step`), not a mean of per-batch means.
 - Under FSDP (`trainer=fsdp`) each decoder layer is sharded in `configure_model` (`parallel.py`);
@@ -30,19 +30,19 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import get_cosine_schedule_with_warmup
 
-from lmtune.errors import UserError
-from lmtune.evaluation.scoring import rank_scores
+from lmtune.core.errors import UserError
 from lmtune.model.architecture import decoder_layers, head_logits
 from lmtune.model.loading import load_model
 from lmtune.model.loss import masked_lm_loss_sum, masked_lm_loss_sum_via_forward
 from lmtune.model.parallel import full_tensor, shard_decoder
-from lmtune.utils.checkpoints import check_weights_fit
+from lmtune.model.scoring import rank_scores
+from lmtune.model.weights import check_weights_fit
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(UserError):
-    """The loss became NaN or inf; the message names the step and the papers in the batch."""
+    """The loss became NaN or inf; the message names the step and the ids of the rows in the batch."""
 
 
 def _is_4bit(p: torch.Tensor) -> bool:

@@ -1,0 +1,304 @@
+"""The export format, in one place: what an export folder holds, how it is written (whole, or not at all),
+found, read and checked. Training writes the adapter export, `src/merge.py` the merged one (`merge.py` here); eval,
+predict and merging read both through `read_export` and `load_export_model`.
+
+export/
+  adapter_config.json, adapter_model.safetensors   the peft adapter; `base_model_name_or_path` is the base's hub
+                                                   id when it has one (`model.hub_id`), so it loads anywhere
+  config.json, model.safetensors                   instead, for adapter=none and merged exports
+  tokenizer files with the chat template
+  labels.json        the label set in class-index order
+  formatting.json    the task (prompt templates, truncate/label/id columns), end-of-turn token, max_length, the
+                     answer token ids used in training; `base_model` (hub id, else folder) and `base_model_local`
+                     (the folder the base was loaded from when training)
+  config.yaml        the resolved Hydra config of the run (secrets redacted)
+  README.md          the model card (`model_card.py`), from card.json: the data, training and test results
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lmtune.artifacts.model_card import model_card
+from lmtune.core.errors import UserError
+from lmtune.core.files import write_folder
+from lmtune.core.secrets import redact_secrets
+
+log = logging.getLogger(__name__)
+
+EXPORT_FILES = ("labels.json", "formatting.json", "config.yaml")
+CARD_INPUTS = "card.json"  # what the model card reports besides the settings: data, training, results
+FORMATTING_KEYS = ("system_prompt", "user_template", "max_length", "answer_ids")
+# What exports written before the task became configurable (arXiv only) leave out of formatting.json.
+ARXIV_TASK = {
+    "truncate_column": "abstract",
+    "label_column": ["primary_category", "categories"],
+    "label_is_list": True,
+    "id_column": "id",
+}
+DAMAGED = "the export is incomplete or damaged: copy the folder again from where it was trained, or train again"
+
+
+# --- writing -------------------------------------------------------------------------------------------
+def base_model_reference(model_cfg, pretrained: str) -> tuple[str, str | None]:
+    """(what an export names as its base, the local folder it was loaded from): a hub id when there is one, so the
+    export loads on any machine: `model.hub_id` or a `model.name_or_path` that is not a folder; for a GGUF file, the
+    hub model it was made from (`model.gguf_origin`). Else the folder (the tiny model is rebuilt from the config)."""
+    from lmtune.model.loading import model_source
+
+    local = pretrained if Path(pretrained).is_dir() else None
+    source = model_source(model_cfg)
+    if source == "gguf":
+        hub_id = model_cfg.get("gguf_origin")
+    elif source == "hub":
+        hub_id = model_cfg.get("hub_id") or (None if local else pretrained)
+        if hub_id is None:
+            log.warning(
+                "the export names its base by a local folder (%s), which other machines lack: set "
+                "model.hub_id=<org/name> when the model is on the Hugging Face hub",
+                pretrained,
+            )
+    else:
+        hub_id = None
+    return hub_id or pretrained, local
+
+
+def export_model(
+    module, tokenizer, formatter, cfg: DictConfig, out_dir: str | Path, spec=None, card: dict | None = None
+) -> Path:
+    """Write the export; `spec` (the data module's `RecordSpec`) names the task's label and id columns, so
+    predict can read a labelled file the way training did; `card`: what the model card reports besides the
+    export's own settings (data, training, results; `write_card`)."""
+    base, local = base_model_reference(cfg.model, module.hparams.pretrained)
+    formatting = {
+        "system_prompt": formatter.system_prompt_template,
+        "user_template": formatter.user_template,
+        "truncate_column": formatter.truncate_column,
+        "label_column": list(spec.label) if spec else ["label"],
+        "label_is_list": spec.label_is_list if spec else False,
+        "id_column": spec.id if spec else "id",
+        "eot_token": formatter.eot_token,
+        "chat_template_kwargs": formatter.chat_template_kwargs,
+        "max_length": formatter.max_length,
+        "answer_ids": formatter.answer_ids,
+        "base_model": base,
+        "base_model_local": local,
+    }
+
+    def fill(folder: Path) -> None:
+        # PeftModel writes only the adapter; a fully fine-tuned model writes all its weights
+        module.model.save_pretrained(folder)
+        adapter_config = folder / "adapter_config.json"
+        if adapter_config.is_file():  # peft records the folder it loaded; the hub id travels
+            adapter_config.write_text(
+                json.dumps({**read_json(adapter_config), "base_model_name_or_path": base}, indent=2)
+            )
+        tokenizer.save_pretrained(folder)
+        (folder / "labels.json").write_text(json.dumps(formatter.labels, indent=1))
+        (folder / "formatting.json").write_text(json.dumps(formatting, indent=1))
+        # secrets redacted: an export folder gets shared (the Hub, a W&B artifact); tokens come from the environment
+        config = OmegaConf.create(redact_secrets(OmegaConf.to_container(cfg, resolve=True)))
+        OmegaConf.save(config, folder / "config.yaml")
+        if card is not None:
+            (folder / CARD_INPUTS).write_text(json.dumps(card, indent=1, default=str))
+            write_card(folder, formatting, config)
+
+    return write_folder(out_dir, fill)
+
+
+def write_card(folder: Path, formatting: dict, cfg: DictConfig, merged: dict | None = None) -> None:
+    """README.md, the model card, from the export's settings and `card.json` (data, training and results)."""
+    card = read_json(folder / CARD_INPUTS)
+    text = model_card(
+        base_model=formatting["base_model"],
+        base_local=formatting.get("base_model_local"),
+        model_cfg=OmegaConf.to_container(cfg.model),
+        adapter_cfg=OmegaConf.to_container(cfg.adapter),
+        labels=read_json(folder / "labels.json"),
+        system_prompt=formatting["system_prompt"],
+        user_template=formatting["user_template"],
+        truncate_column=formatting.get("truncate_column"),
+        max_length=formatting["max_length"],
+        merged=merged,
+        **card,
+    )
+    (folder / "README.md").write_text(text)
+
+
+# --- finding and reading -------------------------------------------------------------------------------
+def find_export(path: str | Path) -> Path:
+    """The export folder from itself or from its run folder; a clear error for anything else."""
+    path = Path(path)
+    for candidate in (path, path / "export"):
+        if all((candidate / name).is_file() for name in EXPORT_FILES):
+            return candidate
+    if path.suffix == ".ckpt":
+        hint = f"use the export folder of that run instead: {path.parent.parent / 'export'}"
+    elif path.is_dir() and any((path / name).exists() for name in EXPORT_FILES):
+        missing = [name for name in EXPORT_FILES if not (path / name).is_file()]
+        hint = f"it lacks {', '.join(missing)}: {DAMAGED}"
+    else:
+        hint = "give the export/ folder that train.py writes into its run folder, or ckpt=null for zero-shot"
+    raise UserError(f"ckpt={path}: not a trained export (needs {', '.join(EXPORT_FILES)}); {hint}.")
+
+
+def export_and_checkpoint(ckpt: str | Path) -> tuple[Path, Path | None]:
+    """`ckpt=` as eval and the merged export take it: an export or run folder, or a `.ckpt` of a run (whose
+    export supplies the rest). Returns the export folder and the checkpoint, if one was given."""
+    path = Path(ckpt)
+    if path.suffix != ".ckpt":
+        return find_export(path), None
+    if not path.is_file():
+        raise UserError(f"ckpt={path}: checkpoint not found.")
+    return find_export(path.parent.parent), path
+
+
+@dataclass(frozen=True)
+class Export:
+    """A checked export: its folder, run config, formatting and label set."""
+
+    path: Path
+    cfg: DictConfig
+    formatting: dict
+    labels: list[str]
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.cfg.adapter.kind != "none"
+
+
+def read_export(path: str | Path) -> Export:
+    """Find the export and check every file it needs before anything is loaded: readable JSON and YAML with the
+    fields they must have, a label set that fits the trained answers, weights that are whole."""
+    export = find_export(path)
+    formatting = read_formatting(export)
+    missing = [key for key in FORMATTING_KEYS if key not in formatting]
+    if missing:
+        raise UserError(f"{export / 'formatting.json'}: no {', '.join(missing)}; {DAMAGED}.")
+    labels = read_json(export / "labels.json")
+    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(x, str) for x in labels)):
+        raise UserError(f"{export / 'labels.json'}: expected a list of two or more label names; {DAMAGED}.")
+    if len(labels) != len(formatting["answer_ids"]):
+        raise UserError(
+            f"{export / 'labels.json'}: {len(labels)} labels, but the model was trained on "
+            f"{len(formatting['answer_ids'])} answers (formatting.json); {DAMAGED}."
+        )
+    try:
+        cfg = OmegaConf.load(export / "config.yaml")
+        cfg.adapter.kind  # noqa: B018 (the field every reader needs)
+    except Exception as e:  # a YAML parse error or a config without an adapter
+        raise UserError(f"{export / 'config.yaml'}: not a run config ({_first_line(e)}); {DAMAGED}.") from None
+    result = Export(export, cfg, formatting, labels)
+    _check_weights(result)
+    return result
+
+
+def read_formatting(export: Path) -> dict:
+    """formatting.json of an export; one from before configurable tasks gets the arXiv task it was trained on."""
+    formatting = read_json(Path(export) / "formatting.json")
+    if not isinstance(formatting, dict):
+        raise UserError(f"{Path(export) / 'formatting.json'}: expected a JSON object; {DAMAGED}.")
+    if "label_column" not in formatting:
+        formatting = {**ARXIV_TASK, **formatting}
+    return formatting
+
+
+def read_json(path: Path):
+    """A JSON file of an export; a missing, damaged or unreadable one is one line."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; {DAMAGED}.") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); {DAMAGED}.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({_first_line(e)}); {DAMAGED}.") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _check_weights(export: Export) -> None:
+    """The weights the export needs are present and whole (a safetensors header lists every tensor's bytes)."""
+    from safetensors import safe_open
+
+    folder = export.path
+    if export.has_adapter:
+        read_json(folder / "adapter_config.json")
+        names = ["adapter_model.safetensors", "adapter_model.bin"]
+    else:
+        read_json(folder / "config.json")
+        names = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"]
+    found = [folder / name for name in names if (folder / name).is_file()]
+    if not found:
+        raise UserError(f"{folder}: no weights ({' or '.join(names)}); {DAMAGED}.")
+    shards = sorted(folder.glob("model-*.safetensors")) if found[0].name.endswith(".index.json") else found[:1]
+    for file in (f for f in shards if f.suffix == ".safetensors"):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as e:  # SafetensorError: a truncated or foreign file
+            raise UserError(f"{file}: unreadable weights ({_first_line(e)}); {DAMAGED}.") from None
+
+
+# --- loading -------------------------------------------------------------------------------------------
+def base_model_path(export: Export, base: str | None, cache_dir) -> str:
+    """Where an adapter export's base model is loaded from: `base=` when given (a folder or a hub id); else the
+    folder it was trained from, when this machine has it; else the model the run's config names (a hub id, a GGUF
+    file converted again, the tiny model)."""
+    from lmtune.model.loading import resolve_pretrained
+
+    if base:
+        return str(base)
+    local = export.formatting.get("base_model_local") or export.formatting.get("base_model")  # older exports
+    if local and Path(local).is_dir():
+        return str(local)
+    return resolve_pretrained(export.cfg.model, cache_dir)
+
+
+def load_export_model(export: Export, cache_dir, device: torch.device, quantized: bool = True, base=None, dtype=None):
+    """The export's model: the full model for adapter=none (and merged exports), else its base with the adapter.
+    `quantized=False` loads a QLoRA run's base unquantized (what a merged export needs); `dtype` overrides
+    `model.dtype`. An adapter that does not fit its base (another model given with base=) is one clear error."""
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.model.loading import load_base_model
+
+    model_cfg = OmegaConf.merge(export.cfg.model, {"dtype": dtype} if dtype else {})
+    if not export.has_adapter:  # a fully fine-tuned or merged model is the export itself
+        return AutoModelForCausalLM.from_pretrained(export.path, dtype=getattr(torch, model_cfg.dtype)).to(device)
+    from peft import PeftModel
+
+    base_path = base_model_path(export, base, cache_dir)
+    quant = export.cfg.adapter.get("quantization") if quantized else None
+    base_model = load_base_model(base_path, model_cfg, quant, device)
+    try:
+        return PeftModel.from_pretrained(base_model if quant else base_model.to(device), export.path)
+    except RuntimeError as e:  # size mismatch: the adapter was trained on another model
+        raise UserError(
+            f"{export.path}: its adapter does not fit the base model {base_path} ({_first_line(e)[:200]}); load it "
+            f"with the base it was trained on ({export.formatting.get('base_model')}): base=<that model's folder>."
+        ) from None
+
+
+def task_data_config(data_cfg: DictConfig, formatting: dict) -> DictConfig:
+    """The run's `data` config in today's form: an export from before configurable tasks names
+    `ArxivDataModule` and keeps its prompts in formatting.json only."""
+    if not str(data_cfg.get("_target_", "")).endswith("ArxivDataModule"):
+        return data_cfg
+    data = OmegaConf.to_container(data_cfg)
+    data.update(
+        _target_="lmtune.data.datamodule.TextClassificationDataModule",
+        prompt={"system": formatting["system_prompt"], "user": formatting["user_template"]},
+        label_column=formatting["label_column"],
+        label_is_list=formatting["label_is_list"],
+        truncate_column=formatting["truncate_column"],
+    )
+    return OmegaConf.create(data)

@@ -1,5 +1,0 @@
-"""Errors a user can fix: they are shown as one clear message (no traceback) by the entry points."""
-
-
-class UserError(ValueError):
-    """Bad input or settings; the message names the file, line or field and the fix."""

@@ -1,0 +1,189 @@
+"""`train(cfg)`: the whole fine-tuning run, returned as metrics so sweeps and tests can use it directly.
+
+What `src/train.py` runs; the config is made ready in one call (`config.prepare_config`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from lmtune.artifacts.checkpoints import read_checkpoint, resolve_ckpt_path
+from lmtune.artifacts.export import export_model
+from lmtune.core.files import atomic_write
+from lmtune.evaluation.report import final_report
+from lmtune.model.loading import load_tokenizer, resolve_pretrained
+from lmtune.model.module import CausalLMClassifier, parameter_counts
+from lmtune.model.parallel import is_sharded
+from lmtune.training.config import prepare_config
+from lmtune.training.instantiate import instantiate_callbacks, instantiate_data
+from lmtune.training.loggers import instantiate_loggers, log_artifacts, loggable_config
+from lmtune.training.task_wrapper import task_wrapper
+from lmtune.training.throughput import TrainingStats
+
+log = logging.getLogger(__name__)
+
+# The data module resumes mid-epoch itself (it skips the batches already seen), which Lightning cannot detect.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+# val/test metrics are torchmetrics objects, synced across processes when computed; sync_dist would sync twice
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
+
+
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _metrics_of(results: list[dict]) -> dict:
+    return {k: float(v) for r in results for k, v in r.items()}
+
+
+def best_validation(trainer: L.Trainer, module, datamodule, best: str | None) -> dict:
+    """The validation metrics of the weights that are evaluated and exported (the best checkpoint, else the final
+    weights): those measured when they were validated during training, else (a resumed run's best, no validation
+    at the last step) a validation pass. Logged again either way, so the loggers end on the same numbers."""
+    step = read_checkpoint(best)["global_step"] if best else None
+    known = module.validations.get(trainer.global_step if step is None else step)
+    if known is None:
+        return _metrics_of(trainer.validate(module, datamodule=datamodule, ckpt_path=best))
+    log.info("validation metrics of step %d, measured during training: %s", step or trainer.global_step, known)
+    for logger in trainer.loggers:
+        logger.log_metrics(known, step=trainer.global_step)
+        logger.save()  # after fit: the CSV logger writes only on save
+    return dict(known)
+
+
+def load_trainable_weights(module, ckpt: str) -> None:
+    """The trainable weights of a checkpoint into `module` (what `trainer.test(ckpt_path=...)` would load)."""
+    module.load_state_dict(read_checkpoint(ckpt)["state_dict"], strict=False)
+
+
+def card_inputs(summary: dict, report_rows: dict | None, test: dict) -> dict:
+    """What the model card reports besides the export's settings: the data, the training and the test results
+    (the report's rows beside each other, else the test metrics alone)."""
+    if report_rows:
+        results = {name: {"acc": m["acc"], "macro_f1": m["macro_f1"]} for name, m in report_rows.items()}
+        per_class = report_rows["fine-tuned"].get("per_class")
+    else:
+        results = {"fine-tuned": {"acc": test.get("test/acc"), "macro_f1": test.get("test/macro_f1")}}
+        per_class = None
+    train_stats, hardware = summary["train"], summary["hardware"]
+    training = {
+        "steps": train_stats.get("steps"),
+        "train_seconds": train_stats.get("train_seconds"),
+        "tokens_per_s": train_stats.get("tokens_per_s"),
+        "precision": summary["precision"],
+        "hardware": f"{hardware.get('device')}: {hardware.get('name')} ({hardware.get('capability')})",
+    }
+    return {"data": summary["data"], "training": training, "results": results, "per_class": per_class}
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> tuple[dict, dict]:
+    """Fine-tune, validate and test the best checkpoint, export the adapter; returns (metrics, objects)."""
+    prepare_config(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name / "runs")
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+
+    # data first: a fetch from the arXiv API that cannot work (offline) fails before minutes of model loading
+    datamodule = instantiate_data(cfg.data)
+    if rank_zero_only.rank == 0:  # one download; under torchrun/SLURM every rank starts here at once
+        datamodule.prepare_data()
+    else:
+        datamodule.wait_for_data()
+    pretrained = resolve_pretrained(cfg.model, cfg.paths.cache_dir)
+    tokenizer = load_tokenizer(pretrained, cfg.model.get("pad_token"), cfg.model.get("chat_template"))
+    datamodule.tokenizer = tokenizer
+    datamodule.setup("fit")
+    formatter = datamodule.formatter
+
+    module = CausalLMClassifier(
+        pretrained=pretrained,
+        model_cfg=_plain(cfg.model),
+        adapter_cfg=_plain(cfg.adapter),
+        optim_cfg=_plain(cfg.optim),
+        labels=formatter.labels,
+        answer_ids=formatter.answer_ids,
+        pad_token_id=datamodule.collator.pad_token_id,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        compile=cfg.compile,
+    )
+    stats = TrainingStats(cfg.paths.cache_dir)
+    loggers = instantiate_loggers(cfg.get("logger"))
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers)) + [stats]
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(output_dir)
+    )
+    for logger in trainer.loggers:
+        logger.log_hyperparams({**loggable_config(cfg), "data/stats": datamodule.stats})
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    log.info("evaluating %s", best or "the final weights")
+    val = best_validation(trainer, module, datamodule, best)
+    # On one process the report scores the test split anyway (every output, zero-shot and TF-IDF beside it):
+    # its evaluation of the best weights gives the test metrics, so the split is not scored twice.
+    report_is_test = bool(cfg.report.enabled) and trainer.world_size == 1 and not is_sharded(module)
+    if report_is_test:
+        if best:
+            load_trainable_weights(module, best)
+        test = {}
+    else:
+        test = _metrics_of(trainer.test(module, datamodule=datamodule, ckpt_path=best))
+
+    if is_sharded(module):
+        # FSDP shards cannot run a forward pass on rank 0 alone: export and report from an unsharded copy
+        trained = module.trainable_state_dict()  # gathers the adapter on every rank
+        module = module.standalone_copy(trained, trainer.strategy.root_device) if trainer.is_global_zero else module
+    summary = {
+        "val": val,
+        "test": test,
+        "best_checkpoint": best,
+        "train": stats.summary(trainer),
+        "data": datamodule.stats,
+        "params": parameter_counts(module),
+        "precision": str(trainer.precision),
+        "hardware": _plain(cfg.hardware),
+    }
+    report_rows = None
+    if trainer.is_global_zero and cfg.report.enabled:
+        run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+        summary["report"], report_rows = final_report(
+            module, datamodule, output_dir, cfg.paths.cache_dir, cfg.report, summary["train"], trainer.precision, run
+        )
+        tuned = report_rows["fine-tuned"]
+        if report_is_test:
+            test = summary["test"] = {f"test/{k}": float(tuned[k]) for k in ("loss", "acc", "macro_f1")}
+            for logger in trainer.loggers:
+                logger.log_metrics(test, step=trainer.global_step)
+                logger.save()  # after fit: the CSV logger writes only on save
+    metrics = {**val, **test}
+    if trainer.is_global_zero:
+        card = card_inputs(summary, report_rows, test)
+        export = export_model(module, tokenizer, formatter, cfg, output_dir / "export", datamodule.spec, card)
+        manifest = output_dir / "data_manifest.json"
+        atomic_write(manifest, lambda f: json.dump(datamodule.stats, f, indent=1))
+        atomic_write(output_dir / "metrics.json", lambda f: json.dump(summary, f, indent=2))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.summary.update({f"final/{k}": v for k, v in metrics.items()})
+                log_artifacts(logger.experiment, export, manifest, Path(datamodule.source.where).stem)
+        log.info("metrics: %s; export: %s", metrics, output_dir / "export")
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "summary": summary}
+
+
+def optimized_metric(metrics: dict, name: str | None) -> float | None:
+    """The value a sweep optimises; fails loudly, naming what was logged, when it is missing."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(f"optimized_metric={name!r} was not logged; available: {sorted(metrics)}")
+    return float(metrics[name])
