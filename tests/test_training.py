@@ -240,13 +240,11 @@ class PoisonAtStep(L.Callback):
                 weight.fill_(float("nan"))
 
 
-def test_nan_loss_stops_the_run_naming_the_step_and_papers(tmp_path, cache_dir):
+def test_nan_loss_stops_the_run_naming_the_step_and_rows(tmp_path, cache_dir):
     cfg = compose_train(["experiment=smoke", "logger=none"], tmp_path, cache_dir)
     with open_dict(cfg):
         cfg.callbacks.poison = {"_target_": "test_training.PoisonAtStep", "step": 3}
-    with pytest.raises(
-        NonFiniteLossError, match=r"training loss is nan at step 3 \(epoch 0, batch 3; paper ids 2501\."
-    ):
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at step 3 \(epoch 0, batch 3; row ids 2501\."):
         train(cfg)
 
 

@@ -82,7 +82,7 @@ def report_markdown(rows: dict[str, dict], confused: list, train: dict, data: di
     lines = [
         "# Report",
         "",
-        f"Test split: {data.get('test_examples')} papers, labels {', '.join(data.get('labels', []))}.",
+        f"Test split: {data.get('test_examples')} examples, labels {', '.join(data.get('labels', []))}.",
         "",
         "| model | accuracy | macro-F1 | ECE |",
         "|---|---:|---:|---:|",
@@ -129,7 +129,7 @@ def final_report(
             precision,
         )
     if report_cfg.get("tfidf", True):
-        rows[f"TF-IDF + LR ({len(datamodule.splits['train'])} train papers)"] = tfidf_metrics(
+        rows[f"TF-IDF + LR ({len(datamodule.splits['train'])} training examples)"] = tfidf_metrics(
             datamodule.splits, datamodule.labels, output_dir / "tfidf"
         )
     confused = most_confused(rows["fine-tuned"], datamodule.labels)

@@ -172,9 +172,9 @@ class CausalLMClassifier(L.LightningModule):
             ids = batch.get("ids", [])
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, batch "
-                f"{batch_idx}; paper ids {', '.join(map(str, ids[:8]))}{' ...' if len(ids) > 8 else ''}). Stopped "
+                f"{batch_idx}; row ids {', '.join(map(str, ids[:8]))}{' ...' if len(ids) > 8 else ''}). Stopped "
                 f"instead of training on garbage: lower optim.lr, keep gradient clipping on, try "
-                f"trainer.precision=32-true, or check those papers; resume from the last good checkpoint."
+                f"trainer.precision=32-true, or check those rows; resume from the last good checkpoint."
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
         # the gradient of the summed loss; on_before_optimizer_step divides by the step's token count
