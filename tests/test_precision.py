@@ -82,6 +82,7 @@ def test_qlora_arxiv_resolves_every_auto_for_the_machine(hardware, precision, dt
         (["experiment=lora_arxiv", "model.gradient_checkpointing=mlp"], XEON_AMX, False, "checkpointing"),
         (["experiment=smoke"], XEON_AMX, False, "trainer.max_steps="),
         (["experiment=lora_arxiv", "trainer.max_steps=99"], XEON_AMX, False, "under 100"),
+        (["experiment=lora_arxiv", "trainer.max_steps=-1", "trainer.max_epochs=3"], XEON_AMX, False, "not known"),
         (["experiment=smoke", "compile=true"], H100, True, "explicitly"),
         (["experiment=lora_arxiv", "compile=false"], XEON_AMX, False, "explicitly"),
     ],

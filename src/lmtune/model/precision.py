@@ -225,6 +225,7 @@ def choose_compile(
         (quantized, "not measured with 4-bit weights"),
         (strategy != "single", "not measured with several processes"),
         (bool(checkpointing), "not measured with activation checkpointing"),
+        (max_steps < 0, "trainer.max_steps is not set: the run's length in steps is not known (set compile=true)"),
         (max_steps < COMPILE_MIN_STEPS, f"trainer.max_steps={max_steps} is under {COMPILE_MIN_STEPS}: too short"),
         (cpp_compiler() is None, "no C++ compiler for Inductor (set CXX or install g++)"),
     ]
