@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, default_da
 from lmtune.data.formatting import IGNORE_INDEX
 from lmtune.model.loading import load_model, load_tokenizer, resolve_pretrained
 from lmtune.model.module import parameter_counts, training_flops_per_token
-from lmtune.training.config import resolve_auto
+from lmtune.training.config import prepare_config
 
 
 def padded_to(examples, max_length: int, pad_id: int) -> list[dict]:
@@ -49,7 +49,7 @@ def training_data(overrides: list[str]):
     """(config, data module set up for fit, model folder) of the run these overrides describe: the same papers
     and token sequences as `src/train.py` with them."""
     cfg = project_config("train", overrides)
-    resolve_auto(cfg)  # `auto` precision and dtype decided exactly as src/train.py decides them
+    prepare_config(cfg)  # checked, and every `auto` decided, exactly as src/train.py does
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     pretrained = resolve_pretrained(cfg.model, cfg.paths.cache_dir)

@@ -19,7 +19,7 @@ import torch
 from hf_baseline import padded_to, training_data
 from torch.profiler import ProfilerActivity, profile
 
-from lmtune.model.architecture import decoder_layers, head_logits
+from lmtune.model.architecture import compile_decoder_layers, head_logits
 from lmtune.model.loading import load_model
 from lmtune.model.loss import masked_lm_loss_sum
 
@@ -33,9 +33,8 @@ def main(overrides: list[str], steps: int, rows: int) -> None:
     base_batch = {k: torch.tensor([r[k] for r in fixed]) for k in fixed[0]}
 
     model = load_model(pretrained, cfg.model, cfg.adapter, torch.device("cpu")).train()
-    if cfg.compile is True:  # as the training module does: each decoder layer in place
-        for layer in decoder_layers(model):
-            layer.compile()
+    if cfg.compile is True:  # as the training module does
+        compile_decoder_layers(model)
     bf16 = str(cfg.trainer.precision).startswith("bf16")
     print(
         f"precision {cfg.trainer.precision}, frozen base {cfg.model.dtype}, LoRA dropout {cfg.adapter.dropout}, "

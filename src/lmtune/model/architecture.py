@@ -44,6 +44,13 @@ def decoder_layers(causal_lm) -> torch.nn.ModuleList:
     return _decoder_and_layers(causal_lm)[2]
 
 
+def compile_decoder_layers(causal_lm) -> None:
+    """`torch.compile` each decoder layer in place: no `_orig_mod.` in parameter names, so checkpoints and exports
+    read the same as eager ones."""
+    for layer in decoder_layers(causal_lm):
+        layer.compile()
+
+
 def layers_prefix(causal_lm) -> str:
     """The module name of the layer list inside `causal_lm`, e.g. `model.layers` or `transformer.h`."""
     decoder, name, _ = _decoder_and_layers(causal_lm)

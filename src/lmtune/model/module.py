@@ -31,7 +31,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import get_cosine_schedule_with_warmup
 
 from lmtune.core.errors import UserError
-from lmtune.model.architecture import decoder_layers, head_logits
+from lmtune.model.architecture import compile_decoder_layers, head_logits
 from lmtune.model.loading import load_model
 from lmtune.model.loss import masked_lm_loss_sum, masked_lm_loss_sum_via_forward
 from lmtune.model.parallel import full_tensor, shard_decoder
@@ -131,8 +131,7 @@ class CausalLMClassifier(L.LightningModule):
         self.model = load_model(hp.pretrained, hp.model_cfg, hp.adapter_cfg, device, hp.gradient_checkpointing)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as found
         if hp.get("compile"):
-            for layer in decoder_layers(self.causal_lm):
-                layer.compile()  # in place: no `_orig_mod.` in parameter names
+            compile_decoder_layers(self.causal_lm)
         if self._device_mesh is not None:  # set by ModelParallelStrategy (trainer=fsdp)
             shard_decoder(self.causal_lm, self._device_mesh["data_parallel"])
 
