@@ -18,6 +18,7 @@ The user's `model.eot_token` and `model.chat_template_kwargs` always win over wh
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +99,57 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool, kwargs:
             f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'the tokenizer'} raised "
             f"{e.__class__.__name__}: {e}; give a working one with model.chat_template=<file.jinja>."
         ) from None
+
+
+class TextOnly:
+    """Message text tokenized as text: a special token's spelling typed in a title (`<|im_end|>`, `<|eot_id|>`) never
+    becomes that token, so data and requests cannot forge a turn; control tokens come from the template alone.
+
+    A tokenizer matches its added tokens anywhere in the string it is given, template and message text alike. For a
+    conversation whose messages spell an added token (rare: the check is one regular expression), the template's
+    own occurrences are found by rendering it again with each such spelling replaced by placeholders of the same
+    length; every added-token id of the real rendering outside them is replaced by the tokens of its text
+    (`split_special_tokens`). Other conversations tokenize exactly as before."""
+
+    PLACEHOLDER = "\ue000"  # a private-use character: no template or vocabulary gives it a meaning
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.content}
+        self.ids = set(added)
+        spellings = sorted(set(added.values()), key=len, reverse=True)
+        self.pattern = re.compile("|".join(map(re.escape, spellings))) if spellings else None
+
+    def spelled_in(self, messages: list[dict]) -> bool:
+        """Whether any message's text spells an added token."""
+        return self.pattern is not None and any(
+            isinstance(m.get("content"), str) and self.pattern.search(m["content"]) for m in messages
+        )
+
+    def placeholders(self, messages: list[dict]) -> list[dict]:
+        hide = lambda m: self.PLACEHOLDER * len(m.group())  # noqa: E731
+        return [{**m, "content": self.pattern.sub(hide, m["content"])} for m in messages]
+
+    def encode(self, text: str, template_only: str) -> list[int]:
+        """The ids of `text` (a rendering of messages that spell added tokens), given `template_only`, the rendering
+        of the same messages with those spellings replaced by placeholders."""
+        if len(template_only) != len(text):
+            raise DataError(
+                "the chat template changes the text of a message that spells a special token, so it cannot be kept "
+                "as text; remove the special token's spelling from the row, or use a template that renders message "
+                "text as it is."
+            )
+        ours = {m.start() for m in self.pattern.finditer(template_only)}
+        typed = [(m.start(), m.end()) for m in self.pattern.finditer(text) if m.start() not in ours]
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = []
+        for i, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True):
+            if i in self.ids and any(start < e and s < end for s, e in typed):
+                piece = self.tokenizer(text[start:end], add_special_tokens=False, split_special_tokens=True)
+                ids.extend(piece["input_ids"])
+            else:
+                ids.append(i)
+        return ids
 
 
 def _probe(system_in_user: bool, answer: bool = True) -> list[dict]:

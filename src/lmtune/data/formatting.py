@@ -8,7 +8,8 @@ once per formatter in `chat_format.py`.
 Only the answer carries loss (`labels` is -100 on the prompt). Because the ids are built by concatenation,
 the rank scorer and the trainer see exactly the same tokens. Every example is also checked against the
 tokenization of the full rendered conversation, so template or BPE drift at the boundary is an error,
-never a silently shifted mask.
+never a silently shifted mask. Text inside the messages is tokenized as text: a special token's spelling in a
+record or a request never becomes that token (`chat_format.TextOnly`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from lmtune.core.digest import json_digest
 from lmtune.core.errors import DataError
-from lmtune.data.chat_format import detect_chat_format, render, special_ids, token_id
+from lmtune.data.chat_format import TextOnly, detect_chat_format, render, special_ids, token_id
 from lmtune.data.records import Record
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class ChatFormatter:
         self.chat_format = detect_chat_format(tokenizer, eot_token, chat_template_kwargs)  # its owner logs it
         self.chat_template_kwargs = self.chat_format.template_kwargs
         self.eot_token = self.chat_format.eot_token
+        self.text_only = TextOnly(tokenizer)
         self.eot_id = token_id(tokenizer, self.eot_token)
         if self.eot_id is None:
             raise DataError(f"end-of-turn token {self.eot_token!r} is not in the vocabulary; set model.eot_token.")
@@ -146,6 +148,7 @@ class ChatFormatter:
             self.chat_template_kwargs,
             self.chat_format.system_in_user,
             self.answer_ids,
+            "special-token spellings in messages are text",  # examples prepared before this rule differ
         ]
         return json_digest(parts)
 
@@ -165,6 +168,21 @@ class ChatFormatter:
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _encode_rendered(self, texts: list[str], conversations: list[list[dict]]) -> list[list[int]]:
+        """The ids of conversations rendered as `texts`, their messages' text kept as text (`TextOnly`); a
+        conversation that ends with the user's turn was rendered with the generation prompt."""
+        ids = self._encode(texts)
+        for i, messages in enumerate(conversations):
+            if self.text_only.spelled_in(messages):
+                prompt = messages[-1]["role"] != "assistant"
+                template_only = self._render(self.text_only.placeholders(messages), prompt)
+                ids[i] = self.text_only.encode(texts[i], template_only)
+        return ids
+
+    def _encode_prompts(self, items: list[Mapping[str, str]]) -> list[list[int]]:
+        conversations = [self.messages(fields) for fields in items]
+        return self._encode_rendered([self._render(m, True) for m in conversations], conversations)
 
     def _answer_from_full(self, prompt: list[int], full: list[int], where: str) -> list[int]:
         """The answer tokens of a full conversation: after the prompt, up to and including end-of-turn."""
@@ -222,19 +240,24 @@ class ChatFormatter:
 
     # --- examples --------------------------------------------------------------------------------------
     def prompt_ids(self, fields: Mapping[str, str]) -> list[int]:
-        return self._encode([self._render(self.messages(fields), True)])[0]
+        return self._encode_prompts([fields])[0]
 
     def format(self, records: Sequence[Record]) -> list[Example]:
         """Tokenize records in one batch; shorten the truncate column (never the answer) to fit max_length."""
-        prompts = [self._render(self.messages(r.fields), True) for r in records]
-        fulls = [self._render(self.messages(r.fields, r.label), False) for r in records]
+        prompt_messages = [self.messages(r.fields) for r in records]
+        full_messages = [self.messages(r.fields, r.label) for r in records]
+        prompts = [self._render(m, True) for m in prompt_messages]
+        fulls = [self._render(m, False) for m in full_messages]
         label_indices = [self.label_to_index[r.label] for r in records]
         # a conversation that is its prompt + the label's answer text after an isolated tail needs no tokenizing
         tokenize_full = [
             not (self.prompt_tail and prompt.endswith(self.prompt_tail) and full == prompt + self.answer_texts[label])
             for prompt, full, label in zip(prompts, fulls, label_indices, strict=True)
         ]
-        encoded = self._encode(prompts + [full for full, needed in zip(fulls, tokenize_full, strict=True) if needed])
+        needed = [i for i, full in enumerate(tokenize_full) if full]
+        encoded = self._encode_rendered(
+            prompts + [fulls[i] for i in needed], prompt_messages + [full_messages[i] for i in needed]
+        )
         prompt_ids, full_ids = encoded[: len(records)], iter(encoded[len(records) :])
         for i, r in enumerate(records):
             label_index = label_indices[i]
@@ -272,7 +295,7 @@ class ChatFormatter:
         """Prompt ids for rows whose label is unknown (prediction), shortened exactly as in training.
         Returns (ids, truncated) per row."""
         room = answer_length if answer_length is not None else self.longest_answer
-        encoded = self._encode([self._render(self.messages(fields), True) for fields in items])
+        encoded = self._encode_prompts(items)
         return self._fit(items, encoded, room, [f"row {next(iter(f.values()))[:40]!r}" for f in items])
 
     def _fit(
@@ -287,12 +310,14 @@ class ChatFormatter:
         if not over:
             return fitted
         columns = {i: self.truncate_column or max(self.columns, key=lambda c: len(items[i][c])) for i in over}
-        cut_ids = dict(zip(over, self._encode([items[i][columns[i]] for i in over]), strict=True))
+        column_texts = [items[i][columns[i]] for i in over]
+        column_ids = self.tokenizer(column_texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        cut_ids = dict(zip(over, column_ids, strict=True))
         keep = {i: max(0, len(cut_ids[i]) - (len(prompts[i]) - budget) - 1) for i in over}
         while over:
             texts = self.tokenizer.batch_decode([cut_ids[i][: keep[i]] for i in over])
             shortened = [{**items[i], columns[i]: text.strip()} for i, text in zip(over, texts, strict=True)]
-            encoded = self._encode([self._render(self.messages(fields), True) for fields in shortened])
+            encoded = self._encode_prompts(shortened)
             still_over = []
             for i, ids in zip(over, encoded, strict=True):
                 if len(ids) <= budget:
