@@ -4,6 +4,7 @@ model, and the command that resumes a run. They are written by `checkpoint_savin
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from lmtune.model.weights import check_weights_fit
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
+WEIGHTS_ONLY = True  # how every checkpoint is read: ours, and Lightning's own (trainer.fit/validate/test)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str | Path) -> str | None:
@@ -58,11 +60,22 @@ def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str | Path) -> str | None
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint of this project, read lazily (memory-mapped); a truncated or foreign file is one line."""
+    """A checkpoint of this project, read lazily (memory-mapped); a truncated or foreign file is one line.
+
+    Read with `weights_only=True`: tensors, containers and plain values only, which is all this project's
+    checkpoints hold (Lightning's loops, callbacks and optimizer states included), so a crafted file that would run
+    code when unpickled is refused instead (Lightning reads it again the same way: `WEIGHTS_ONLY`)."""
     path = Path(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=WEIGHTS_ONLY, mmap=True)
     except Exception as e:  # torch raises several types for a cut-off zip, a text file, another pickle
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if code:
+            raise UserError(
+                f"{path}: refused: it stores {code.group(1)}, which a checkpoint of this project never holds and "
+                f"which would run code when read. Use a checkpoint written by src/train.py, or start afresh without "
+                f"ckpt_path."
+            ) from None
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(
             f"{path}: not a readable checkpoint ({reason}): a file cut off while it was written or copied, or not a "

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lmtune.artifacts.model_card import model_card
 from lmtune.core.errors import UserError
@@ -43,6 +43,12 @@ ARXIV_TASK = {
     "id_column": "id",
 }
 DAMAGED = "the export is incomplete or damaged: copy the folder again from where it was trained, or train again"
+# An export comes from someone else's machine: what its files may hold. Its config.yaml builds the data module only,
+# and only one of these classes (Hydra's instantiate would call any importable function a `_target_` names).
+DATA_MODULES = ("lmtune.data.datamodule.TextClassificationDataModule",)
+LEGACY_DATA_MODULE = "ArxivDataModule"  # read as TextClassificationDataModule (`task_data_config`)
+ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+LIMITS = {"text": 20_000, "name": 200, "labels": 10_000, "answer": 64, "max_length": 1 << 20}
 
 
 # --- writing -------------------------------------------------------------------------------------------
@@ -189,14 +195,77 @@ def read_export(path: str | Path) -> Export:
             f"{export / 'labels.json'}: {len(labels)} labels, but the model was trained on "
             f"{len(formatting['answer_ids'])} answers (formatting.json); {DAMAGED}."
         )
+    _check_formatting(export / "formatting.json", formatting, labels)
     try:
         cfg = OmegaConf.load(export / "config.yaml")
         cfg.adapter.kind  # noqa: B018 (the field every reader needs)
     except Exception as e:  # a YAML parse error or a config without an adapter
         raise UserError(f"{export / 'config.yaml'}: not a run config ({_first_line(e)}); {DAMAGED}.") from None
+    _check_run_config(export / "config.yaml", cfg)
     result = Export(export, cfg, formatting, labels)
     _check_weights(result)
     return result
+
+
+def _check_formatting(path: Path, formatting: dict, labels: list) -> None:
+    """The task an export describes, within limits: texts, names and lengths a real run writes, nothing that would
+    make a reader tokenize megabytes or allocate for a billion positions."""
+    problems = []
+
+    def text(key, limit, optional=False):
+        value = formatting.get(key)
+        if not (value is None and optional) and not (isinstance(value, str) and len(value) <= limit):
+            problems.append(f"{key} must be {'null or ' if optional else ''}a string of at most {limit:,} characters")
+
+    text("system_prompt", LIMITS["text"])
+    text("user_template", LIMITS["text"])
+    for key in ("truncate_column", "id_column", "eot_token"):
+        text(key, LIMITS["name"], optional=True)
+    max_length = formatting["max_length"]
+    if not (type(max_length) is int and 8 <= max_length <= LIMITS["max_length"]):
+        problems.append(f"max_length must be an integer from 8 to {LIMITS['max_length']:,}")
+    if len(labels) > LIMITS["labels"] or any(not 0 < len(x) <= LIMITS["name"] for x in labels):
+        problems.append(f"labels.json: at most {LIMITS['labels']:,} labels of 1 to {LIMITS['name']} characters")
+    elif len(set(labels)) != len(labels):
+        problems.append("labels.json: a label is listed twice")
+    answers = formatting["answer_ids"]
+    if not isinstance(answers, list) or not all(
+        isinstance(a, list) and 0 < len(a) <= LIMITS["answer"] and all(type(i) is int and i >= 0 for i in a)
+        for a in answers
+    ):
+        problems.append(f"answer_ids must be lists of 1 to {LIMITS['answer']} token ids")
+    if not isinstance(formatting.get("chat_template_kwargs") or {}, dict):
+        problems.append("chat_template_kwargs must be an object")
+    if problems:
+        raise UserError(f"{path}: {'; '.join(problems)}; {DAMAGED}.")
+
+
+def _check_run_config(path: Path, cfg: DictConfig) -> None:
+    """What readers take from an export's config.yaml: the data module eval builds (one of `DATA_MODULES`, nothing
+    nested to instantiate; no other part of an export's config is ever instantiated), no interpolation to resolve
+    (a written config is resolved), a known attention kernel."""
+
+    def walk(node, where):
+        for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+            here = f"{where}.{key}" if where else str(key)
+            if OmegaConf.is_interpolation(node, key):
+                yield here, "an interpolation (${...}), which a written config never holds"
+            elif isinstance(node[key], DictConfig | ListConfig):
+                yield from walk(node[key], here)
+            elif key == "_target_" and where.startswith("data."):  # instantiate would build it with the data module
+                yield here, f"a _target_ ({node[key]}) inside data, which a data module never holds"
+
+    problem = next(walk(cfg, ""), None)
+    target = OmegaConf.select(cfg, "data._target_", default=None)
+    if problem is None and target is not None and target not in DATA_MODULES:
+        if not (isinstance(target, str) and target.rsplit(".", 1)[-1] == LEGACY_DATA_MODULE):
+            problem = ("data._target_", f"{target}, which is not a data module of this project")
+    attn = OmegaConf.select(cfg, "model.attn_implementation", default=None)
+    if problem is None and attn not in ATTN_IMPLEMENTATIONS:
+        problem = ("model.attn_implementation", f"{attn!r}, which is not a kernel of transformers")
+    if problem:
+        where, what = problem
+        raise UserError(f"{path}: refused: {where} is {what}; {DAMAGED}.")
 
 
 def read_formatting(export: Path) -> dict:

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lmtune.artifacts.checkpoints import read_checkpoint, resolve_ckpt_path
+from lmtune.artifacts.checkpoints import WEIGHTS_ONLY, read_checkpoint, resolve_ckpt_path
 from lmtune.artifacts.export import export_model
 from lmtune.core.files import atomic_write
 from lmtune.evaluation.report import final_report
@@ -51,7 +51,7 @@ def best_validation(trainer: L.Trainer, module, datamodule, best: str | None) ->
     step = read_checkpoint(best)["global_step"] if best else None
     known = module.validations.get(trainer.global_step if step is None else step)
     if known is None:
-        return _metrics_of(trainer.validate(module, datamodule=datamodule, ckpt_path=best))
+        return _metrics_of(trainer.validate(module, datamodule=datamodule, ckpt_path=best, weights_only=WEIGHTS_ONLY))
     log.info("validation metrics of step %d, measured during training: %s", step or trainer.global_step, known)
     for logger in trainer.loggers:
         logger.log_metrics(known, step=trainer.global_step)
@@ -124,7 +124,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     for logger in trainer.loggers:
         logger.log_hyperparams({**loggable_config(cfg), "data/stats": datamodule.stats})
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=WEIGHTS_ONLY)
     checkpoint = trainer.checkpoint_callback
     best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
     log.info("evaluating %s", best or "the final weights")
@@ -137,7 +137,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
             load_trainable_weights(module, best)
         test = {}
     else:
-        test = _metrics_of(trainer.test(module, datamodule=datamodule, ckpt_path=best))
+        test = _metrics_of(trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=WEIGHTS_ONLY))
 
     if is_sharded(module):
         # FSDP shards cannot run a forward pass on rank 0 alone: export and report from an unsharded copy
