@@ -160,6 +160,36 @@ def test_redact_secrets_hides_secret_values_and_keeps_token_names():
     assert redact_override("adapter.r=4,8") == "adapter.r=4,8"
 
 
+def test_redaction_covers_cloud_credentials_and_tokens_in_urls():
+    cloud = {
+        "aws": {"access_key": "AKIA", "aws_secret_access_key": "s", "session_token": "t", "region": "eu"},
+        "azure": {"sas_token": "sv=2024", "connection_string": "AccountKey=k", "container": "runs"},
+        "gcp": {"credentials": "{...}", "oauth_token": "ya29", "id_token": "ey"},
+        "db": {"dsn": "postgres://u:p@h/db"},
+        "data": {"path": "https://blob.example/data.jsonl?sv=2024&sig=SIGNATURE&se=2025", "max_length": 256},
+        "links": [
+            "https://hub.example/file?token=abc123#frag",
+            "https://s3.example/x?X-Amz-Credential=AKIA&X-Amz-Signature=deadbeef&X-Amz-Expires=60",
+            "https://api.example/v1?api_key=k1&page=2",
+        ],
+        "model": {"pad_token": "<pad>", "eos_token": "</s>", "name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+    }
+    redacted = redact_secrets(cloud)
+    for group in ("aws", "azure", "gcp", "db"):
+        kept = {k for k, v in redacted[group].items() if v != REDACTED}
+        assert kept == ({"region"} if group == "aws" else {"container"} if group == "azure" else set()), group
+    assert redacted["data"] == {
+        "path": f"https://blob.example/data.jsonl?sv=2024&sig={REDACTED}&se=2025",
+        "max_length": 256,
+    }
+    assert redacted["links"] == [
+        f"https://hub.example/file?token={REDACTED}#frag",
+        f"https://s3.example/x?X-Amz-Credential={REDACTED}&X-Amz-Signature={REDACTED}&X-Amz-Expires=60",
+        f"https://api.example/v1?api_key={REDACTED}&page=2",
+    ]
+    assert redacted["model"] == cloud["model"]  # vocabulary items and model ids are not secrets
+
+
 def test_missing_optimized_metric_names_the_logged_ones():
     with pytest.raises(
         KeyError, match=r"optimized_metric='val/f1' was not logged; available: \['test/acc', 'val/acc'\]"

@@ -318,6 +318,32 @@ def _check_weights(export: Export) -> None:
 
 
 # --- loading -------------------------------------------------------------------------------------------
+def load_formatter(export: Export):
+    """The export's tokenizer and prompts as a `ChatFormatter`, checked to give the answer tokens training used."""
+    from transformers import AutoTokenizer
+
+    from lmtune.data.formatting import ChatFormatter
+
+    formatting = export.formatting
+    formatter = ChatFormatter(
+        AutoTokenizer.from_pretrained(export.path),
+        export.labels,
+        formatting["max_length"],
+        system_prompt=formatting["system_prompt"],
+        user_template=formatting["user_template"],
+        truncate_column=formatting["truncate_column"],
+        eot_token=formatting.get("eot_token"),
+        chat_template_kwargs=formatting.get("chat_template_kwargs"),  # absent in early exports
+    )
+    if formatter.answer_ids != formatting["answer_ids"]:
+        raise UserError(
+            f"{export.path}: the exported tokenizer gives other answer tokens than training did "
+            f"({formatter.answer_ids} vs {formatting['answer_ids']}); the export was modified or the "
+            f"tokenizers library changed how it tokenizes. Re-export with this environment."
+        )
+    return formatter
+
+
 def base_model_path(export: Export, base: str | None, cache_dir) -> str:
     """Where an adapter export's base model is loaded from: `base=` when given (a folder or a hub id); else the
     folder it was trained from, when this machine has it; else the model the run's config names (a hub id, a GGUF

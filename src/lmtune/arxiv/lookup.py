@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future
 
 from lmtune.arxiv.client import ArxivClient
 from lmtune.arxiv.feed import COLUMNS, ArxivApiError, ArxivRecord
@@ -49,8 +53,11 @@ def canonical_id(text, where: str) -> str:
 
 def fetch_texts(settings: Mapping, ids: list[str]) -> dict[str, dict[str, str]]:
     """The prompt's columns of each paper arXiv knows, by its id; `settings`: the `arxiv` config (client)."""
-    records = fetch_by_ids(ArxivClient(**settings), ids)
-    return {i: {"title": r.title, "abstract": r.abstract} for i, r in records.items()}
+    return fetch_texts_with(ArxivClient(**settings), ids)
+
+
+def fetch_texts_with(client: ArxivClient, ids: list[str]) -> dict[str, dict[str, str]]:
+    return {i: {"title": r.title, "abstract": r.abstract} for i, r in fetch_by_ids(client, ids).items()}
 
 
 def texts_by_id(settings: Mapping, raw_ids: list, columns: list[str]) -> list[tuple[str, dict[str, str]]]:
@@ -67,24 +74,75 @@ def texts_by_id(settings: Mapping, raw_ids: list, columns: list[str]) -> list[tu
     return [(i, found[i]) for i in ids]
 
 
-def request_by_id(settings: Mapping):
-    """For serve: a request's `arxiv_id` -> (HTTP status, `{"fields", "id"}` of the paper or the one-line reason).
-    Blocking (it asks the API): run it in a thread."""
+class LookupBusy(Exception):
+    """More ids are waiting than `PaperLookup.max_pending`."""
 
-    def check(raw_id) -> tuple[int, dict | str]:
-        try:
-            paper_id = normalize_id(str(raw_id))
-        except ValueError as e:
-            return 422, f"arxiv_id: {e}"
-        try:
-            found = fetch_texts(settings, [paper_id])
-        except ArxivApiError as e:
-            return 502, f"the arXiv API did not answer ({e}); send the title and abstract instead"
-        if paper_id not in found:
-            return 404, f"arXiv has no paper with id {paper_id}"
-        return 200, {"fields": found[paper_id], "id": paper_id}
 
-    return check
+class PaperLookup:
+    """Papers by id for a server, so that lookups cannot hurt it or arXiv: one client for the whole server (arXiv's
+    interval between requests, a deadline on each), the ids asked for meanwhile fetched together (one request for up
+    to 100), answers cached (papers for `cache_ttl` s, unknown ids for a minute), at most `max_pending` ids waiting
+    (`LookupBusy` beyond), and a thread of its own, so that a slow arXiv delays only the requests that wait on it.
+
+    `submit(id)` returns a `concurrent.futures.Future` of `{"title", "abstract"}` (None: arXiv has no such paper);
+    an upstream failure is an `ArxivApiError` in the future, whose message may name the upstream URL (log it, do not
+    show it to clients)."""
+
+    CHUNK = 100  # ids per request (arXiv answers id_list queries of this size in one page)
+    MISSING_TTL = 60.0
+
+    def __init__(self, settings: Mapping, max_pending: int, cache_size: int, cache_ttl: float, clock=time.monotonic):
+        self.client = ArxivClient(**settings)
+        self.max_pending, self.cache_size, self.cache_ttl, self.clock = max_pending, cache_size, cache_ttl, clock
+        self.cache: OrderedDict[str, tuple[float, dict | None]] = OrderedDict()  # id -> (expires, texts)
+        self.waiting: dict[str, Future] = {}  # not fetched yet
+        self.fetching: dict[str, Future] = {}  # in the request being made
+        self.wake = threading.Condition()
+        threading.Thread(target=self._run, name="arxiv-lookup", daemon=True).start()
+
+    def submit(self, paper_id: str) -> Future:
+        with self.wake:
+            if (hit := self.cache.get(paper_id)) is not None and hit[0] > self.clock():
+                self.cache.move_to_end(paper_id)
+                return _done(hit[1])
+            if (same := self.waiting.get(paper_id) or self.fetching.get(paper_id)) is not None:
+                return same  # asked for already: one answer for both
+            if len(self.waiting) + len(self.fetching) >= self.max_pending:
+                raise LookupBusy
+            future = self.waiting[paper_id] = Future()
+            self.wake.notify()
+            return future
+
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                self.wake.wait_for(lambda: self.waiting)
+                ids = list(self.waiting)[: self.CHUNK]
+                for i in ids:
+                    self.fetching[i] = self.waiting.pop(i)
+            try:
+                found, error = fetch_texts_with(self.client, ids), None
+            except Exception as e:  # ArxivApiError, or anything else: every waiter gets its answer
+                found, error = {}, e if isinstance(e, ArxivApiError) else ArxivApiError(f"{type(e).__name__}: {e}")
+            with self.wake:
+                now = self.clock()
+                for i in ids:
+                    future = self.fetching.pop(i)
+                    if error is not None:
+                        future.set_exception(error)
+                        continue
+                    texts = found.get(i)
+                    self.cache[i] = (now + (self.cache_ttl if texts else self.MISSING_TTL), texts)
+                    self.cache.move_to_end(i)
+                    future.set_result(texts)
+                while len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
+
+
+def _done(result) -> Future:
+    future = Future()
+    future.set_result(result)
+    return future
 
 
 def verbatim_ids(overrides: list[str]) -> str | list[str] | None:

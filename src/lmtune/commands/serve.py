@@ -2,33 +2,44 @@
 for an arXiv model, `{"arxiv_id": ...}`) answers `{"label", "probs"}` exactly as `predict.py` does: the same
 `Predictor` (the export's formatting, rank scoring over the label set), with requests batched dynamically.
 
-Every request is checked in the HTTP process before it is queued (`RequestCheck`): malformed JSON, a missing or
-non-string column, an over-long body, an unknown arXiv id or a wrong API key is a 4xx with a one-line JSON error
-(`{"error": "..."}`) and never reaches the model, so one bad request cannot fail the batch it would have joined.
+Safe to expose (docs/serving.md, "Running it in public"): every request is checked whole before it is queued
+(`serve_requests.RequestCheck`), and a batch that still fails is scored again row by row, so that only the row at
+fault gets an error; connections, waiting requests, the time to send a request and arXiv lookups are bounded
+(`serve_limits`); the API key comes from the environment only (`LMTUNE_API_KEY`) and guards every route but
+/health.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hmac
-import json
 import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
 
 import litserve as ls
+from fastapi.responses import JSONResponse
 from omegaconf import DictConfig, OmegaConf
 
-from lmtune.artifacts.export import read_export
-from lmtune.arxiv.lookup import fetchable, request_by_id
-from lmtune.core.errors import UserError
+from lmtune.artifacts.export import load_formatter, read_export
+from lmtune.arxiv.lookup import fetchable
+from lmtune.commands.serve_limits import LimitLog, ServeLimits, guarded_protocol
+from lmtune.commands.serve_requests import MAX_ID_CHARS, RequestCheck
+from lmtune.core.errors import DataError, UserError
 from lmtune.data.formatting import template_columns
-from lmtune.data.records import clean_text
 from lmtune.evaluation.predictor import Prediction, Predictor, Row, pick_device
 
 log = logging.getLogger(__name__)
+
+API_KEY_VARIABLE = "LMTUNE_API_KEY"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class RowFailed:
+    """A row of a batch that could not be scored on its own either; answered with its own error."""
+
+    def __init__(self, error: BaseException):
+        self.status = 422 if isinstance(error, DataError) else 500
+        self.message = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -40,6 +51,7 @@ class ClassifierAPI(ls.LitAPI):
         self.device_name, self.precision = device, precision
 
     def setup(self, device) -> None:  # LitServe's device name; ours follows `device=` as predict.py does
+        self.limit_log = LimitLog()  # here, in the worker: the API object is pickled to start it
         options = {"precision": self.precision} if self.precision else {}
         device = pick_device(self.device_name)
         self.predictor = Predictor.from_export(self.ckpt, self.cache_dir, device, base=self.base, **options)
@@ -50,101 +62,113 @@ class ClassifierAPI(ls.LitAPI):
     def batch(self, rows: list[Row]) -> list[Row]:
         return list(rows)
 
-    def predict(self, rows):
-        return self.predictor.predict(rows if isinstance(rows, list) else [rows])
+    def predict(self, rows) -> list[Prediction | RowFailed]:
+        rows = rows if isinstance(rows, list) else [rows]
+        try:
+            return self.predictor.predict(rows)
+        except Exception as e:  # a row the request check could not foresee: each row on its own, so only it fails
+            first = e
+        answers = []
+        for row in rows:
+            try:
+                answers.extend(self.predictor.predict([row]))
+            except Exception as e:
+                answers.append(RowFailed(e))
+        failed = [a for a in answers if isinstance(a, RowFailed)]
+        self.limit_log.hit(
+            "batch scored row by row",
+            f"a batch of {len(rows)} raised {type(first).__name__}: {RowFailed(first).message}; scored row by row, "
+            f"{len(failed)} row(s) failed on their own",
+        )
+        return answers
 
-    def unbatch(self, predictions: list[Prediction]) -> list[Prediction]:
+    def unbatch(self, predictions: list) -> list:
         return predictions
 
-    def encode_response(self, prediction) -> dict:
+    def encode_response(self, prediction):
         if isinstance(prediction, list):  # without batching, predict answered a list of one
             (prediction,) = prediction
+        if isinstance(prediction, RowFailed):
+            return JSONResponse({"error": prediction.message}, status_code=prediction.status)
         return {"label": prediction.label, "probs": prediction.probs, "truncated": prediction.truncated}
 
 
-class RequestCheck:
-    """ASGI middleware in front of `POST /predict`: the API key, the body's size and JSON, the task's columns (or
-    an arXiv id, fetched here by `fetch`), then the request passes on as `{"fields": {...}, "id": ...}`."""
-
-    def __init__(self, app, columns: list[str], max_bytes: int, api_key: str | None, fetch: Callable | None):
-        self.app, self.columns, self.max_bytes, self.api_key, self.fetch = app, columns, max_bytes, api_key, fetch
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/predict":
-            return await self.app(scope, receive, send)
-        received = dict(scope["headers"])
-        if self.api_key and not hmac.compare_digest(received.get(b"x-api-key", b""), self.api_key.encode()):
-            return await _error(send, 401, "missing or wrong X-API-Key header")
-        declared = received.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await _error(send, 413, f"body over {self.max_bytes} bytes (serve.max_body_bytes)")
-        body, more = b"", True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                return await _error(send, 413, f"body over {self.max_bytes} bytes (serve.max_body_bytes)")
-        status, payload = await self.check(body)
-        if status != 200:
-            return await _error(send, status, payload)
-        forwarded = json.dumps(payload).encode()
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": forwarded, "more_body": False}
-
-        # as JSON whatever the client declared (`curl -d` says form data)
-        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"content-type")]
-        headers += [(b"content-length", str(len(forwarded)).encode()), (b"content-type", b"application/json")]
-        return await self.app({**scope, "headers": headers}, replay, send)
-
-    async def check(self, body: bytes) -> tuple[int, dict | str]:
-        """(200, the normalized request) or (a 4xx status, the one-line reason)."""
-        try:
-            request = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return 400, f"the body is not JSON ({getattr(e, 'msg', e)}); send one object, e.g. {self.example()}"
-        if not isinstance(request, dict):
-            return 400, f"send one JSON object, e.g. {self.example()}"
-        if "arxiv_id" in request and self.fetch is not None:
-            return await asyncio.to_thread(self.fetch, request["arxiv_id"])
-        missing = [c for c in self.columns if c not in request]
-        if missing:
-            return 422, f"missing column(s) {', '.join(missing)}; send {self.example()}"
-        wrong = [c for c in self.columns if not isinstance(request[c], str) or not request[c].strip()]
-        if wrong:
-            return 422, f"column(s) {', '.join(wrong)} must be non-empty strings"
-        request_id = request.get("id")
-        return 200, {"fields": {c: clean_text(request[c]) for c in self.columns}, "id": request_id}
-
-    def example(self) -> str:
-        return json.dumps({c: "..." for c in self.columns})
+def openapi_schema(columns: list[str], limits: ServeLimits, by_id: bool) -> dict:
+    """The API as clients (and Schemathesis) read it from /openapi.json."""
+    text = {"type": "string", "minLength": 1, "maxLength": limits.max_field_chars, "pattern": r"\S"}
+    integer = {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
+    row_id = {"anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS}, integer, {"type": "null"}]}
+    row = {"type": "object", "required": columns, "properties": {**dict.fromkeys(columns, text), "id": row_id}}
+    body = row
+    if by_id:  # the usual spellings; abs/pdf URLs and `arXiv:` prefixes are accepted too
+        paper_id = {"type": "string", "pattern": r"^(\d\d(0[1-9]|1[0-2])\.\d{4,5}|[a-z-]+(\.[A-Z]{2})?/\d\d(0[1-9]|1[0-2])\d{3})(v[1-9]\d{0,2})?$"}
+        paper = {"type": "object", "required": ["arxiv_id"], "properties": {"arxiv_id": paper_id, "id": row_id}}
+        row = {**row, "not": {"required": ["arxiv_id"]}}  # a body with an arxiv_id is looked up
+        body = {"oneOf": [row, paper]}
+    error = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+    answer = {
+        "type": "object",
+        "required": ["label", "probs", "truncated"],
+        "properties": {
+            "label": {"type": "string"},
+            "probs": {"type": "object", "additionalProperties": {"type": "number"}},
+            "truncated": {"type": "boolean"},
+        },
+    }
+    errors = {
+        "400": "not JSON, or not one flat object",
+        "401": "missing or wrong X-API-Key",
+        "404": "no such arXiv paper",
+        "408": "the request took too long to arrive",
+        "413": "the body is too long",
+        "422": "a column is missing, empty, not text, too long, or does not fit the model",
+        "502": "the arXiv API did not answer",
+        "503": "busy: too many requests or lookups waiting (Retry-After)",
+        "504": "the model or arXiv did not answer in time",
+    }
+    json_of = lambda schema: {"application/json": {"schema": schema}}  # noqa: E731
+    responses = {"200": {"description": "the label and every label's probability", "content": json_of(answer)}}
+    responses |= {code: {"description": what, "content": json_of(error)} for code, what in errors.items()}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "lmtune classifier", "version": "1"},
+        "components": {"securitySchemes": {"key": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}},
+        "security": [{"key": []}],
+        "paths": {
+            "/predict": {
+                "post": {
+                    "summary": "the label of one row",
+                    "requestBody": {"required": True, "content": json_of(body)},
+                    "responses": responses,
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "200 once the model is loaded",
+                    "security": [],
+                    "responses": {"200": {"description": "ok"}, "503": {"description": "not ready"}},
+                }
+            },
+        },
+    }
 
 
-async def _error(send, status: int, message: str) -> None:
-    body = json.dumps({"error": message}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-def build_server(cfg: DictConfig) -> ls.LitServer:
-    """The LitServer for `cfg.ckpt`: the export is checked here, before any process starts."""
+def build_server(cfg: DictConfig) -> tuple[ls.LitServer, dict]:
+    """The LitServer for `cfg.ckpt` and the uvicorn settings it runs with: the export and every setting are
+    checked here, before any process starts."""
     export = read_export(cfg.ckpt)
     columns = list(template_columns(export.formatting["user_template"], "data.prompt.user"))
-    fetch = request_by_id(OmegaConf.to_container(cfg.arxiv, resolve=True)) if fetchable(columns) else None
-    s = cfg.serve
-    if s.max_batch_size < 1 or s.batch_timeout < 0:
-        raise UserError(
-            f"serve.max_batch_size={s.max_batch_size} and serve.batch_timeout={s.batch_timeout}: "
-            "use a batch size of 1 or more and a timeout of 0 s or more."
+    limits = ServeLimits.of(OmegaConf.to_container(cfg.serve, resolve=True))
+    lookup = OmegaConf.to_container(cfg.arxiv, resolve=True) if fetchable(columns) else None
+    if lookup is not None:  # a server waits at most serve.lookup.timeout: no long retries behind it
+        lookup |= {"timeout": min(float(lookup["timeout"]), limits.lookup_timeout), "max_retries": 2}
+    api_key = os.environ.get(API_KEY_VARIABLE) or None
+    if api_key is None and str(cfg.host) not in LOOPBACK:
+        log.warning(
+            "serving on %s without %s: anyone who reaches this port can use the model; set %s=<key>",
+            cfg.host,
+            API_KEY_VARIABLE,
+            API_KEY_VARIABLE,
         )
     api = ClassifierAPI(
         str(export.path),
@@ -152,19 +176,30 @@ def build_server(cfg: DictConfig) -> ls.LitServer:
         str(cfg.paths.cache_dir),
         cfg.device,
         None if cfg.precision == "auto" else cfg.precision,
-        max_batch_size=int(s.max_batch_size),
-        batch_timeout=float(s.batch_timeout),
+        max_batch_size=limits.max_batch_size,
+        batch_timeout=float(limits.batch_timeout),
     )
     accelerator = "cuda" if pick_device(cfg.device).type == "cuda" else "cpu"
-    check = {"columns": columns, "max_bytes": int(s.max_body_bytes), "api_key": s.api_key or None, "fetch": fetch}
-    return ls.LitServer(
+    limit_log = LimitLog()
+    check = {
+        "formatter_factory": lambda: load_formatter(export),
+        "limits": limits,
+        "api_key": api_key,
+        "lookup_settings": lookup,
+        "limit_log": limit_log,
+    }
+    server = ls.LitServer(
         api,
         accelerator=accelerator,
         devices=1,
-        timeout=float(s.timeout),
+        timeout=float(limits.timeout),
         middlewares=[(RequestCheck, check)],
         track_requests=False,
     )
+    schema = openapi_schema(columns, limits, lookup is not None)
+    server.app.openapi = lambda: schema  # FastAPI's own would describe /predict as taking anything
+    uvicorn = {"http": guarded_protocol(limits, limit_log), "timeout_keep_alive": limits.keep_alive}
+    return server, uvicorn
 
 
 def check_address(host: str, port) -> None:
@@ -183,7 +218,8 @@ def check_address(host: str, port) -> None:
 def serve(cfg: DictConfig) -> None:
     """Run until SIGTERM or Ctrl+C; either stops taking requests, answers those in flight, then exits."""
     check_address(cfg.host, cfg.port)
-    server = build_server(cfg)
+    server, uvicorn = build_server(cfg)
+    ServeLimits.of(OmegaConf.to_container(cfg.serve, resolve=True)).check_open_files()
     log.info("serving %s on http://%s:%d/predict (health: /health)", cfg.ckpt, cfg.host, cfg.port)
     main = os.getpid()
 
@@ -194,5 +230,5 @@ def serve(cfg: DictConfig) -> None:
         os.kill(os.getpid(), signum)
 
     signal.signal(signal.SIGTERM, stop)
-    server.run(host=cfg.host, port=int(cfg.port), generate_client_file=False, log_level="warning")
+    server.run(host=cfg.host, port=int(cfg.port), generate_client_file=False, log_level="warning", **uvicorn)
     log.info("stopped")

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 from lmtune.artifacts.checkpoints import load_checkpoint_weights
-from lmtune.artifacts.export import load_export_model, read_export
-from lmtune.core.errors import UserError
+from lmtune.artifacts.export import load_export_model, load_formatter, read_export
 from lmtune.core.progress import Progress
 from lmtune.data.formatting import ChatFormatter
 from lmtune.model.loading import load_base_model, load_tokenizer, resolve_pretrained
@@ -98,29 +96,12 @@ class Predictor:
         """Load the base model and the trained adapter (or the full model for adapter=none) of an export;
         `base`: where the base model is (a folder or hub id), when not where the export says."""
         export = read_export(export)
-        tokenizer = AutoTokenizer.from_pretrained(export.path)
-        formatting = export.formatting
-        formatter = ChatFormatter(
-            tokenizer,
-            export.labels,
-            formatting["max_length"],
-            system_prompt=formatting["system_prompt"],
-            user_template=formatting["user_template"],
-            truncate_column=formatting["truncate_column"],
-            eot_token=formatting.get("eot_token"),
-            chat_template_kwargs=formatting.get("chat_template_kwargs"),  # absent in early exports
-        )
-        if formatter.answer_ids != formatting["answer_ids"]:
-            raise UserError(
-                f"{export.path}: the exported tokenizer gives other answer tokens than training did "
-                f"({formatter.answer_ids} vs {formatting['answer_ids']}); the export was modified or the "
-                f"tokenizers library changed how it tokenizes. Re-export with this environment."
-            )
+        formatter = load_formatter(export)
         model = load_export_model(export, cache_dir, device, base=base)
         log.info("loaded %s (%s, labels %s) on %s", export.path, export.cfg.adapter.kind, export.labels, device)
         log.info(formatter.chat_format.describe())
         kwargs.setdefault("precision", export.cfg.trainer.get("precision"))
-        return cls(model, formatter, tokenizer.pad_token_id, source=str(export.path), **kwargs)
+        return cls(model, formatter, formatter.tokenizer.pad_token_id, source=str(export.path), **kwargs)
 
     @classmethod
     def from_checkpoint(cls, ckpt: str | Path, cache_dir: str | Path, device: torch.device, **kwargs) -> Predictor:
