@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -112,6 +114,28 @@ def test_a_second_run_reads_the_cache_and_each_change_misses_it(tiny_tokenizer, 
     with path.open("a") as f:  # the file grows: its records are read again
         f.write(json.dumps({"id": "9999.1", "title": "T", "abstract": "A.", "primary_category": "cs.CL"}) + "\n")
     assert new_entries() == {"records", "examples"}
+
+
+def test_a_file_edited_in_place_with_its_size_and_mtime_restored_is_read_again(tiny_tokenizer, tmp_path):
+    """The cache key notices what a same-size edit with the modification time set back leaves: the change time."""
+    path = sample_with_faults(tmp_path / "papers.jsonl")
+    cache = tmp_path / "cache"
+    first = prepare(tiny_tokenizer, path, cache)
+    assert "cs.XY" not in first.labels
+    text, stat = path.read_text(), path.stat()
+    edited = text.replace('"cs.CV"', '"cs.XY"')  # same length: the file keeps its size
+    assert edited != text and len(edited) == len(text)
+    time.sleep(0.01)  # a later change time, on file systems with coarse clocks
+    with path.open("r+") as f:  # in place: same inode
+        f.write(edited)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns, path.stat().st_ino) == (
+        stat.st_size,
+        stat.st_mtime_ns,
+        stat.st_ino,
+    )
+    second = prepare(tiny_tokenizer, path, cache, top_k=None)
+    assert "cs.XY" in second.labels
 
 
 def test_a_fault_in_a_worker_process_is_one_clear_error_and_leaves_no_entry(tiny_tokenizer, tmp_path):

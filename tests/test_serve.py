@@ -432,7 +432,10 @@ def test_a_broken_export_or_setting_stops_before_the_server_starts(case, export,
             [f"ckpt={export}", f"port={busy.getsockname()[1]}"],
             f"port={busy.getsockname()[1]}: cannot listen there (Address already in use); pick a free port",
         ),
-        "batch size zero": ([f"ckpt={export}", "serve.max_batch_size=0"], "serve.max_batch_size=0: use a positive number"),
+        "batch size zero": (
+            [f"ckpt={export}", "serve.max_batch_size=0"],
+            "serve.max_batch_size=0: use a positive number",
+        ),
     }[case]
     cmd = [sys.executable, str(ROOT / "src" / "serve.py"), *settings, f"paths.cache_dir={cache_dir}"]
     proc = subprocess.run(

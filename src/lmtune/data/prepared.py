@@ -6,7 +6,7 @@ Two stages, each cached under `<cache_dir>/data/`:
 
 - **records** (`prepare_records`): a source's rows validated as `records.py` does (the same skips, counted,
   and the same errors), streamed into a table of id, label and the prompt's columns, with a manifest of the skip
-  and label counts. Keyed by the source (a file's path, size and modification time; a HF dataset's fingerprint),
+  and label counts. Keyed by the source (a file's path, inode, size, mtime and ctime; a HF dataset's fingerprint),
   the columns read and `CACHE_VERSION`.
 - **examples** (`format_examples`): one split's records formatted by `ChatFormatter`, a batched `Dataset.map`
   over the available cores. Keyed by the records, the rows chosen (split, order, limit) and everything the

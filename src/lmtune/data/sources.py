@@ -84,7 +84,10 @@ class RecordSource:
 
     def rows(self) -> tuple[Iterable[Mapping], str, dict]:
         """(the source's raw rows, `where` naming it in errors, what identifies its content): a file by its path,
-        size and modification time, a HF dataset by its fingerprint. Prepared data is cached under that key."""
+        inode, size, modification and change times, a HF dataset by its fingerprint. Prepared data is cached under
+        that key. The change time (ctime) moves with every write and cannot be set back by a user (`touch -d` and
+        `os.utime` set only mtime), so a file edited in place with its size and mtime restored is read again; the
+        check is one stat (a content hash of a 1M-row file would cost seconds per run)."""
         if self.kind == "hf":
             from lmtune.data.hf_source import iter_hf_rows
 
@@ -94,5 +97,11 @@ class RecordSource:
             self.prepare()
         path = existing_file(self.path, self.spec)
         stat = path.stat()
-        key = {"file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        key = {
+            "file": str(path.resolve()),
+            "inode": stat.st_ino,
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "ctime_ns": stat.st_ctime_ns,
+        }
         return reader_for(path)(path, self.spec), str(path), key
