@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST := $(PY) -m pytest
 
-.PHONY: install test test-slow test-gpu test-all bench lint smoke data clean
+.PHONY: install test test-slow test-gpu test-all bench fuzz lint smoke data clean
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ test-all: install
 # Results: bench/results/, bench/README.md.
 bench: install
 	$(PY) bench/run.py $(ARGS)
+
+# the server fuzzed longer than `make test` does: Schemathesis with 2,000 examples per operation and phase from its
+# OpenAPI schema against a real server, and 16,000 hypothesis examples of the request check (~5 minutes on 2 cores)
+fuzz: install
+	LMTUNE_FUZZ_EXAMPLES=2000 $(PYTEST) tests/test_serve.py -q -k "schemathesis or request_check"
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench && $(VENV)/bin/ruff format --check src tests bench

@@ -2,7 +2,10 @@
 offline rate on the same rows in the same run.
 
 Each concurrency level runs `clients` threads that each send `requests` rows back to back (a new request as soon
-as the last is answered): requests/s, p50/p95/p99 latency, errors. The offline rate is `Predictor.predict` over
+as the last is answered): requests/s, p50/p95/p99 latency, errors. A fraction of the requests (`--bad-fraction`,
+10% by default) are what clients and attackers send (an unpaired surrogate, a 30 KB title, a title that cannot fit
+max_length, JSON nested 10,000 deep, a 5,000-digit number): each must get its 4xx, and no good request an error;
+the rate that counts is the good rows answered per second. The offline rate is `Predictor.predict` over
 the same rows in this process before the server starts (what `predict.py input=<file>` runs), so both use the
 machine alone. A soak at concurrency 8 samples the server's resident memory (all its processes) while it runs.
 
@@ -47,6 +50,19 @@ def offline_rows_per_s(ckpt: str, rows: list[dict], cache_dir: str) -> float:
     started = time.perf_counter()
     predictor.predict([Row(r) for r in rows])
     return len(rows) / (time.perf_counter() - started)
+
+
+BAD_BODIES = [
+    json.dumps({"title": "\ud800", "abstract": "We study robots."}).encode(),
+    json.dumps({"title": "x" * 30_000, "abstract": "We study robots."}).encode(),
+    json.dumps({"title": "word " * 2000, "abstract": "We study robots."}).encode(),
+    b"[" * 10_000 + b"]" * 10_000,
+    b'{"title": "A", "abstract": "B", "id": ' + b"9" * 5000 + b"}",
+]
+
+
+def is_bad(k: int, i: int, every: int) -> bool:
+    return every > 0 and (k * 7919 + i) % every == every - 1
 
 
 def free_port() -> int:
@@ -128,13 +144,23 @@ def post(port: int, method: str, path: str, body: bytes | None = None, connectio
     return status, time.perf_counter() - started
 
 
-def closed_loop(port: int, rows: list[dict], clients: int, requests: int) -> dict:
-    """`clients` threads, each sending `requests` rows one after another over its own keep-alive connection."""
-    latencies, errors, lock = [], [0], threading.Lock()
+def closed_loop(port: int, rows: list[dict], clients: int, requests: int, bad_every: int = 0) -> dict:
+    """`clients` threads, each sending `requests` rows one after another over its own keep-alive connection; every
+    `bad_every`-th request (spread over the clients) is a bad one."""
+    latencies, errors, bad, lock = [], [0], {"sent": 0, "not_4xx": 0}, threading.Lock()
 
     def client(k: int) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         for i in range(requests):
+            if is_bad(k, i, bad_every):
+                status, _ = post(port, "POST", "/predict", BAD_BODIES[(k + i) % len(BAD_BODIES)], connection)
+                with lock:
+                    bad["sent"] += 1
+                    bad["not_4xx"] += not 400 <= status < 500
+                if status == 0:
+                    connection.close()
+                    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+                continue
             body = json.dumps(rows[(k * requests + i) % len(rows)]).encode()
             status, seconds = post(port, "POST", "/predict", body, connection)
             with lock:
@@ -156,22 +182,35 @@ def closed_loop(port: int, rows: list[dict], clients: int, requests: int) -> dic
     return {
         "concurrency": clients,
         "requests": len(latencies),
-        "requests_per_s": len(latencies) / elapsed,
+        "requests_per_s": len(latencies) / elapsed,  # good rows answered per second
         "p50_ms": 1000 * q[49],
         "p95_ms": 1000 * q[94],
         "p99_ms": 1000 * q[98],
-        "errors": errors[0],
+        "errors": errors[0],  # good requests that did not get a 200
+        "bad_requests": bad["sent"],
+        "bad_not_4xx": bad["not_4xx"],  # bad requests answered otherwise than with a 4xx
     }
 
 
-def soak(server: Server, rows: list[dict], seconds: float, clients: int = 8, warmup: float = 30.0) -> dict:
-    """Concurrency `clients` for `seconds`; the server's RSS sampled after a warm-up (`growth`)."""
-    stop, counts, samples = time.monotonic() + seconds, {"requests": 0, "errors": 0}, []
+def soak(
+    server: Server, rows: list[dict], seconds: float, clients: int = 8, warmup: float = 30.0, bad_every: int = 0
+) -> dict:
+    """Concurrency `clients` for `seconds` (bad requests mixed in as in `closed_loop`); the server's RSS sampled
+    after a warm-up (`growth`)."""
+    stop, samples = time.monotonic() + seconds, []
+    counts = {"requests": 0, "errors": 0, "bad_requests": 0, "bad_not_4xx": 0}
     lock = threading.Lock()
 
     def client(k: int) -> None:
-        connection, i = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120), 0
+        connection, i, n = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120), 0, 0
         while time.monotonic() < stop:
+            n += 1
+            if is_bad(k, n, bad_every):
+                status, _ = post(server.port, "POST", "/predict", BAD_BODIES[n % len(BAD_BODIES)], connection)
+                with lock:
+                    counts["bad_requests"] += 1
+                    counts["bad_not_4xx"] += not 400 <= status < 500
+                continue
             status, _ = post(
                 server.port, "POST", "/predict", json.dumps(rows[(k + i) % len(rows)]).encode(), connection
             )
@@ -203,7 +242,17 @@ def growth(samples: list[float]) -> float | None:
     return statistics.median(samples[-quarter:]) / statistics.median(samples[:quarter]) - 1
 
 
-def bench(ckpt: str, source: Path, work: Path, limit: int, requests: int, levels, soak_seconds: float, batch: int):
+def bench(
+    ckpt: str,
+    source: Path,
+    work: Path,
+    limit: int,
+    requests: int,
+    levels,
+    soak_seconds: float,
+    batch: int,
+    bad_fraction: float = 0.1,
+):
     cache_dir = str(project_config("train", []).paths.cache_dir)
     rows = rows_of(source, limit)
     offline = offline_rows_per_s(ckpt, rows, cache_dir)
@@ -211,13 +260,15 @@ def bench(ckpt: str, source: Path, work: Path, limit: int, requests: int, levels
     server = Server(ckpt, cache_dir, work / "serve", batch)
     try:
         post(server.port, "POST", "/predict", json.dumps(rows[0]).encode())  # warm-up
-        runs = []
+        runs, bad_every = [], round(1 / bad_fraction) if bad_fraction else 0
         for clients in levels:
-            run = closed_loop(server.port, rows, clients, max(1, requests // clients))
+            run = closed_loop(
+                server.port, rows, clients, max(1, round(requests / (1 - bad_fraction)) // clients), bad_every
+            )
             run["vs_offline"] = run["requests_per_s"] / offline
             runs.append(run)
             print(f"[serve] {run}", file=sys.stderr, flush=True)
-        soaked = soak(server, rows, soak_seconds) if soak_seconds else None
+        soaked = soak(server, rows, soak_seconds, bad_every=bad_every) if soak_seconds else None
         if soaked:
             print(f"[serve] soak {soaked}", file=sys.stderr, flush=True)
     finally:
@@ -226,6 +277,7 @@ def bench(ckpt: str, source: Path, work: Path, limit: int, requests: int, levels
         "ckpt": ckpt,
         "rows": len(rows),
         "max_batch_size": batch,
+        "bad_fraction": bad_fraction,
         "offline_rows_per_s": offline,
         "levels": runs,
         "soak": soaked,
@@ -241,6 +293,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--requests", type=int, default=128, help="requests per concurrency level")
     parser.add_argument("--soak-seconds", type=float, default=600.0)
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--bad-fraction", type=float, default=0.1, help="share of bad requests mixed in")
     parser.add_argument("--work", type=Path, default=ROOT / "logs" / "bench" / "serve_load")
     parser.add_argument("--out", type=Path)
     a = parser.parse_args(argv)
@@ -248,7 +301,17 @@ def main(argv=None) -> dict:
         source = ROOT / "tests" / "assets" / "arxiv_sample.jsonl"
         result = bench(a.ckpt, source, a.work, 16, 16, (1, 8), 3.0, 4)
     else:
-        result = bench(a.ckpt, SHARED_ARXIV, a.work, a.rows, a.requests, (1, 8, 32), a.soak_seconds, a.max_batch_size)
+        result = bench(
+            a.ckpt,
+            SHARED_ARXIV,
+            a.work,
+            a.rows,
+            a.requests,
+            (1, 8, 32),
+            a.soak_seconds,
+            a.max_batch_size,
+            a.bad_fraction,
+        )
     return emit(result, a.out)
 
 

@@ -269,7 +269,9 @@ def test_serve_benchmark_loads_the_server_beside_the_offline_rate(smoke_bench):
     serve = smoke_bench[0]["serve"]
     assert serve["offline_rows_per_s"] > 0 and serve["exit_code_after_sigterm"] == 0
     assert [r["concurrency"] for r in serve["levels"]] == [1, 8]
-    for level in serve["levels"]:
-        assert level["errors"] == 0 and level["requests"] == 16 and level["requests_per_s"] > 0
+    for level in serve["levels"]:  # bad requests mixed in: each got its 4xx, no good one an error
+        assert level["errors"] == 0 and level["bad_requests"] >= 1 and level["bad_not_4xx"] == 0
+        assert level["requests"] + level["bad_requests"] >= 16 and level["requests_per_s"] > 0
         assert 0 < level["p50_ms"] <= level["p95_ms"] <= level["p99_ms"]
-    assert serve["soak"]["errors"] == 0 and serve["soak"]["requests"] > 0 and serve["soak"]["rss_mb"]
+    soak = serve["soak"]
+    assert soak["errors"] == 0 and soak["requests"] > 0 and soak["rss_mb"] and soak["bad_not_4xx"] == 0

@@ -312,7 +312,7 @@ def test_fuzzing_the_api_with_schemathesis_finds_no_server_error(server, tmp_pat
     assert server.request("GET", "/health")[0] == 200 and "Traceback" not in server.log.read_text()
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=8 * FUZZ_EXAMPLES, deadline=None)
 @given(
     st.one_of(
         st.binary(max_size=300),
