@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -416,7 +417,7 @@ def test_sigterm_answers_the_requests_in_flight_then_exits(export, cache_dir, tm
     assert "Traceback" not in log and "stopped" in log
 
 
-CASES = ["key as a setting", "queue of zero", "not an export", "port in use", "batch size zero"]
+CASES = ["key as a setting", "queue of zero", "too few open files", "not an export", "port in use", "batch size zero"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.replace(" ", "_"))
@@ -427,6 +428,10 @@ def test_a_broken_export_or_setting_stops_before_the_server_starts(case, export,
     settings, expect = {
         "key as a setting": ([f"ckpt={export}", "serve.api_key=hunter2"], "serve.api_key=***: a secret is not taken"),
         "queue of zero": ([f"ckpt={export}", "serve.max_queue=0"], "serve.max_queue=0: use a positive number"),
+        "too few open files": (  # under `ulimit -n 300`: accept() would fail under load, with nothing logged
+            [f"ckpt={export}", "serve.max_connections=256"],
+            "serve.max_connections=256 needs 512 open files, but this process may open 300 (ulimit -n)",
+        ),
         "not an export": ([f"ckpt={tmp_path}"], f"ckpt={tmp_path}: not a trained export (needs labels.json"),
         "port in use": (
             [f"ckpt={export}", f"port={busy.getsockname()[1]}"],
@@ -438,8 +443,14 @@ def test_a_broken_export_or_setting_stops_before_the_server_starts(case, export,
         ),
     }[case]
     cmd = [sys.executable, str(ROOT / "src" / "serve.py"), *settings, f"paths.cache_dir={cache_dir}"]
+    files = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))) if case == "too few open files" else None
     proc = subprocess.run(
-        [*cmd, f"hydra.run.dir={tmp_path / 'h'}"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [*cmd, f"hydra.run.dir={tmp_path / 'h'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=files,
     )
     busy.close()
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
