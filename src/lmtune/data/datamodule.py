@@ -152,7 +152,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.splits = {name: records.select(p) for name, p in positions.items()}
         self.stats = {
             "source": self.source.where,
-            "source_identity": identity,  # a file's path, size and modification time; a HF dataset's fingerprint
+            "source_identity": identity,  # a file's path, inode, size, mtime and ctime; a HF dataset's fingerprint
             "records": len(records),
             "skipped": dict(self.skips.counts),
             "labels": self.labels,
