@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 API_KEY_VARIABLE = "LMTUNE_API_KEY"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+# what /openapi.json says an arxiv_id looks like: 2401.01234 (or 0704.0001), math/0301234, with a version or not
+ARXIV_ID_PATTERN = r"^(\d\d(0[1-9]|1[0-2])\.\d{4,5}|[a-z-]+(\.[A-Z]{2})?/\d\d(0[1-9]|1[0-2])\d{3})(v[1-9]\d{0,2})?$"
 
 
 class RowFailed:
@@ -101,7 +103,7 @@ def openapi_schema(columns: list[str], limits: ServeLimits, by_id: bool) -> dict
     row = {"type": "object", "required": columns, "properties": {**dict.fromkeys(columns, text), "id": row_id}}
     body = row
     if by_id:  # the usual spellings; abs/pdf URLs and `arXiv:` prefixes are accepted too
-        paper_id = {"type": "string", "pattern": r"^(\d\d(0[1-9]|1[0-2])\.\d{4,5}|[a-z-]+(\.[A-Z]{2})?/\d\d(0[1-9]|1[0-2])\d{3})(v[1-9]\d{0,2})?$"}
+        paper_id = {"type": "string", "pattern": ARXIV_ID_PATTERN}
         paper = {"type": "object", "required": ["arxiv_id"], "properties": {"arxiv_id": paper_id, "id": row_id}}
         row = {**row, "not": {"required": ["arxiv_id"]}}  # a body with an arxiv_id is looked up
         body = {"oneOf": [row, paper]}
