@@ -148,6 +148,9 @@ def cases(f, run) -> list[Case]:
         Case("unknown source", "train.py", (*train_on, "data.source=web"), ("data.source='web'",)),
         Case("no data at all", "train.py", (*train_on, "data=text_classification", "data.path=null"), ("no data: set `data.path=`",)),
         Case("experiment needs data.path", "train.py", ("experiment=title_topics", "logger=none"), ("no data: set `data.path=`",)),
+        Case("negative step budget", "train.py", (*train_on, "trainer.max_steps=-5"), ("trainer.max_steps=-5: the optimizer steps to train", "use an integer of 0 or more, or -1")),
+        Case("batch of zero", "train.py", (*train_on, "data.batch_size=0"), ("data.batch_size=0: training examples per batch; use an integer of 1 or more",)),
+        Case("no batches per step", "train.py", (*train_on, "trainer.accumulate_grad_batches=0"), ("trainer.accumulate_grad_batches=0",)),
         Case("QLoRA in bf16-true", "train.py", (*train_on, "adapter=qlora", "trainer.precision=bf16-true"), ("recasts 4-bit weights",)),
         Case("unknown config option", "train.py", (*train_on, "adapter=lorax"), ("Could not find 'adapter/lorax'",), hydra=True),
         # model settings
@@ -287,6 +290,17 @@ def test_a_full_disk_or_an_unwritable_output_folder_is_one_line_and_keeps_what_w
     assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2
     predictor = Predictor.from_export(resumed / "export", cache_dir, torch.device("cpu"))
     assert predictor.predict([Row({"title": "A title", "abstract": "An abstract."})])[0].category in predictor.labels
+
+
+def test_what_a_run_writes_is_readable_by_others_as_the_umask_allows(broken):
+    """metrics.json, checkpoints and the export's files get `open`'s permissions (0644 under umask 022), not a temp
+    file's 0600."""
+    from lmtune.core.files import UMASK
+
+    _, run = broken
+    files = [run / "metrics.json", run / "checkpoints" / "last.ckpt", *sorted((run / "export").iterdir())]
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in files if f.is_file()}
+    assert len(modes) >= 6 and set(modes.values()) == {oct(0o666 & ~UMASK)}, modes
 
 
 def test_an_export_that_fails_half_way_leaves_the_previous_one_whole(tmp_path):

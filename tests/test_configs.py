@@ -1,5 +1,7 @@
 """Every shipped experiment and debug config composes with the real config tree and passes validation."""
 
+import re
+import subprocess
 import sys
 
 import pytest
@@ -143,3 +145,18 @@ def test_qlora_under_fsdp_stores_4bit_weights_in_a_dtype_fsdp_can_shard(tmp_path
     ddp = compose_train(["experiment=smoke", "trainer=ddp", "adapter=qlora"], tmp_path, tmp_path)
     fit_to_strategy(ddp)
     assert ddp.adapter.quantization.storage_dtype is None  # DDP does not shard: unchanged
+
+
+def test_what_the_readme_commands_write_into_the_checkout_is_ignored_by_git():
+    """The files the README's commands create in the repository (a CSV built by its Python block, `> some.csv`,
+    `out=models/...`, `output=`, the `<input>.predictions.jsonl` beside an input) never show up in `git status`."""
+    written = set(re.findall(r'open\("([^"]+)", "w"', README)) | set(re.findall(r"> (\S+\.csv)", README))
+    written |= {f"{path}/model.safetensors" for path in re.findall(r"\bout=([\w./-]+)", README)}
+    written |= set(re.findall(r"\boutput=([\w./-]+)", README))
+    for source in re.findall(r"\binput=([\w./-]+)", README):
+        written.add(re.sub(r"\.(jsonl|csv|parquet)(\.gz)?$", ".predictions.jsonl", source))
+    assert {"topics.csv", "some.csv", "some.predictions.jsonl", "models/title-topics/model.safetensors"} <= written
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *sorted(written)], cwd=ROOT, capture_output=True, text=True
+    ).stdout.split()
+    assert sorted(ignored) == sorted(written)

@@ -254,7 +254,7 @@ def test_the_cli_trains_resumes_merges_and_predicts_with_only_the_model_folder(n
     assert json.loads((second / "export" / "formatting.json").read_text())["eot_token"] == family.eot
 
     adapter, plain = (json.loads(run[step]["stdout"]) for step in ("predict_adapter", "predict_merged"))
-    assert adapter["category"] == plain["category"] in json.loads((merged / "labels.json").read_text())
+    assert adapter["label"] == plain["label"] in json.loads((merged / "labels.json").read_text())
     # the merged weights are W + BA in float32; the adapter runs beside a base stored in the compute dtype, so
     # under bf16-mixed the two differ by bf16 rounding
     tolerance = 1e-4 if metrics["precision"] == "32-true" else 2e-2

@@ -111,7 +111,7 @@ def test_predict_reads_a_file_of_the_tasks_columns_and_one_row_from_the_command_
         ("Parsing sentences with transformers", "language"),
         ("Grasping, fast", "robots & control"),
     ]
-    assert all(r["category"] in LABELS and sorted(r["probs"]) == LABELS for r in out)
+    assert all(r["label"] in LABELS and sorted(r["probs"]) == LABELS for r in out)
     assert "accuracy on 2 labelled rows" in proc.stdout
     assert "rank scoring" in proc.stderr and "2/2 examples (100%)" in proc.stderr  # progress, not a terminal
 

@@ -86,9 +86,10 @@ def test_cli_by_id_prints_one_json_object_on_a_clean_stdout(trained, api, cache_
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = proc.stdout.splitlines()  # logs go to stderr: stdout is only the prediction
     result = json.loads(line)
-    assert set(result) == {"id", "title", "category", "probs"}
+    assert set(result) == {"id", "title", "label", "category", "probs"}
+    assert result["category"] == result["label"]  # the deprecated alias, for one release
     assert result["id"] == "2403.00010" and result["title"] == ROBOT.title
-    assert result["category"] in LABELS and result["category"] == next(iter(result["probs"]))
+    assert result["label"] in LABELS and result["label"] == next(iter(result["probs"]))
     assert_distribution(result["probs"])
     assert [q["id_list"] for q in api.requests] == ["2403.00010"]
     assert api.headers[0]["User-Agent"].startswith("lmtune/")
@@ -204,12 +205,12 @@ def test_batch_file_mixes_text_and_ids_and_marks_unknown_ids(trained, api, cache
         predict(predict_cfg([f"ckpt={run}", f"input={papers}"], cache_dir, api.url), emit=shown.append)
     out = read_jsonl(tmp_path / "papers.predictions.jsonl")
     assert [r.get("id") for r in out] == ["own-1", "2403.00010", "2403.99999"]
-    assert out[0]["true"] == "cs.CV" and out[0]["category"] in LABELS and out[1]["title"] == ROBOT.title
+    assert out[0]["true"] == "cs.CV" and out[0]["label"] in LABELS and out[1]["title"] == ROBOT.title
     for r in out[:2]:
         assert_distribution(r["probs"])
     assert out[2] == {"where": f"{papers}:3", "id": "2403.99999", "error": "arXiv has no paper with id 2403.99999"}
     assert [q["id_list"] for q in api.requests] == ["2403.00010,2403.99999"]  # one request for all ids
-    assert shown[0] == f"accuracy on 1 labelled rows: {float(out[0]['category'] == 'cs.CV'):.3f}"
+    assert shown[0] == f"accuracy on 1 labelled rows: {float(out[0]['label'] == 'cs.CV'):.3f}"
 
 
 def test_batch_file_problems_name_the_line(trained, cache_dir, tmp_path):

@@ -189,7 +189,7 @@ def predict_batch(cfg: DictConfig, spec: RecordSpec, emit) -> list[Prediction]:
     atomic_write(out, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     labelled = [r for r in rows if "true" in r and r["true"] in predictor.labels]
     if labelled:
-        correct = sum(r["true"] == r["category"] for r in labelled)
+        correct = sum(r["true"] == r["label"] for r in labelled)
         emit(f"accuracy on {len(labelled)} labelled rows: {correct / len(labelled):.3f}")
     errors = [r for r in rows if "error" in r]
     emit(f"wrote {len(rows) - len(errors)} predictions to {out} ({predictor.source})")

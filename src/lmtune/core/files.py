@@ -14,10 +14,15 @@ from lmtune.core.errors import UserError
 
 # errors that say the folder cannot take the file: no space, over quota, read-only, too large, not allowed
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
+# the process's umask, read once at import (reading it means setting it): files are written as `open` would
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
 
 def atomic_write(path: Path, write: Callable[[object], None], mode: str = "w") -> None:
-    """Write via a temp file in the same directory + fsync + os.replace (atomic on POSIX and Windows)."""
+    """Write via a temp file in the same directory + fsync + os.replace (atomic on POSIX and Windows). The file gets
+    the permissions `open` would give it (0644 under the usual umask), not the temp file's 0600: checkpoints,
+    weights and metrics are read by other users and containers."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -25,6 +30,7 @@ def atomic_write(path: Path, write: Callable[[object], None], mode: str = "w") -
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
             write(f)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~UMASK)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -42,6 +48,8 @@ def write_folder(out_dir: str | Path, fill: Callable[[Path], None], what: str = 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         fill(tmp)
+        for written in tmp.rglob("*"):  # as `open` would: some writers (safetensors) leave 0600
+            written.chmod((0o777 if written.is_dir() else 0o666) & ~UMASK)
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)

@@ -50,7 +50,9 @@ class Prediction:
         return list(self.probs.items())[:k]
 
     def to_dict(self) -> dict:
-        return {"id": self.id, **self.shown, "category": self.label, "probs": self.probs}
+        # `label` as the server and the README name it; `category`, predict's name for it until 2026-12, kept as a
+        # deprecated alias for one release
+        return {"id": self.id, **self.shown, "label": self.label, "category": self.label, "probs": self.probs}
 
 
 def pick_device(name: str = "auto") -> torch.device:

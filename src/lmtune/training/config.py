@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmtune.core.errors import UserError
 from lmtune.data.chat_format import chat_template_source
@@ -70,6 +70,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems += strategy_problems(cfg)
     if cfg.optim.lr <= 0:
         problems.append(f"optim.lr={cfg.optim.lr}: must be positive.")
+    problems += count_problems(cfg)
     source = cfg.data.get("source", "auto")
     if source not in SOURCES_OF_DATA:
         problems.append(f"data.source={source!r}: use one of {', '.join(SOURCES_OF_DATA)}.")
@@ -119,6 +120,30 @@ def strategy_name(trainer_cfg) -> str:
 def _on_cpu(trainer_cfg) -> bool:
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+
+
+# settings that count something: (where, the smallest value that works, what the special values mean)
+COUNTS = [
+    ("trainer.max_steps", 0, -1, "the optimizer steps to train (0: evaluate only; -1: set by max_epochs)"),
+    ("trainer.max_epochs", 0, -1, "the passes over the training split (-1: no limit, with max_steps)"),
+    ("trainer.accumulate_grad_batches", 1, None, "batches per optimizer step"),
+    ("data.batch_size", 1, None, "training examples per batch"),
+    ("data.eval_batch_size", 1, None, "examples per evaluation batch"),
+    ("data.max_length", 1, None, "tokens per example"),
+]
+
+
+def count_problems(cfg: DictConfig) -> list[str]:
+    """A count that cannot be (a negative step budget, a batch of zero): one line each, before Lightning or the data
+    module meets it (Lightning answers `trainer.max_steps=-5` with a 55-line traceback)."""
+    problems = []
+    for setting, least, special, what in COUNTS:
+        value = OmegaConf.select(cfg, setting, default=None)
+        if value is None or (type(value) is int and (value >= least or value == special)):
+            continue
+        allowed = f"an integer of {least} or more" + (f", or {special}" if special is not None else "")
+        problems.append(f"{setting}={value}: {what}; use {allowed}.")
+    return problems
 
 
 def strategy_problems(cfg: DictConfig) -> list[str]:
