@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from omegaconf import open_dict
 
 from conftest import ROOT, compose_train
+from helpers.cli_driver import run_commands
 from helpers.fake_arxiv import FakeArxiv, Paper, Reply
 from lmtune.commands.predict import predict
 from lmtune.commands.serve_requests import Refusal, parse_request
@@ -417,43 +418,43 @@ def test_sigterm_answers_the_requests_in_flight_then_exits(export, cache_dir, tm
     assert "Traceback" not in log and "stopped" in log
 
 
-CASES = ["key as a setting", "bounds of zero", "too few open files", "not an export", "port in use"]
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.replace(" ", "_"))
-def test_a_broken_export_or_setting_stops_before_the_server_starts(case, export, cache_dir, tmp_path):
+def test_a_broken_export_or_setting_stops_before_the_server_starts(export, cache_dir, tmp_path):
+    """Each case as `python src/serve.py <args>` (tests/helpers/cli_driver.py: one interpreter for all), under
+    `ulimit -n 300`: one `error:` line, exit status 1, nothing started, and a key typed as a setting written nowhere."""
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
-    settings, expect = {
+    port = busy.getsockname()[1]
+    cases = {
         "key as a setting": ([f"ckpt={export}", "serve.api_key=hunter2"], "serve.api_key=***: a secret is not taken"),
         "bounds of zero": (
             [f"ckpt={export}", "serve.max_batch_size=0", "serve.max_queue=0"],
             "serve.max_batch_size=0, serve.max_queue=0: use a positive number for each",
         ),
-        "too few open files": (  # under `ulimit -n 300`: accept() would fail under load, with nothing logged
+        "too few open files": (  # accept() would fail under load, with nothing logged
             [f"ckpt={export}", "serve.max_connections=256"],
             "serve.max_connections=256 needs 512 open files, but this process may open 300 (ulimit -n)",
         ),
         "not an export": ([f"ckpt={tmp_path}"], f"ckpt={tmp_path}: not a trained export (needs labels.json"),
         "port in use": (
-            [f"ckpt={export}", f"port={busy.getsockname()[1]}"],
-            f"port={busy.getsockname()[1]}: cannot listen there (Address already in use); pick a free port",
+            [f"ckpt={export}", f"port={port}"],
+            f"port={port}: cannot listen there (Address already in use)",
         ),
-    }[case]
-    cmd = [sys.executable, str(ROOT / "src" / "serve.py"), *settings, f"paths.cache_dir={cache_dir}"]
-    files = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))) if case == "too few open files" else None
-    proc = subprocess.run(
-        [*cmd, f"hydra.run.dir={tmp_path / 'h'}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        preexec_fn=files,
-    )
+    }
+    commands = [
+        {
+            "script": str(ROOT / "src" / "serve.py"),
+            "args": [*args, f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'h' / str(n)}"],
+        }
+        for n, (args, _) in enumerate(cases.values())
+    ]
+    files = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300))  # noqa: E731
+    results = run_commands(commands, tmp_path, "serve-settings", preexec_fn=files)
     busy.close()
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert expect in line
+    for (name, (_, expect)), result in zip(cases.items(), results, strict=True):
+        assert result["returncode"] == 1 and "Traceback" not in result["stderr"], (name, result["stderr"][-2000:])
+        lines = [line for line in result["stderr"].splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and expect in lines[0], (name, lines)
+        assert "hunter2" not in result["stderr"] + result["stdout"]
     written = [f.read_text() for f in (tmp_path / "h").rglob("*") if f.is_file()]
-    assert not any("hunter2" in text for text in written) and "hunter2" not in proc.stderr
+    assert not any("hunter2" in text for text in written)

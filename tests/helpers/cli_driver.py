@@ -56,7 +56,7 @@ def run_case(script: str, args: list[str]) -> dict:
         }
 
 
-def run_commands(commands: list[dict], workdir, tag: str, env: dict | None = None) -> list[dict]:
+def run_commands(commands: list[dict], workdir, tag: str, env: dict | None = None, preexec_fn=None) -> list[dict]:
     """Run `commands` (`{"script": ..., "args": [...]}`) in one fresh interpreter of this driver, from the
     repository root with W&B offline; returns each command's `returncode`, `stdout` and `stderr`."""
     import subprocess
@@ -69,7 +69,7 @@ def run_commands(commands: list[dict], workdir, tag: str, env: dict | None = Non
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": path, **(env or {})}
     env.pop("WANDB_API_KEY", None)
     driver = [sys.executable, __file__, workdir / f"cases-{tag}.json", workdir / f"results-{tag}.json"]
-    proc = subprocess.run(driver, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(driver, cwd=root, env=env, capture_output=True, text=True, timeout=600, preexec_fn=preexec_fn)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((workdir / f"results-{tag}.json").read_text())
 
