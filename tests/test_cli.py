@@ -11,7 +11,7 @@ from helpers.wandb_files import read_run
 
 
 def test_smoke_run_writes_checkpoints_export_metrics_and_wandb_files(tmp_path, cache_dir):
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "runs" / "first"
     proc = run_script("train.py", "experiment=smoke", f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -68,16 +68,22 @@ def test_smoke_run_writes_checkpoints_export_metrics_and_wandb_files(tmp_path, c
     # stderr is not a terminal here: training progress comes as log lines, every ~10% of the 12 steps
     progress = [line for line in proc.stderr.splitlines() if "training: " in line and " steps (" in line]
     assert len(progress) >= 6 and "training: 12/12 steps (100%)" in progress[-1] and "steps/s" in progress[-1]
+    # a finished run is `runs/latest`, and says nothing failed
+    assert (tmp_path / "runs" / "latest").resolve() == run_dir.resolve() and not (run_dir / "FAILED").exists()
 
-
-def test_bad_data_path_fails_with_a_clear_message(tmp_path, cache_dir):
+    # a run that stops at start-up says so in its folder, and `latest` stays on the finished one
+    failed = tmp_path / "runs" / "second"
     proc = run_script(
         "train.py",
         "experiment=smoke",
         "logger=none",
-        f"hydra.run.dir={tmp_path}",
+        f"hydra.run.dir={failed}",
         f"paths.cache_dir={cache_dir}",
         f"data.path={tmp_path}/missing.jsonl",
     )
-    assert proc.returncode != 0
-    assert f"data file not found: {tmp_path}/missing.jsonl" in proc.stderr
+    assert proc.returncode == 1
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert f"data file not found: {tmp_path}/missing.jsonl" in line
+    assert (failed / "FAILED").read_text() == line + "\n"
+    assert line in (failed / "train.log").read_text()
+    assert (tmp_path / "runs" / "latest").resolve() == run_dir.resolve()

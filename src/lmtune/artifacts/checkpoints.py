@@ -33,7 +33,8 @@ def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str | Path) -> str | None
     text = str(ckpt_path)
     if text == "last":
         pattern = f"*/checkpoints/{LAST}"
-        found = sorted(Path(runs_dir).glob(pattern), key=lambda p: p.stat().st_mtime)
+        runs = (p for p in Path(runs_dir).glob(pattern) if not p.parent.parent.is_symlink())  # not `latest`
+        found = sorted(runs, key=lambda p: p.stat().st_mtime)
         if not found:
             raise UserError(
                 f"ckpt_path=last: no run has written {Path(runs_dir) / pattern} yet; "

@@ -1,16 +1,20 @@
-"""How a run ends: the W&B run always closed (failures marked), the output folder named, SIGTERM a clean stop."""
+"""How a run ends: the W&B run always closed (failures marked), the output folder named, SIGTERM a clean stop, and
+the run folder saying how it ended: a failed run gets its one-line error in its log file and a `FAILED` file; a
+finished one becomes `<runs>/latest` (e.g. `logs/train/runs/latest`), so "the newest run" is never a failed one."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from lmtune.artifacts.checkpoints import resume_command
 from lmtune.core.errors import UserError
-from lmtune.core.files import WRITE_ERRNOS
+from lmtune.core.files import WRITE_ERRNOS, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,37 @@ def _sigterm(e: BaseException) -> bool:
     return lightning is not None and isinstance(e, lightning.SIGTERMException)
 
 
+FAILED = "FAILED"
+LATEST = "latest"
+
+
+def _failed(output_dir, line: str) -> None:
+    """The one-line error into the run's log file (the console has it already) and a FAILED file beside it."""
+    record = logging.LogRecord(log.name, logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    try:
+        atomic_write(Path(output_dir) / FAILED, lambda f: f.write(line + "\n"))
+    except OSError:  # a full or read-only folder: the error line on the console is all there can be
+        pass
+
+
+def _finished(output_dir) -> None:
+    """`<runs>/latest` -> this run, replaced in one step; only for runs in a `runs/` folder (not multirun jobs)."""
+    output_dir = Path(output_dir)
+    runs = output_dir.parent
+    if runs.name != "runs":
+        return
+    link = runs / f".{LATEST}-{os.getpid()}"
+    try:
+        link.unlink(missing_ok=True)
+        link.symlink_to(output_dir.name, target_is_directory=True)
+        os.replace(link, runs / LATEST)
+    except OSError as e:  # a file system without links: nothing else depends on it
+        log.debug("no %s link: %s", runs / LATEST, e)
+
+
 def task_wrapper(task):
     """Wrap `train(cfg)` so a crashed job in a multirun cannot leak its W&B run into the next one.
 
@@ -48,23 +83,31 @@ def task_wrapper(task):
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main else None
         try:
-            return task(cfg)
-        except UserError:
+            result = task(cfg)
+            _finished(cfg.paths.output_dir)
+            return result
+        except UserError as e:
             exit_code = 1  # shown once, as one line, by the entry point
+            _failed(cfg.paths.output_dir, f"error: {e}")
             raise
         except OSError as e:
             exit_code = 1
             if e.errno not in WRITE_ERRNOS:
                 log.exception("run failed")
+                _failed(cfg.paths.output_dir, f"error: {type(e).__name__}: {e}")
                 raise
-            raise UserError(
+            error = UserError(
                 f"cannot write {e.filename or 'into ' + str(cfg.paths.output_dir)} ({e.strerror}); what was saved "
                 f"before is intact. Free space there, or write elsewhere (hydra.run.dir=<folder>)."
-            ) from None
+            )
+            _failed(cfg.paths.output_dir, f"error: {error}")
+            raise error from None
         except BaseException as e:
             if not _sigterm(e):
                 exit_code = 1
                 log.exception("run failed")
+                first = (str(e).strip().splitlines() or [""])[0]
+                _failed(cfg.paths.output_dir, f"error: {type(e).__name__}: {first}")
                 raise
             exit_code = SIGTERM_EXIT
             command = resume_command(cfg.paths.output_dir)
