@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lmtune.core.errors import UserError
+from lmtune.core.errors import UserError, first_line
 from lmtune.model.weights import check_weights_fit
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def read_checkpoint(path: str | Path) -> dict:
                 f"which would run code when read. Use a checkpoint written by src/train.py, or start afresh without "
                 f"ckpt_path."
             ) from None
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = first_line(e, 160)
         raise UserError(
             f"{path}: not a readable checkpoint ({reason}): a file cut off while it was written or copied, or not a "
             f"checkpoint at all. Use another one ({path.parent}), or start afresh without ckpt_path."

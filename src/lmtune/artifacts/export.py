@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lmtune.artifacts.model_card import model_card
-from lmtune.core.errors import UserError
+from lmtune.core.errors import UserError, first_line
 from lmtune.core.files import write_folder
 from lmtune.core.secrets import redact_secrets
 
@@ -200,7 +200,7 @@ def read_export(path: str | Path) -> Export:
         cfg = OmegaConf.load(export / "config.yaml")
         cfg.adapter.kind  # noqa: B018 (the field every reader needs)
     except Exception as e:  # a YAML parse error or a config without an adapter
-        raise UserError(f"{export / 'config.yaml'}: not a run config ({_first_line(e)}); {DAMAGED}.") from None
+        raise UserError(f"{export / 'config.yaml'}: not a run config ({first_line(e)}); {DAMAGED}.") from None
     _check_run_config(export / "config.yaml", cfg)
     result = Export(export, cfg, formatting, labels)
     _check_weights(result)
@@ -287,11 +287,7 @@ def read_json(path: Path):
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); {DAMAGED}.") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: unreadable ({_first_line(e)}); {DAMAGED}.") from None
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{path}: unreadable ({first_line(e)}); {DAMAGED}.") from None
 
 
 def _check_weights(export: Export) -> None:
@@ -314,7 +310,7 @@ def _check_weights(export: Export) -> None:
             with safe_open(str(file), "pt"):
                 pass
         except Exception as e:  # SafetensorError: a truncated or foreign file
-            raise UserError(f"{file}: unreadable weights ({_first_line(e)}); {DAMAGED}.") from None
+            raise UserError(f"{file}: unreadable weights ({first_line(e)}); {DAMAGED}.") from None
 
 
 # --- loading -------------------------------------------------------------------------------------------
@@ -378,7 +374,7 @@ def load_export_model(export: Export, cache_dir, device: torch.device, quantized
         return PeftModel.from_pretrained(base_model if quant else base_model.to(device), export.path)
     except RuntimeError as e:  # size mismatch: the adapter was trained on another model
         raise UserError(
-            f"{export.path}: its adapter does not fit the base model {base_path} ({_first_line(e)[:200]}); load it "
+            f"{export.path}: its adapter does not fit the base model {base_path} ({first_line(e, 200)}); load it "
             f"with the base it was trained on ({export.formatting.get('base_model')}): base=<that model's folder>."
         ) from None
 

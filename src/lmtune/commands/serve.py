@@ -24,7 +24,7 @@ from lmtune.artifacts.export import load_formatter, read_export
 from lmtune.arxiv.lookup import fetchable
 from lmtune.commands.serve_limits import LimitLog, ServeLimits, guarded_protocol
 from lmtune.commands.serve_requests import MAX_ID_CHARS, RequestCheck
-from lmtune.core.errors import DataError, UserError
+from lmtune.core.errors import DataError, UserError, first_line
 from lmtune.data.formatting import template_columns
 from lmtune.evaluation.predictor import Prediction, Predictor, Row, pick_device
 
@@ -41,7 +41,7 @@ class RowFailed:
 
     def __init__(self, error: BaseException):
         self.status = 422 if isinstance(error, DataError) else 500
-        self.message = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        self.message = first_line(error, 300)
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -161,6 +161,7 @@ def build_server(cfg: DictConfig) -> tuple[ls.LitServer, dict]:
     export = read_export(cfg.ckpt)
     columns = list(template_columns(export.formatting["user_template"], "data.prompt.user"))
     limits = ServeLimits.of(OmegaConf.to_container(cfg.serve, resolve=True))
+    limits.check_open_files()
     lookup = OmegaConf.to_container(cfg.arxiv, resolve=True) if fetchable(columns) else None
     if lookup is not None:  # a server waits at most serve.lookup.timeout: no long retries behind it
         lookup |= {"timeout": min(float(lookup["timeout"]), limits.lookup_timeout), "max_retries": 2}
@@ -221,7 +222,6 @@ def serve(cfg: DictConfig) -> None:
     """Run until SIGTERM or Ctrl+C; either stops taking requests, answers those in flight, then exits."""
     check_address(cfg.host, cfg.port)
     server, uvicorn = build_server(cfg)
-    ServeLimits.of(OmegaConf.to_container(cfg.serve, resolve=True)).check_open_files()
     log.info("serving %s on http://%s:%d/predict (health: /health)", cfg.ckpt, cfg.host, cfg.port)
     main = os.getpid()
 

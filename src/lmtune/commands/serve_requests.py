@@ -21,7 +21,7 @@ from lmtune.arxiv.feed import ArxivApiError
 from lmtune.arxiv.ids import normalize_id
 from lmtune.arxiv.lookup import LookupBusy, PaperLookup
 from lmtune.commands.serve_limits import LimitLog, ServeLimits
-from lmtune.core.errors import DataError
+from lmtune.core.errors import DataError, first_line
 from lmtune.data.records import clean_text
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def parse_request(body: bytes, columns: list[str], max_field_chars: int, example
         try:
             return {"arxiv_id": normalize_id(raw), "id": request_id}
         except ValueError as e:
-            raise Refusal(422, f"arxiv_id: {_one_line(e)}") from None
+            raise Refusal(422, f"arxiv_id: {first_line(e, 300)}") from None
     missing = [c for c in columns if c not in request]
     if missing:
         raise Refusal(422, f"missing column(s) {', '.join(missing)}; send {example}")
@@ -108,10 +108,6 @@ def _encodable(name: str, text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise Refusal(422, f"{name}: not text (an unpaired surrogate \\u{ord(e.object[e.start]):04x})") from None
-
-
-def _one_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 class RequestCheck:
@@ -142,13 +138,14 @@ class RequestCheck:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         app_send = _errors_as_one_line(send)
-        key = dict(scope["headers"]).get(b"x-api-key", b"")
+        received = dict(scope["headers"])
+        key = received.get(b"x-api-key", b"")
         if self.api_key and scope["path"] not in OPEN and not hmac.compare_digest(key, self.api_key.encode()):
             return await _error(send, Refusal(401, "missing or wrong X-API-Key header"))
         if scope["method"] != "POST" or scope["path"] != "/predict":
             return await self.app(scope, receive, app_send)
         try:
-            body = await self.read_body(scope, receive)
+            body = await self.read_body(received.get(b"content-length"), receive)
             if body is None:
                 return None  # the client went away
             payload = await self.check(body)
@@ -179,9 +176,9 @@ class RequestCheck:
         finally:
             self.queued -= 1
 
-    async def read_body(self, scope, receive) -> bytes | None:
+    async def read_body(self, declared: bytes | None, receive) -> bytes | None:
+        """The body, within `serve.max_body_bytes` (its declared length checked first) and `serve.body_timeout`."""
         limit = self.limits.max_body_bytes
-        declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise Refusal(413, f"body over {limit} bytes (serve.max_body_bytes)")
         body = bytearray()
@@ -243,7 +240,7 @@ class RequestCheck:
                 504, f"arXiv did not answer within {timeout} s (serve.lookup.timeout); send the text"
             ) from None
         except ArxivApiError as e:
-            self.limit_log.hit("arxiv", f"arXiv lookups failing: {_one_line(e)}")  # the upstream URL stays here
+            self.limit_log.hit("arxiv", f"arXiv lookups failing: {first_line(e, 300)}")  # the upstream URL stays here
             raise Refusal(502, "the arXiv API did not answer; retry later, or send the text instead") from None
         if texts is None:
             raise Refusal(404, f"arXiv has no paper with id {paper_id}")

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from lmtune.core.errors import UserError
+from lmtune.core.errors import UserError, first_line
 from lmtune.data.chat_format import chat_template_source, token_id
 from lmtune.model.architecture import (
     all_linear_targets,
@@ -138,7 +138,7 @@ def load_tokenizer(pretrained: str, pad_token: str | None = None, chat_template:
         tokenizer = AutoTokenizer.from_pretrained(pretrained)
     except (OSError, ValueError) as e:
         raise ModelConfigError(
-            f"model.name_or_path={pretrained}: cannot load its tokenizer ({_first_line(e)}); give a local model "
+            f"model.name_or_path={pretrained}: cannot load its tokenizer ({first_line(e, 300)}); give a local model "
             f"folder with tokenizer files, or a hub id (reachable, and with access granted if gated)."
         ) from None
     if chat_template:
@@ -156,10 +156,6 @@ def load_tokenizer(pretrained: str, pad_token: str | None = None, chat_template:
         tokenizer.pad_token = tokenizer.eos_token
         log.info("tokenizer has no pad token; padding with %r (masked by attention mask)", tokenizer.eos_token)
     return tokenizer
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [e.__class__.__name__])[0][:300]
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -197,8 +193,8 @@ def load_base_model(pretrained: str, model_cfg, quant_cfg, device: torch.device)
         return AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelConfigError(
-            f"model.name_or_path={pretrained}: cannot load it as a causal LM ({_first_line(e)}); give a folder with "
-            f"config.json and weights of a causal LM, or its hub id."
+            f"model.name_or_path={pretrained}: cannot load it as a causal LM ({first_line(e, 300)}); give a folder "
+            f"with config.json and weights of a causal LM, or its hub id."
         ) from None
 
 

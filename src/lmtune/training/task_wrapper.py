@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from lmtune.artifacts.checkpoints import resume_command
-from lmtune.core.errors import UserError
+from lmtune.core.errors import UserError, first_line
 from lmtune.core.files import WRITE_ERRNOS, atomic_write
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,9 @@ FAILED = "FAILED"
 LATEST = "latest"
 
 
-def _failed(output_dir, line: str) -> None:
+def _failed(output_dir, error: BaseException) -> None:
     """The one-line error into the run's log file (the console has it already) and a FAILED file beside it."""
+    line = f"error: {error}" if isinstance(error, UserError) else f"error: {type(error).__name__}: {first_line(error)}"
     record = logging.LogRecord(log.name, logging.ERROR, __file__, 0, line, None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
@@ -88,26 +89,25 @@ def task_wrapper(task):
             return result
         except UserError as e:
             exit_code = 1  # shown once, as one line, by the entry point
-            _failed(cfg.paths.output_dir, f"error: {e}")
+            _failed(cfg.paths.output_dir, e)
             raise
         except OSError as e:
             exit_code = 1
             if e.errno not in WRITE_ERRNOS:
                 log.exception("run failed")
-                _failed(cfg.paths.output_dir, f"error: {type(e).__name__}: {e}")
+                _failed(cfg.paths.output_dir, e)
                 raise
             error = UserError(
                 f"cannot write {e.filename or 'into ' + str(cfg.paths.output_dir)} ({e.strerror}); what was saved "
                 f"before is intact. Free space there, or write elsewhere (hydra.run.dir=<folder>)."
             )
-            _failed(cfg.paths.output_dir, f"error: {error}")
+            _failed(cfg.paths.output_dir, error)
             raise error from None
         except BaseException as e:
             if not _sigterm(e):
                 exit_code = 1
                 log.exception("run failed")
-                first = (str(e).strip().splitlines() or [""])[0]
-                _failed(cfg.paths.output_dir, f"error: {type(e).__name__}: {first}")
+                _failed(cfg.paths.output_dir, e)
                 raise
             exit_code = SIGTERM_EXIT
             command = resume_command(cfg.paths.output_dir)
