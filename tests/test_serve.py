@@ -165,7 +165,11 @@ BAD = {  # what clients and attackers send: (body, status, part of the one-line 
     "empty column": (json.dumps({"title": "A", "abstract": "  "}).encode(), 422, "must be non-empty strings"),
     "lone surrogate": (json.dumps({"title": "\ud800", "abstract": "B"}).encode(), 422, "title: not text"),
     "a 30 KB title": (json.dumps({"title": "x" * 30_000, "abstract": "B"}).encode(), 422, "serve.max_field_chars"),
-    "a title that cannot fit": (json.dumps({"title": "word " * 2000, "abstract": "B"}).encode(), 422, "max_length"),
+    "a title that cannot fit": (
+        json.dumps({"title": "word " * 2000, "abstract": "B"}).encode(),
+        422,
+        "does not fit this model's max_length",  # refused before the queue, not by the batch's fallback
+    ),
     "id of a wrong type": (json.dumps({"title": "A", "abstract": "B", "id": [1]}).encode(), 422, "id must be"),
     "over-long body": (json.dumps({"title": "A", "abstract": "x" * 70_000}).encode(), 413, "serve.max_body_bytes"),
     "not an arXiv id": (json.dumps({"arxiv_id": "2403.1"}).encode(), 422, "arxiv_id: "),
@@ -209,7 +213,7 @@ def test_bad_requests_mixed_into_good_ones_fail_alone(server, export, cache_dir)
     good += [{"title": f"Depth {i}", "abstract": "We estimate depth from images and video."} for i in range(2)]
     offline = {row["title"]: predict_with_cli_settings(export, cache_dir, row=row).label for row in good}
     bad = [BAD[name] for name in ("lone surrogate", "a 30 KB title", "a title that cannot fit", "nested 10,000 deep")]
-    work = [("bad", *bad[i % len(bad)]) if i % 10 == 3 else ("good", good[i % len(good)]) for i in range(100)]
+    work = [("bad", *bad[i // 10 % len(bad)]) if i % 10 == 3 else ("good", good[i % len(good)]) for i in range(100)]
 
     def send(item):
         if item[0] == "good":
