@@ -150,10 +150,11 @@ def closed_loop(port: int, rows: list[dict], clients: int, requests: int, bad_ev
     latencies, errors, bad, lock = [], [0], {"sent": 0, "not_4xx": 0}, threading.Lock()
 
     def client(k: int) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        connection, bad_sent = http.client.HTTPConnection("127.0.0.1", port, timeout=120), 0
         for i in range(requests):
-            if is_bad(k, i, bad_every):
-                status, _ = post(port, "POST", "/predict", BAD_BODIES[(k + i) % len(BAD_BODIES)], connection)
+            if is_bad(k, i, bad_every):  # each client goes through every kind of bad body in turn
+                status, _ = post(port, "POST", "/predict", BAD_BODIES[(k + bad_sent) % len(BAD_BODIES)], connection)
+                bad_sent += 1
                 with lock:
                     bad["sent"] += 1
                     bad["not_4xx"] += not 400 <= status < 500
@@ -202,11 +203,14 @@ def soak(
     lock = threading.Lock()
 
     def client(k: int) -> None:
-        connection, i, n = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120), 0, 0
+        connection, i, n, bad_sent = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120), 0, 0, 0
         while time.monotonic() < stop:
             n += 1
             if is_bad(k, n, bad_every):
-                status, _ = post(server.port, "POST", "/predict", BAD_BODIES[n % len(BAD_BODIES)], connection)
+                status, _ = post(
+                    server.port, "POST", "/predict", BAD_BODIES[(k + bad_sent) % len(BAD_BODIES)], connection
+                )
+                bad_sent += 1
                 with lock:
                     counts["bad_requests"] += 1
                     counts["bad_not_4xx"] += not 400 <= status < 500
