@@ -37,7 +37,8 @@ bench: install
 	$(PY) bench/run.py $(ARGS)
 
 # the server fuzzed longer than `make test` does: Schemathesis with 2,000 examples per operation and phase from its
-# OpenAPI schema against a real server, and 16,000 hypothesis examples of the request check (3.3 minutes on 2 cores)
+# OpenAPI schema against a real server, and 16,000 hypothesis examples of the request check
+# (3.3 minutes on a 2-core Intel Xeon with AMX)
 fuzz: install
 	LMTUNE_FUZZ_EXAMPLES=2000 $(PYTEST) tests/test_serve.py -q -k "schemathesis or request_check"
 
