@@ -2,10 +2,10 @@
 
 Both run through `src/eval.py`'s own code (`load_for_eval`, `predict_records`) on one loaded model, in
 alternating order. Beside them, two references on the same prompts explain the ratio:
-- prefill only: one forward pass over each whole prompt, which generation must pay (the floor for either as
-  long as every prompt is encoded in full);
-- prefill of what differs: the same, but the opening that every prompt shares (the system turn) is encoded once,
-  as rank scoring does (the floor for rank scoring);
+- prefill only: one forward pass over each whole prompt, one prompt at a time (what every prompt costs at least
+  when it is encoded in full);
+- prefill of what differs: the same, but the task's opening (the system turn) encoded once, as rank scoring
+  does (the floor for rank scoring, which scores each prompt on its own);
 - naive rank scoring: one full forward per (paper, label), what rank scoring without a shared prompt cache costs
   (on the first `--naive-limit` papers; it must pick the same labels).
 
@@ -27,7 +27,7 @@ from common import project_config
 from lmtune.commands.eval import load_for_eval
 from lmtune.evaluation.metrics import classification_metrics
 from lmtune.evaluation.modes import predict_records
-from lmtune.model.scoring import SharedPrefix, encode_prompts, naive_rank_scores, rank_scores, shared_prefix_length
+from lmtune.model.scoring import SharedPrefix, naive_rank_scores, rank_scores
 
 
 def _timed(fn):
@@ -38,15 +38,19 @@ def _timed(fn):
 
 @torch.no_grad()
 def prefill_seconds(predictor, prompts: list[list[int]], share_prefix: bool) -> float:
-    """One forward over every prompt, chunked and ordered as rank scoring does (with `share_prefix`, the prompts'
-    common opening is encoded once, as rank scoring does)."""
-    prompts = sorted(prompts, key=len)
-    chunk = max(1, predictor.max_rows // len(predictor.labels))
+    """One forward over every prompt, one at a time as rank scoring does (with `share_prefix`, continuing the
+    task's opening, encoded once, as rank scoring does)."""
+    opening = predictor.formatter.opening_ids
     started = time.perf_counter()
     with predictor._autocast():
-        shared = SharedPrefix.of(predictor.causal_lm, prompts) if share_prefix else None
-        for i in range(0, len(prompts), chunk):
-            encode_prompts(predictor.causal_lm, prompts[i : i + chunk], predictor.pad_id, shared)
+        shared = SharedPrefix(predictor.causal_lm, opening) if share_prefix else None
+        for prompt in prompts:
+            start = shared.length if shared and shared.opens(prompt) else 0
+            predictor.causal_lm(
+                input_ids=torch.tensor([prompt[start:]]).to(predictor.causal_lm.device),
+                past_key_values=shared.cache_copy() if start else None,
+                logits_to_keep=1,
+            )
     return time.perf_counter() - started
 
 
@@ -76,9 +80,7 @@ def bench(ckpt: str | None, overrides: list[str], limit: int, naive_limit: int, 
     few = prompts[:naive_limit]
     answers = predictor.formatter.answer_ids
     with predictor._autocast():
-        fast, fast_s = _timed(
-            lambda: rank_scores(predictor.causal_lm, few, answers, predictor.pad_id, predictor.max_rows)
-        )
+        fast, fast_s = _timed(lambda: rank_scores(predictor.causal_lm, few, answers, predictor.formatter.opening_ids))
         naive, naive_s = _timed(lambda: naive_rank_scores(predictor.causal_lm, few, answers))
 
     rank_eps = n / statistics.median(timings["rank"])
@@ -104,7 +106,7 @@ def bench(ckpt: str | None, overrides: list[str], limit: int, naive_limit: int, 
         "prefill_only": {"examples_per_s": n / prefill},
         "prefill_shared_prefix_once": {
             "examples_per_s": n / prefill_shared,
-            "shared_prefix_tokens": shared_prefix_length(prompts),
+            "shared_prefix_tokens": len(predictor.formatter.opening_ids),
         },
         "rank_over_prefill": rank_eps / (n / prefill),
         "rank_over_prefill_shared_prefix_once": rank_eps / (n / prefill_shared),

@@ -12,7 +12,10 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 
 from lmtune.arxiv.client import ArxivClient  # noqa: E402
 from lmtune.arxiv.dataset import fetch_dataset  # noqa: E402
+from lmtune.core.console import quiet_console  # noqa: E402
 from lmtune.core.errors import UserError  # noqa: E402
+
+quiet_console()
 
 log = logging.getLogger(__name__)
 

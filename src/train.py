@@ -13,17 +13,19 @@ from omegaconf import DictConfig
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 
 from lmtune.core.cli import check_command_line  # noqa: E402
+from lmtune.core.console import quiet_console  # noqa: E402
 from lmtune.core.errors import UserError  # noqa: E402
-from lmtune.training.train import (
-    optimized_metric,  # noqa: E402
-    train,  # noqa: E402
-)
+
+quiet_console()
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
+    # torch, Lightning, transformers (seconds) only once Hydra has composed the config: a typo is reported at once
+    from lmtune.training.train import optimized_metric, train
+
     try:
         metrics, _ = train(cfg)
     except UserError as e:

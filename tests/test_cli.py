@@ -65,9 +65,25 @@ def test_smoke_run_writes_checkpoints_export_metrics_and_wandb_files(tmp_path, c
     assert data["type"] == "dataset" and data["name"] == "data-arxiv_sample" and data["files"] == ["data_manifest.json"]
     manifest = json.loads((run_dir / "data_manifest.json").read_text())
     assert manifest["records"] == metrics["data"]["records"] and manifest["source_identity"]["size"] > 0
-    # stderr is not a terminal here: training progress comes as log lines, every ~10% of the 12 steps
+    # stderr is not a terminal here: training progress comes as log lines, at most every ~10% of the steps and 5 s
+    # apart, so these few seconds of training write only the last
     progress = [line for line in proc.stderr.splitlines() if "training: " in line and " steps (" in line]
-    assert len(progress) >= 6 and "training: 12/12 steps (100%)" in progress[-1] and "steps/s" in progress[-1]
+    assert len(progress) == 1 and "training: 12/12 steps (100%)" in progress[-1] and "steps/s" in progress[-1]
+    # the run folder shows training whatever the logger: the loss every 2 steps and both validations in
+    # metrics.jsonl and train.log (the step lines in the file only), and the curves
+    points = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_points = [p for p in points if "train/loss" in p]
+    assert [p["step"] for p in train_points] == [2, 4, 6, 8, 10, 12]
+    assert all(p["train/loss"] > 0 and p["tokens_per_s"] > 0 and p["lr"] >= 0 for p in train_points)
+    assert train_points[-1]["lr"] == 0 < train_points[0]["lr"]  # the cosine schedule, ending at 0
+    validations = [p for p in points if "val/acc" in p]
+    assert [p["step"] for p in validations] == [6, 12]
+    assert metrics["val"] in [{k: p[k] for k in metrics["val"]} for p in validations]  # the best one's, as reported
+    train_log = (run_dir / "train.log").read_text()
+    assert "step 12/12 (epoch 2): loss " in train_log and "validation at step 6: acc " in train_log
+    assert "step 12/12 (epoch 2)" not in proc.stderr and "validation at step 6: acc " in proc.stderr
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
     # a finished run is `runs/latest`, and says nothing failed
     assert (tmp_path / "runs" / "latest").resolve() == run_dir.resolve() and not (run_dir / "FAILED").exists()
 

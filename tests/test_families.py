@@ -25,7 +25,7 @@ from lmtune.data.formatting import IGNORE_INDEX
 from lmtune.model.architecture import decoder_layers, head_logits, is_linear, layers_prefix
 from lmtune.model.loading import checkpoint_mlps, load_model, load_tokenizer
 from lmtune.model.loss import masked_lm_loss_sum, reference_masked_lm_loss
-from lmtune.model.scoring import naive_rank_scores, rank_scores
+from lmtune.model.scoring import MIN_SHARED_PREFIX, naive_rank_scores, rank_scores
 from test_distributed import CPU_2, first_step_gradients
 
 LABELS = ["cs.CL", "cs.CV", "cs.LG"]
@@ -161,7 +161,10 @@ def test_architecture_dependent_paths_equal_their_references(name, family_dirs):
     # fast rank scoring (shared opening, prefix tree, or per-label continuation under a sliding window) equals one
     # full forward per (prompt, label)
     prompts = [e.input_ids[: e.prompt_length] for e in examples]
-    fast = rank_scores(lm, prompts, formatter.answer_ids, tokenizer.pad_token_id)
+    assert len(formatter.opening_ids) >= MIN_SHARED_PREFIX and all(
+        p[: len(formatter.opening_ids)] == formatter.opening_ids for p in prompts
+    )
+    fast = rank_scores(lm, prompts, formatter.answer_ids, formatter.opening_ids)
     assert torch.allclose(fast, naive_rank_scores(lm, prompts, formatter.answer_ids), atol=1e-4)
 
     # selective MLP checkpointing: the same loss and the same adapter gradients

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import SAMPLE, compose_train, run_script
+from helpers.card import card_command, run_card_code, run_card_command
 from helpers.fake_arxiv import read_jsonl
 from lmtune.data.records import SkipCounts, read_records
 from lmtune.evaluation.predictor import Predictor, Row
@@ -125,6 +126,16 @@ def test_predict_reads_a_file_of_the_tasks_columns_and_one_row_from_the_command_
     assert "Traceback" not in proc.stderr
 
 
+def test_the_card_s_command_and_code_run_for_the_task_s_own_columns(topics, cache_dir, tmp_path):
+    _, run, _, _ = topics
+    export = run / "export"
+    assert "'row={headline: \"Some text.\"}'" in card_command(export)  # not headline=..., which Hydra refuses
+    proc = run_card_command(export, "format=json", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    label = json.loads(proc.stdout.strip().splitlines()[-1])["label"]
+    assert label in LABELS and run_card_code(export).splitlines() == [label]
+
+
 def test_the_merged_export_loads_with_plain_transformers_and_scores_like_the_adapter(topics, cache_dir, tmp_path):
     data, run, _, objects = topics
     out = tmp_path / "merged"
@@ -142,7 +153,7 @@ def test_the_merged_export_loads_with_plain_transformers_and_scores_like_the_ada
     records = objects["datamodule"].splits["test"]
     rows = [Row(r.fields, r.id) for r in records]
     prompts = [ids for ids, _ in adapter.formatter.fit_prompts([r.fields for r in rows])]
-    theirs = rank_scores(plain, prompts, adapter.formatter.answer_ids, adapter.pad_id)
+    theirs = rank_scores(plain, prompts, adapter.formatter.answer_ids, adapter.formatter.opening_ids)
     ours, _ = adapter.scores(rows)
     # LoRA merged exactly: the same model up to float rounding of W + BA
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)

@@ -170,7 +170,9 @@ def test_prompts_and_scores_are_exactly_those_of_training(trained, cache_dir):
     assert predictor.formatter.answer_ids == dm.formatter.answer_ids
 
     module.eval()
-    trained_scores = rank_scores(module.causal_lm, [ids for ids, _ in fitted], dm.formatter.answer_ids, 0)
+    trained_scores = rank_scores(
+        module.causal_lm, [ids for ids, _ in fitted], dm.formatter.answer_ids, dm.formatter.opening_ids
+    )
     scores, _ = predictor.scores(texts)  # reordered by length inside, back in input order outside
     torch.testing.assert_close(scores, trained_scores, rtol=0, atol=1e-4)
     predictions = predictor.predict(texts)
@@ -255,7 +257,7 @@ def test_scores_use_the_precision_the_run_was_trained_with(trained, cache_dir):
     bf16 = Predictor.from_export(run / "export", cache_dir, torch.device("cpu"), precision="bf16-mixed")
     prompts = [ids for ids, _ in bf16.formatter.fit_prompts([t.fields for t in texts])]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = rank_scores(bf16.causal_lm, prompts, bf16.formatter.answer_ids, bf16.pad_id)
+        expected = rank_scores(bf16.causal_lm, prompts, bf16.formatter.answer_ids, bf16.formatter.opening_ids)
     assert torch.equal(bf16.scores(texts)[0], expected)
     assert not torch.equal(fp32.scores(texts)[0], expected)
 

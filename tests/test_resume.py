@@ -101,6 +101,15 @@ def assert_same_run(run: Path, reference: Path) -> None:
         assert set(metrics[split]) == set(expected_metrics[split])
         torch.testing.assert_close(metrics[split], expected_metrics[split], rtol=0, atol=1e-6)
     assert Path(metrics["best_checkpoint"]).name == Path(expected_metrics["best_checkpoint"]).name
+    # the run folder's curve covers the whole run from step 0, the same losses and validations
+    points, expected_points = (
+        [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (run, reference)
+    )
+    assert [(p["step"], sorted(p)) for p in points] == [(p["step"], sorted(p)) for p in expected_points]
+    for p, q in zip(points, expected_points, strict=True):
+        for key in set(p) - {"tokens_per_s"}:
+            assert p[key] == pytest.approx(q[key], abs=1e-6), (p, q)
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,10 @@ requests in flight before it exits."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import resource
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -28,11 +26,11 @@ from omegaconf import open_dict
 from conftest import ROOT, compose_train
 from helpers.cli_driver import run_commands
 from helpers.fake_arxiv import FakeArxiv, Paper, Reply
+from helpers.server import KEY, Server
 from lmtune.commands.predict import predict
 from lmtune.commands.serve_requests import Refusal, parse_request
 from lmtune.training.train import train
 
-KEY = "s3cret"
 FUZZ_EXAMPLES = int(os.environ.get("LMTUNE_FUZZ_EXAMPLES", "50"))  # per operation and phase; `make fuzz`: 2,000
 ROBOT = Paper(
     "2403.00010v2", "Grasping with a robot arm", "We study robot grasping.", "cs.RO", ("cs.RO",), "2024-03-01T00:00:00Z"
@@ -52,61 +50,6 @@ def predict_with_cli_settings(export, cache_dir, **settings) -> dict:
         cfg.update(settings)
     (prediction,) = predict(cfg, emit=lambda _: None)
     return prediction
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`src/serve.py` in a subprocess, its log in a file."""
-
-    def __init__(self, tmp_path, *overrides: str):
-        self.port, self.log = free_port(), tmp_path / "serve.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMTUNE_API_KEY": KEY}
-        cmd = [
-            sys.executable,
-            str(ROOT / "src" / "serve.py"),
-            f"port={self.port}",
-            f"hydra.run.dir={tmp_path}",
-            *overrides,
-        ]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 180
-        while self.request("GET", "/health")[0] != 200:
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()[-3000:]
-            time.sleep(0.5)
-
-    def request(self, method: str, path: str, body: bytes | None = None, key: str | None = KEY) -> tuple[int, dict]:
-        status, answer, _ = self.exchange(method, path, body, key)
-        return status, answer
-
-    def exchange(self, method: str, path: str, body: bytes | None = None, key: str | None = KEY):
-        """(status, JSON answer, headers)."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            connection.request(method, path, body=body, headers={"X-API-Key": key} if key else {})
-            response = connection.getresponse()
-            text = response.read().decode()
-        except OSError:
-            return 0, {}, {}
-        finally:
-            connection.close()
-        headers = {k.lower(): v for k, v in response.getheaders()}
-        try:
-            return response.status, json.loads(text), headers
-        except json.JSONDecodeError:
-            return response.status, {"text": text}, headers
-
-    def predict(self, row: dict, key: str | None = KEY) -> tuple[int, dict]:
-        return self.request("POST", "/predict", json.dumps(row).encode(), key)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def test_smollm2_learns_on_arxiv(adapter, tmp_path, shared_arxiv):
     assert torch.equal(scores, reloaded)
     module.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        in_memory = rank_scores(module.causal_lm, prompts, dm.formatter.answer_ids, dm.collator.pad_token_id)
+        in_memory = rank_scores(module.causal_lm, prompts, dm.formatter.answer_ids, dm.formatter.opening_ids)
     torch.testing.assert_close(scores, in_memory, rtol=0, atol=0.4)
     assert (scores.argmax(-1) == in_memory.argmax(-1)).sum() >= 7
     for prediction in predictor.predict(papers):

@@ -133,13 +133,13 @@ def test_export_reloads_with_peft_and_predicts_like_the_trained_module(tmp_path,
     reloaded = PeftModel.from_pretrained(base, export).eval()
     prompts = [e.input_ids[: e.prompt_length] for e in dm.examples["test"]]
     module.eval()
-    ours = rank_scores(module.causal_lm, prompts, dm.formatter.answer_ids, dm.collator.pad_token_id)
-    theirs = rank_scores(reloaded, prompts, formatting["answer_ids"], dm.collator.pad_token_id)
+    ours = rank_scores(module.causal_lm, prompts, dm.formatter.answer_ids, dm.formatter.opening_ids)
+    theirs = rank_scores(reloaded, prompts, formatting["answer_ids"], dm.formatter.opening_ids)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
     assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
     # the adapter moved the predictions away from the base model's
     plain = AutoModelForCausalLM.from_pretrained(formatting["base_model"], dtype=torch.float32).eval()
-    assert not torch.allclose(rank_scores(plain, prompts, formatting["answer_ids"], 0), ours, atol=1e-3)
+    assert not torch.allclose(rank_scores(plain, prompts, formatting["answer_ids"]), ours, atol=1e-3)
 
 
 def test_qlora_stores_the_base_in_4bit_nf4_trains_the_adapter_and_merges_into_a_full_precision_base(
@@ -187,12 +187,12 @@ def test_qlora_stores_the_base_in_4bit_nf4_trains_the_adapter_and_merges_into_a_
     qlora, merged = Predictor.from_export(tmp_path, cache_dir, cpu), Predictor.from_export(merged_dir, cache_dir, cpu)
     rows = [Row(r.fields, r.id) for r in objects["datamodule"].splits["test"]]
     prompts = [ids for ids, _ in qlora.formatter.fit_prompts([r.fields for r in rows])]
-    answers, pad = qlora.formatter.answer_ids, qlora.pad_id
+    answers = qlora.formatter.answer_ids
     # the quantization gap: the same base, 4-bit vs full precision, without any adapter
     base = json.loads((tmp_path / "export" / "formatting.json").read_text())["base_model"]
     full = load_base_model(base, {"dtype": "float32"}, None, cpu).eval()
     four_bit = load_base_model(base, {"dtype": "float32"}, dict(cfg.adapter.quantization), cpu).eval()
-    gap = (rank_scores(full, prompts, answers, pad) - rank_scores(four_bit, prompts, answers, pad)).abs().max()
+    gap = (rank_scores(full, prompts, answers) - rank_scores(four_bit, prompts, answers)).abs().max()
     difference = (merged.scores(rows)[0] - qlora.scores(rows)[0]).abs().max()
     assert 0 < difference <= 2 * gap, (difference, gap)  # merged != 4-bit model, by no more than quantization
 
@@ -206,7 +206,7 @@ def test_zero_steps_evaluates_the_untrained_base_model(tmp_path, cache_dir):
     # the same numbers as scoring the plain base model directly
     base = AutoModelForCausalLM.from_pretrained(module.hparams.pretrained, dtype=torch.float32).eval()
     prompts = [e.input_ids[: e.prompt_length] for e in dm.examples["test"]]
-    preds = rank_scores(base, prompts, dm.formatter.answer_ids, dm.collator.pad_token_id).argmax(-1)
+    preds = rank_scores(base, prompts, dm.formatter.answer_ids, dm.formatter.opening_ids).argmax(-1)
     truth = torch.tensor([e.label_index for e in dm.examples["test"]])
     assert metrics["test/acc"] == pytest.approx((preds == truth).float().mean().item())
 

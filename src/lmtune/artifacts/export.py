@@ -111,8 +111,9 @@ def export_model(
         # secrets redacted: an export folder gets shared (the Hub, a W&B artifact); tokens come from the environment
         config = OmegaConf.create(redact_secrets(OmegaConf.to_container(cfg, resolve=True)))
         OmegaConf.save(config, folder / "config.yaml")
-        if card is not None:
-            (folder / CARD_INPUTS).write_text(json.dumps(card, indent=1, default=str))
+        if card is not None:  # with what the card's code needs to build the prompt as the formatter does
+            inputs = {**card, "system_in_user": formatter.chat_format.system_in_user}
+            (folder / CARD_INPUTS).write_text(json.dumps(inputs, indent=1, default=str))
             write_card(folder, formatting, config)
 
     return write_folder(out_dir, fill)
@@ -344,10 +345,10 @@ def base_model_path(export: Export, base: str | None, cache_dir) -> str:
     """Where an adapter export's base model is loaded from: `base=` when given (a folder or a hub id); else the
     folder it was trained from, when this machine has it; else the model the run's config names (a hub id, a GGUF
     file converted again, the tiny model)."""
-    from lmtune.model.loading import resolve_pretrained
+    from lmtune.model.loading import reachable_model, resolve_pretrained
 
     if base:
-        return str(base)
+        return reachable_model(str(base), "base")
     local = export.formatting.get("base_model_local") or export.formatting.get("base_model")  # older exports
     if local and Path(local).is_dir():
         return str(local)
@@ -367,16 +368,20 @@ def load_export_model(export: Export, cache_dir, device: torch.device, quantized
         return AutoModelForCausalLM.from_pretrained(export.path, dtype=getattr(torch, model_cfg.dtype)).to(device)
     from peft import PeftModel
 
+    from lmtune.model.fused_lora import fuse_lora_layers
+
     base_path = base_model_path(export, base, cache_dir)
     quant = export.cfg.adapter.get("quantization") if quantized else None
     base_model = load_base_model(base_path, model_cfg, quant, device)
     try:
-        return PeftModel.from_pretrained(base_model if quant else base_model.to(device), export.path)
+        model = PeftModel.from_pretrained(base_model if quant else base_model.to(device), export.path)
     except RuntimeError as e:  # size mismatch: the adapter was trained on another model
         raise UserError(
             f"{export.path}: its adapter does not fit the base model {base_path} ({first_line(e, 200)}); load it "
             f"with the base it was trained on ({export.formatting.get('base_model')}): base=<that model's folder>."
         ) from None
+    fuse_lora_layers(model)  # the forward training validated with: the same numbers in bf16, not just close ones
+    return model
 
 
 def task_data_config(data_cfg: DictConfig, formatting: dict) -> DictConfig:

@@ -5,21 +5,42 @@ the Hugging Face hub's (base_model, library_name, pipeline_tag, tags, metrics), 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
 
+EXAMPLE_TEXT = "Some text."  # what the card's examples put in every column
 GGUF_NOTE = "dequantized from the {file} GGUF file (its weights carry that quantization's error)"
 
 
-def front_matter(base_model: str, merged: bool, labels: list[str]) -> dict:
-    return {
-        "base_model": base_model,
-        "library_name": "transformers" if merged else "peft",
-        "pipeline_tag": "text-generation",  # how it loads; it answers with a label of its set
-        "tags": ["lmtune", "text-classification", "merged" if merged else "lora"],
-        "metrics": ["accuracy", "f1"],
-    }
+def front_matter(base_hub_id: str | None, merged: bool, license: str | None, dataset: str | None) -> dict:
+    """The hub's fields; `base_model`, `license` and `datasets` only where known (a hub id, a preset's license)."""
+    meta = {"base_model": base_hub_id, "license": license, "datasets": [dataset] if dataset else None}
+    meta.update(
+        library_name="transformers" if merged else "peft",
+        pipeline_tag="text-generation",  # how it loads; it answers with a label of its set
+        tags=["lmtune", "text-classification", "merged" if merged else "lora"],
+        metrics=["accuracy", "f1"],
+    )
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def hub_dataset(source: str | None) -> str | None:
+    """The hub id of a Hugging Face dataset source (`hf:<id>[split]`), None for files and local folders."""
+    match = re.fullmatch(r"hf:([^:\[]+)(?::[^\[]*)?\[.*\]", source or "")
+    if not match or match[1].startswith(("/", ".", "~")) or Path(match[1]).exists():
+        return None
+    return match[1]
+
+
+def source_name(source: str | None) -> str:
+    """How the card names the data: a hub dataset by its id, a file or folder by its name (never a machine path)."""
+    if hub := hub_dataset(source):
+        return f"the Hugging Face dataset `{hub}`"
+    if source and source.startswith("hf:"):
+        return f"a local dataset folder `{Path(source[3:].split('[')[0].split(':')[0]).name}`"
+    return f"`{Path(source).name}`" if source else "not recorded"
 
 
 def model_card(
@@ -38,10 +59,16 @@ def model_card(
     results: dict[str, dict],
     per_class: dict[str, dict] | None,
     merged: dict | None = None,
+    system_in_user: bool = False,
 ) -> str:
     """The card's text. `results`: model name -> {acc, macro_f1} on the test split (fine-tuned first);
-    `training`: steps, seconds, tokens/s, precision, hardware; `merged`: the merge note of a merged export."""
-    meta = yaml.safe_dump(front_matter(base_model, merged is not None, labels), sort_keys=False).strip()
+    `training`: steps, seconds, tokens/s, precision, hardware; `merged`: the merge note of a merged export.
+    No path of the training machine appears: the base is named by its hub id (else its folder's name), the data
+    by its file's name or hub id."""
+    hub_id = base_model if base_model != base_local else None  # an export names a local folder only without one
+    base_name = hub_id or f"a local model (folder `{Path(base_model).name}`)"
+    meta = front_matter(hub_id, merged is not None, model_cfg.get("license"), hub_dataset(data.get("source")))
+    meta = yaml.safe_dump(meta, sort_keys=False).strip()
     columns = ", ".join(f"`{c}`" for c in _columns(user_template))
     origin = ""
     if model_cfg.get("gguf_file") or model_cfg.get("gguf_path"):
@@ -55,7 +82,7 @@ def model_card(
         meta,
         "---",
         "",
-        f"# A {len(labels)}-label text classifier fine-tuned from {base_model}",
+        f"# A {len(labels)}-label text classifier fine-tuned from {base_name}",
         "",
         f"Reads {columns} and answers with one label of {', '.join(f'`{x}`' for x in labels)}. It is scored by "
         "ranking the label set (the log-probability of each label's answer tokens), so it always gives one of "
@@ -69,13 +96,13 @@ def model_card(
         "",
         "## Data",
         "",
-        f"- source: `{data.get('source')}`, {data.get('records')} records; skipped: {_skipped(data)}",
+        f"- source: {source_name(data.get('source'))}, {data.get('records')} records; skipped: {_skipped(data)}",
         f"- split by a hash of the id: train / val / test = {data.get('train_examples')} / "
         f"{data.get('val_examples')} / {data.get('test_examples')}; truncated prompts {data.get('truncated')}",
         "",
         "## Training",
         "",
-        f"- base model: {base_model}" + (f" (loaded from `{base_local}`{origin})" if base_local else origin),
+        f"- base model: {base_name}{origin}",
         f"- adapter: {adapter}" + (f"; merged into the base: {merged['into']}" if merged else ""),
         f"- {training.get('steps')} steps, precision {training.get('precision')}, "
         f"{_fmt(training.get('train_seconds'), '{:.0f}')} s in training steps, "
@@ -95,37 +122,8 @@ def model_card(
             for label, m in per_class.items()
         ]
         lines.append("")
-    example = " ".join(f'{c}="..."' for c in _columns(user_template))
-    load = (
-        "model = AutoModelForCausalLM.from_pretrained(folder)"
-        if merged
-        else "model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)"
-    )
+    lines += ["## Use", "", *_use(labels, _columns(user_template), merged is not None, system_in_user), ""]
     lines += [
-        "## Use",
-        "",
-        "With the project that trained it (same prompt, same rank scoring; `base=` where the base model is a local "
-        "copy):",
-        "",
-        "```bash",
-        f"python src/predict.py ckpt=<this folder> {example}",
-        "```",
-        "",
-        "With transformers" + ("" if merged else " and peft") + ":",
-        "",
-        "```python",
-        "import json",
-        "",
-        *([] if merged else ["from peft import PeftModel"]),
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'folder = "."  # this folder',
-        'base = json.load(open(f"{folder}/formatting.json"))["base_model"]',
-        load,
-        "tokenizer = AutoTokenizer.from_pretrained(folder)",
-        'labels = json.load(open(f"{folder}/labels.json"))',
-        "```",
-        "",
         "## Limitations",
         "",
         f"- It only knows these {len(labels)} labels; text of another kind still gets one of them.",
@@ -139,6 +137,68 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _use(labels: list[str], columns: list[str], merged: bool, system_in_user: bool) -> list[str]:
+    """The card's two ways to use the model, each ending in a label: predict.py's command line (any task's
+    columns, as `row=`), and plain transformers (+ peft) code that builds the same prompt with the tokenizer's chat
+    template and ranks the label set as the project does (the summed log-probability of each answer's tokens)."""
+    row = ", ".join(f"{c}: {EXAMPLE_TEXT!r}".replace("'", '"') for c in columns)
+    load = (
+        "model = AutoModelForCausalLM.from_pretrained(folder).eval()"
+        if merged
+        else 'base = AutoModelForCausalLM.from_pretrained(formatting["base_model"])  # or a local copy of it\n'
+        "model = PeftModel.from_pretrained(base, folder).eval()"
+    )
+    system = 'formatting["system_prompt"].format(labels=label_list)'
+    user = 'formatting["user_template"].format(**row, labels=label_list)'
+    if system_in_user:  # this model's template has no system turn: the project puts the system prompt first in it
+        messages = [f'messages = [{{"role": "user", "content": {system} + "\\n\\n" + {user}}}]']
+    else:
+        messages = [
+            "messages = [",
+            f'    {{"role": "system", "content": {system}}},',
+            f'    {{"role": "user", "content": {user}}},',
+            "]",
+        ]
+    return [
+        "With the project that trained it (the same prompt, the same rank scoring; `base=<folder>` where the base "
+        "model is a local copy):",
+        "",
+        "```bash",
+        f"python src/predict.py ckpt=<this folder> 'row={{{row}}}'",
+        "```",
+        "",
+        "With transformers" + ("" if merged else " and peft") + " alone:",
+        "",
+        "```python",
+        "import json",
+        "",
+        "import torch",
+        *([] if merged else ["from peft import PeftModel"]),
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'folder = "."  # this folder',
+        'formatting = json.load(open(f"{folder}/formatting.json"))',
+        'labels = json.load(open(f"{folder}/labels.json"))',
+        "tokenizer = AutoTokenizer.from_pretrained(folder)",
+        *load.split("\n"),
+        "",
+        f"row = {{{', '.join(f'{c!r}: {EXAMPLE_TEXT!r}' for c in columns)}}}".replace("'", '"'),
+        'label_list = ", ".join(labels)',
+        *messages,
+        "text = tokenizer.apply_chat_template(",
+        '    messages, tokenize=False, add_generation_prompt=True, **formatting["chat_template_kwargs"]',
+        ")",
+        'prompt = tokenizer(text, add_special_tokens=False)["input_ids"]',
+        "scores = []  # each label's answer tokens (the label, then end-of-turn), summed log-probabilities",
+        "with torch.no_grad():",
+        '    for answer in formatting["answer_ids"]:',
+        "        logits = model(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]",
+        "        scores.append(logits.float().log_softmax(-1)[range(len(answer)), answer].sum().item())",
+        "print(labels[scores.index(max(scores))])",
+        "```",
+    ]
 
 
 def read_front_matter(card: str) -> dict:

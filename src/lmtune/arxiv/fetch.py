@@ -142,7 +142,9 @@ def fetch_records(
     log.info("fetching up to %d records for %s (page size %d)", max_results, query, page_size)
     # a bar on a terminal; otherwise a line per page (records so far, records/s, time left)
     wanted = max(max_results - count, 0)
-    bar = Progress(wanted, "fetching from arXiv", unit="records", steps=max(1, math.ceil(wanted / page_size)))
+    bar = Progress(
+        wanted, "fetching from arXiv", unit="records", steps=max(1, math.ceil(wanted / page_size)), min_interval=0
+    )
     with bar:
         while count < max_results and (total is None or start < total):
             page_start = start

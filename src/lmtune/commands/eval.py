@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def load_for_eval(cfg: DictConfig):
     """The predictor and the data module (prepared, splits loaded) whose split it is evaluated on."""
     device = pick_device(cfg.eval.device)
-    options = {"max_rows": cfg.eval.max_rows}
+    options = {}
     if cfg.eval.precision != "auto":
         options["precision"] = cfg.eval.precision
     if cfg.ckpt is None:

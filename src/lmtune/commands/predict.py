@@ -138,7 +138,7 @@ def read_batch(cfg: DictConfig, path: Path, spec: RecordSpec) -> list[BatchItem]
 
 def load_predictor(cfg: DictConfig) -> Predictor:
     device = pick_device(cfg.device)
-    options = {"max_rows": cfg.max_rows}
+    options = {}
     if cfg.precision != "auto":
         options["precision"] = cfg.precision
     if cfg.ckpt:

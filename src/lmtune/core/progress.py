@@ -28,21 +28,31 @@ def _duration(seconds: float) -> str:
 class Progress:
     """`with Progress(total, "scoring", unit="examples") as p: ... p.advance(n)`.
 
-    `terminal=None` asks whether stderr is a terminal; `steps` is how many log lines a full run writes on the
-    non-terminal path (every 10% by default).
+    `terminal=None` asks whether stderr is a terminal; `steps` is how many log lines a full run writes at most on
+    the non-terminal path (every 10% by default), each at least `min_interval` seconds after the previous one, so
+    work of a few seconds writes only its final line.
     """
 
-    def __init__(self, total: int, description: str, unit: str = "examples", terminal: bool | None = None, steps=10):
+    def __init__(
+        self,
+        total: int,
+        description: str,
+        unit: str = "examples",
+        terminal: bool | None = None,
+        steps=10,
+        min_interval: float = 5.0,
+    ):
         self.total, self.description, self.unit = max(int(total), 0), description, unit
         self.terminal = sys.stderr.isatty() if terminal is None else terminal
-        self.steps = steps
+        self.steps, self.min_interval = steps, min_interval
+        self._last_line = time.perf_counter()  # (again at __enter__) the first line comes min_interval after the start
         self.done = 0
         self._next_report = 1
         self._bar: RichProgress | None = None
         self._started = time.perf_counter()
 
     def __enter__(self) -> Progress:
-        self._started = time.perf_counter()
+        self._started = self._last_line = time.perf_counter()
         if self.terminal and self.total:
             self._bar = RichProgress(
                 TextColumn("{task.description}"),
@@ -73,8 +83,9 @@ class Progress:
             return
         # a line each time another 1/steps of the work is done (several at once if a chunk crosses more)
         reached = self.done * self.steps // max(self.total, 1)
-        if reached >= self._next_report:
-            self._next_report = reached + 1
+        now = time.perf_counter()
+        if reached >= self._next_report and (self.done == self.total or now - self._last_line >= self.min_interval):
+            self._next_report, self._last_line = reached + 1, now
             left = (self.total - self.done) / self.rate if self.rate > 0 else float("inf")
             log.info(
                 "%s: %d/%d %s (%d%%), %.2f %s/s, %s left",

@@ -50,7 +50,9 @@ def predict_records(
         # the true answer's loss per answer token, as training's validation reports it (`val/loss`)
         answer_tokens = sum(len(predictor.formatter.answer_ids[t]) for t in true)
         loss = -float(scores[torch.arange(len(true)), torch.tensor(true)].sum()) / max(answer_tokens, 1)
-        return EvalPredictions(**common, true=true, pred=probs.argmax(-1).tolist(), probs=probs, loss=loss)
+        # the decision from the scores themselves (float32 probabilities can tie where the scores do not); an
+        # exact tie goes to the first label, as in predict and the server
+        return EvalPredictions(**common, true=true, pred=scores.argmax(-1).tolist(), probs=probs, loss=loss)
     if mode == "generate":
         answers = predictor.generate(rows, max_new_tokens, batch_size)
         return EvalPredictions(**common, true=true, pred=[parse_answer(a, labels) for a in answers], answers=answers)

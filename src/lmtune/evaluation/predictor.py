@@ -69,14 +69,12 @@ class Predictor:
         causal_lm,
         formatter: ChatFormatter,
         pad_id: int,
-        max_rows: int = 64,
         source: str = "",
         precision: str | None = None,
     ):
         self.causal_lm = causal_lm.eval()
         self.formatter = formatter
         self.pad_id = pad_id
-        self.max_rows = max_rows
         self.source = source  # what was loaded, for messages and output files
         # the trainer's precision: a model validated under bf16 autocast is scored under it too, so eval and
         # predict reproduce the numbers training reported (fp32 and bf16 scores differ by ~0.1 nats)
@@ -159,22 +157,17 @@ class Predictor:
         )
 
     def scores(self, rows: list[Row]) -> tuple[torch.Tensor, list[bool]]:
-        """Rank scores (rows x labels) and whether each row's prompt had to be shortened."""
+        """Rank scores (rows x labels) and whether each row's prompt had to be shortened. Each row is scored on
+        its own (`model/scoring.py`): its scores are the same whatever else it is scored with."""
         fitted = self.formatter.fit_prompts([r.fields for r in rows])
-        prompts = [ids for ids, _ in fitted]
-        # similar lengths together: less left padding inside each scoring chunk
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         with self._autocast(), Progress(len(rows), f"rank scoring ({self.source})") as progress:
-            sorted_scores = rank_scores(
+            scores = rank_scores(
                 self.causal_lm,
-                [prompts[i] for i in order],
+                [ids for ids, _ in fitted],
                 self.formatter.answer_ids,
-                self.pad_id,
-                self.max_rows,
-                on_chunk=progress.advance,
+                self.formatter.opening_ids,
+                on_prompt=lambda: progress.advance(1),
             )
-        scores = torch.empty_like(sorted_scores)
-        scores[order] = sorted_scores
         return scores, [truncated for _, truncated in fitted]
 
     @torch.no_grad()

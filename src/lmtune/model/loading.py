@@ -13,12 +13,15 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from lmtune.core.console import quiet_progress_bars
 from lmtune.core.errors import UserError, first_line
 from lmtune.data.chat_format import chat_template_source, token_id
 from lmtune.model.architecture import (
@@ -118,7 +121,7 @@ def resolve_pretrained(model_cfg, cache_dir: str | Path) -> str:
     source = model_source(model_cfg)
     cache_dir = Path(cache_dir)
     if source == "hub":
-        return str(model_cfg["name_or_path"])
+        return reachable_model(str(model_cfg["name_or_path"]))
     if source == "gguf":
         path = gguf_path(model_cfg)
         key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}".encode()).hexdigest()[:12]
@@ -128,6 +131,41 @@ def resolve_pretrained(model_cfg, cache_dir: str | Path) -> str:
         key = hashlib.sha256(spec.encode()).hexdigest()[:12]
         return str(_atomic_folder(cache_dir / f"tiny-random-{key}", lambda out: _build_tiny(model_cfg, out)))
     raise ModelConfigError(f"model.source={source!r} is not one of {SOURCES}.")
+
+
+def reachable_model(name: str, setting: str = "model.name_or_path") -> str:
+    """`name` when it can be loaded now: a local folder, a hub id in the local cache, or the hub reachable. Else
+    one line (instead of a minute of retries): how to run offline. When the hub cannot be reached but the model is
+    cached, the process goes offline (HF_HUB_OFFLINE) so loading does not retry the network."""
+    if Path(name).expanduser().exists() or name.startswith(("/", ".", "~")):
+        return name  # a folder (a missing one is the loader's error, which names it)
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    short = name.rstrip("/").rsplit("/", 1)[-1]
+    local = f"download it where there is network (`hf download {name} --local-dir models/{short}`) and set "
+    local += f"{setting}=models/{short}"
+    if constants.is_offline_mode():
+        if cached:
+            return name
+        raise ModelConfigError(
+            f"{setting}={name}: HF_HUB_OFFLINE is set and the model is not in the Hugging Face cache; {local}."
+        )
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+        return name
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+    if cached:
+        log.info("the Hugging Face hub (%s) cannot be reached (%s): %s from the local cache", host, reason, name)
+        constants.HF_HUB_OFFLINE = True  # read at each call; the variable for any child process
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return name
+    raise ModelConfigError(
+        f"{setting}={name}: the Hugging Face hub ({host}) cannot be reached ({reason}) and the model is not in the "
+        f"local cache; {local}, or run once where there is network (HF_HUB_OFFLINE=1 then uses the cache only)."
+    )
 
 
 def load_tokenizer(pretrained: str, pad_token: str | None = None, chat_template: str | None = None):
@@ -189,6 +227,7 @@ def load_base_model(pretrained: str, model_cfg, quant_cfg, device: torch.device)
         kwargs.update(quantization_config=quant, device_map={"": device})
     if model_cfg.get("attn_implementation"):
         kwargs["attn_implementation"] = model_cfg["attn_implementation"]
+    quiet_progress_bars()
     try:
         return AutoModelForCausalLM.from_pretrained(pretrained, **kwargs)
     except (OSError, ValueError) as e:

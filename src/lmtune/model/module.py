@@ -94,6 +94,7 @@ class CausalLMClassifier(L.LightningModule):
         pad_token_id: int,
         gradient_checkpointing: bool | str = False,
         compile: bool = False,
+        prompt_opening: list[int] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run's full config is logged by train()
@@ -138,7 +139,13 @@ class CausalLMClassifier(L.LightningModule):
     def on_fit_start(self) -> None:
         counts = parameter_counts(self)
         self.flops_per_token = training_flops_per_token(self.causal_lm)
-        log.info("parameters: %s; %.2f GFLOP per trained token", counts, self.flops_per_token / 1e9)
+        log.info(
+            "parameters: %s trainable of %s (%.2f %%); %.2f GFLOP per trained token",
+            f"{counts['params/trainable']:,}",
+            f"{counts['params/total']:,}",
+            100 * counts["params/trainable_fraction"],
+            self.flops_per_token / 1e9,
+        )
         for logger in self.loggers:
             logger.log_hyperparams(counts)
 
@@ -159,7 +166,9 @@ class CausalLMClassifier(L.LightningModule):
 
     def score_labels(self, batch: dict) -> torch.Tensor:
         prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_length"], strict=True)]
-        return rank_scores(self.causal_lm, prompts, self.hparams.answer_ids, self.hparams.pad_token_id)
+        # scored as eval, predict and the server score them (one at a time, eager), so a validation's numbers are
+        # the ones `eval.py split=val` gives for these weights
+        return rank_scores(self.causal_lm, prompts, self.hparams.answer_ids, self.hparams.get("prompt_opening"))
 
     # --- steps -----------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -66,7 +66,11 @@ def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
             if conf.offline:
                 conf.log_model = False  # W&B refuses to upload models offline
                 log.info("W&B runs offline; after the run: `wandb sync %s/wandb/offline-run-*`", conf.save_dir)
-    return build_all(cfg, Logger, "logger")
+    loggers = build_all(cfg, Logger, "logger")
+    for logger in loggers:
+        # Lightning passes `anonymous` to wandb.init even unset, and W&B answers each run with a deprecation line
+        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+    return loggers
 
 
 def git_state(root) -> dict:

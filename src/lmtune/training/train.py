@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmtune.artifacts.checkpoints import WEIGHTS_ONLY, read_checkpoint, resolve_ckpt_path
 from lmtune.artifacts.export import export_model
+from lmtune.core.console import single_lightning_handler
 from lmtune.core.files import atomic_write
 from lmtune.evaluation.report import final_report
 from lmtune.model.loading import load_tokenizer, resolve_pretrained
@@ -25,10 +26,12 @@ from lmtune.model.parallel import is_sharded
 from lmtune.training.config import prepare_config
 from lmtune.training.instantiate import instantiate_callbacks, instantiate_data
 from lmtune.training.loggers import instantiate_loggers, log_artifacts, loggable_config
+from lmtune.training.run_log import RunLog
 from lmtune.training.task_wrapper import task_wrapper
 from lmtune.training.throughput import TrainingStats
 
 log = logging.getLogger(__name__)
+single_lightning_handler()
 
 # The data module resumes mid-epoch itself (it skips the batches already seen), which Lightning cannot detect.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
@@ -114,15 +117,18 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         pad_token_id=datamodule.collator.pad_token_id,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         compile=cfg.compile,
+        prompt_opening=formatter.opening_ids,
     )
     stats = TrainingStats(cfg.paths.cache_dir)
     loggers = instantiate_loggers(cfg.get("logger"))
-    callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers)) + [stats]
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers)) + [stats, RunLog(output_dir)]
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(output_dir)
     )
     for logger in trainer.loggers:
         logger.log_hyperparams({**loggable_config(cfg), "data/stats": datamodule.stats})
+        if isinstance(logger, WandbLogger) and not logger._offline:  # W&B's own lines are silenced (core/console.py)
+            log.info("W&B run: %s", logger.experiment.url)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=WEIGHTS_ONLY)
     checkpoint = trainer.checkpoint_callback
