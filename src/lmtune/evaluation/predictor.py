@@ -20,7 +20,7 @@ from lmtune.core.progress import Progress
 from lmtune.data.formatting import ChatFormatter
 from lmtune.model.loading import load_base_model, load_tokenizer, resolve_pretrained
 from lmtune.model.precision import AUTO, frozen_dtype, resolve_precision
-from lmtune.model.scoring import left_pad, rank_scores
+from lmtune.model.scoring import SharedPrefix, left_pad, rank_scores
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class Predictor:
         self.causal_lm = causal_lm.eval()
         self.formatter = formatter
         self.pad_id = pad_id
+        self._opening: SharedPrefix | None = None  # the task's opening, encoded at the first call (weights are fixed)
         self.source = source  # what was loaded, for messages and output files
         # the trainer's precision: a model validated under bf16 autocast is scored under it too, so eval and
         # predict reproduce the numbers training reported (fp32 and bf16 scores differ by ~0.1 nats)
@@ -161,11 +162,13 @@ class Predictor:
         its own (`model/scoring.py`): its scores are the same whatever else it is scored with."""
         fitted = self.formatter.fit_prompts([r.fields for r in rows])
         with self._autocast(), Progress(len(rows), f"rank scoring ({self.source})") as progress:
+            if self._opening is None:
+                self._opening = SharedPrefix.of(self.causal_lm, self.formatter.opening_ids)
             scores = rank_scores(
                 self.causal_lm,
                 [ids for ids, _ in fitted],
                 self.formatter.answer_ids,
-                self.formatter.opening_ids,
+                self._opening,
                 on_prompt=lambda: progress.advance(1),
             )
         return scores, [truncated for _, truncated in fitted]

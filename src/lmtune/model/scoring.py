@@ -44,13 +44,14 @@ def rank_scores(
     causal_lm,
     prompts: list[list[int]],
     answers: list[list[int]],
-    opening: list[int] | None = None,
+    opening: list[int] | SharedPrefix | None = None,
     on_prompt: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Summed log-probability of each answer after each prompt: a (num_prompts, num_labels) tensor.
 
-    `opening`: the tokens the task's prompts open with; a prompt that does not start with them (or a model
-    whose sliding window is shorter than the prompt) is encoded whole, which is decided by the prompt alone.
+    `opening`: the tokens the task's prompts open with (or their `SharedPrefix`, encoded once by a caller whose
+    weights do not change); a prompt that does not start with them (or a model whose sliding window is shorter
+    than the prompt) is encoded whole, which is decided by the prompt alone.
     Always eager: a compiled model (training's `compile`) would recompile for every prompt length.
     `on_prompt` hears each prompt scored (progress).
     """
@@ -59,7 +60,7 @@ def rank_scores(
     longest_answer = max(map(len, answers))
     scores = []
     with torch.compiler.set_stance("force_eager"):
-        shared = SharedPrefix(causal_lm, opening) if opening and len(opening) >= MIN_SHARED_PREFIX else None
+        shared = opening if isinstance(opening, SharedPrefix) else SharedPrefix.of(causal_lm, opening)
         for prompt in prompts:
             windowed = window is not None and window < len(prompt) + longest_answer
             opens = shared is not None and not windowed and shared.opens(prompt)
@@ -160,9 +161,15 @@ class SharedPrefix:
     def __init__(self, causal_lm, tokens: list[int]):
         device = next(causal_lm.parameters()).device
         self.tokens, self.length = list(tokens), len(tokens)
-        self.cache = causal_lm(
-            input_ids=torch.tensor([tokens], device=device), use_cache=True, logits_to_keep=1
-        ).past_key_values
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            self.cache = causal_lm(
+                input_ids=torch.tensor([tokens], device=device), use_cache=True, logits_to_keep=1
+            ).past_key_values
+
+    @classmethod
+    def of(cls, causal_lm, tokens: list[int] | None) -> SharedPrefix | None:
+        """The opening encoded, or None when it is too short to pay off."""
+        return cls(causal_lm, tokens) if tokens and len(tokens) >= MIN_SHARED_PREFIX else None
 
     def opens(self, prompt: list[int]) -> bool:
         """Whether `prompt` starts with the opening and has at least one token of its own (whose output predicts
