@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,10 +44,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=64)
     parser.add_argument("--fp32", action="store_true", help="weights and compute in float32 (32-true)")
     parser.add_argument("--label", default="", help="what this checkout is, for the output")
+    parser.add_argument("--cache-dir", default=os.environ.get("LMTUNE_CACHE", str(ROOT / ".cache")))
     a = parser.parse_args()
     from lmtune.evaluation.predictor import Predictor
 
-    predictor = Predictor.from_export(a.ckpt, ROOT / ".cache", torch.device("cpu"))
+    predictor = Predictor.from_export(a.ckpt, a.cache_dir, torch.device("cpu"))
     if a.fp32:
         predictor.causal_lm.float()
         predictor.precision = "32-true"

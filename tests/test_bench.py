@@ -137,6 +137,27 @@ def test_results_table_replaces_only_its_section(smoke_bench):
         assert "Not measured: no CUDA device on this machine." in readme  # never a guess
 
 
+def test_batch_invariance_script_finds_a_paper_scored_the_same_alone_and_among_others(tmp_path, cache_dir):
+    from conftest import compose_train
+    from lmtune.training.train import train
+
+    overrides = ["experiment=smoke", "logger=none", "trainer.max_steps=2", "report.enabled=false"]
+    train(compose_train([*overrides, "trainer.precision=bf16-mixed"], tmp_path / "run", cache_dir))
+    script = [sys.executable, str(ROOT / "bench" / "batch_invariance.py"), "--ckpt", str(tmp_path / "run" / "export")]
+    proc = subprocess.run(
+        [*script, "--data", str(SAMPLE), "--limit", "10"],
+        cwd=ROOT / "bench",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "LMTUNE_CACHE": str(cache_dir)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["papers"] == 10 and result["precision"] == "bf16-mixed" and result["together_papers_per_s"] > 0
+    assert result["together_max_prob_diff_vs_alone"] == result["reversed_groups_of_8_max_prob_diff_vs_alone"] == 0
+
+
 def test_profile_script_runs(cache_dir):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "profile_step.py"), "--steps", "1", "experiment=smoke"],
