@@ -1,12 +1,16 @@
 """`python src/train.py experiment=smoke` end to end in a subprocess, logging to a real offline W&B run."""
 
 import json
+import socket
+import subprocess
+import sys
+from datetime import datetime
 from pathlib import Path
 
 import torch
 import yaml
 
-from conftest import run_script
+from conftest import ROOT, run_script
 from helpers.wandb_files import read_run
 
 
@@ -66,9 +70,11 @@ def test_smoke_run_writes_checkpoints_export_metrics_and_wandb_files(tmp_path, c
     manifest = json.loads((run_dir / "data_manifest.json").read_text())
     assert manifest["records"] == metrics["data"]["records"] and manifest["source_identity"]["size"] > 0
     # stderr is not a terminal here: training progress comes as log lines, at most every ~10% of the steps and 5 s
-    # apart, so these few seconds of training write only the last
+    # apart (the last line whenever it comes), so a few seconds of training write only the last
     progress = [line for line in proc.stderr.splitlines() if "training: " in line and " steps (" in line]
-    assert len(progress) == 1 and "training: 12/12 steps (100%)" in progress[-1] and "steps/s" in progress[-1]
+    assert "training: 12/12 steps (100%)" in progress[-1] and "steps/s" in progress[-1]
+    times = [datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f") for line in progress[:-1]]
+    assert all((b - a).total_seconds() >= 5 for a, b in zip(times, times[1:], strict=False)), progress
     # the run folder shows training whatever the logger: the loss every 2 steps and both validations in
     # metrics.jsonl and train.log (the step lines in the file only), and the curves
     points = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -83,6 +89,21 @@ def test_smoke_run_writes_checkpoints_export_metrics_and_wandb_files(tmp_path, c
     assert "step 12/12 (epoch 2): loss " in train_log and "validation at step 6: acc " in train_log
     assert "step 12/12 (epoch 2)" not in proc.stderr and "validation at step 6: acc " in proc.stderr
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a quiet console: the project's lines and the result, none of the libraries' notices about themselves
+    console = proc.stdout + proc.stderr
+    for noise in (
+        "pip install kernels",
+        "GPU available",
+        "Seed set",
+        "💡 Tip",
+        "wandb: ",
+        "Loading weights",
+        "Epoch 1/-",
+    ):
+        assert noise not in console, noise
+    assert "FutureWarning" not in console and "deprecated" not in console
+    assert len(console.splitlines()) <= 25, console  # 68 before the quiet console (issue 30)
 
     # a finished run is `runs/latest`, and says nothing failed
     assert (tmp_path / "runs" / "latest").resolve() == run_dir.resolve() and not (run_dir / "FAILED").exists()
@@ -103,3 +124,36 @@ def test_smoke_run_writes_checkpoints_export_metrics_and_wandb_files(tmp_path, c
     assert (failed / "FAILED").read_text() == line + "\n"
     assert line in (failed / "train.log").read_text()
     assert (tmp_path / "runs" / "latest").resolve() == run_dir.resolve()
+
+
+def test_a_config_typo_is_reported_before_torch_is_imported():
+    """Hydra composes the config before the heavy imports (seconds), so a mistyped name is answered at once."""
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['src/train.py', 'experiment=lora_arxv']\n"
+        "try:\n    runpy.run_path('src/train.py', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "Could not find 'experiment/lora_arxv'" in proc.stderr and "lora_arxiv" in proc.stderr
+    assert proc.stdout.strip() == "torch imported: False"
+
+
+def test_an_unreachable_hub_model_fails_at_once_in_one_line(tmp_path, cache_dir):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # a port nothing listens on: the hub "cannot be reached" at once
+    endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    common = ["experiment=smoke", "logger=none", f"paths.cache_dir={cache_dir}", "model=qwen2_5_0_5b"]
+    for n, (env, message) in enumerate(
+        [
+            ({"HF_ENDPOINT": endpoint}, "the Hugging Face hub (127.0.0.1) cannot be reached"),
+            ({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set and the model is not in the Hugging Face cache"),
+        ]
+    ):
+        proc = run_script(
+            "train.py", *common, f"hydra.run.dir={tmp_path / str(n)}", env={"HF_HOME": str(tmp_path), **env}
+        )
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert message in line and "hf download Qwen/Qwen2.5-0.5B-Instruct" in line and "Traceback" not in proc.stderr

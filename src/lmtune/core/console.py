@@ -36,6 +36,14 @@ LIBRARY_WARNINGS = (
 )
 
 
+def process_rank() -> int:
+    """This process's rank in a multi-process run, from what torchrun, SLURM or Lightning's launcher set (0 alone)."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
 class _DropNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not LIGHTNING_NOISE.search(str(record.msg))
@@ -46,6 +54,8 @@ def quiet_console() -> None:
     no library, so entry points call it first."""
     if VERBOSE:
         return
+    if process_rank() != 0:  # each process of a DDP/FSDP run would log the same lines: the first one says them
+        logging.getLogger("lmtune").setLevel(logging.WARNING)
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
     for name in LIGHTNING_LOGGERS:

@@ -79,6 +79,7 @@ def gguf_path(model_cfg) -> Path:
 
 def _convert_gguf(path: Path, out: Path) -> None:
     log.info("converting %s to a Hugging Face folder (once) at %s", path.name, out)
+    quiet_progress_bars()  # the conversion keeps its own bar (20 s, once per machine)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     # GGUF weights are dequantized on load; drop the marker that makes save_pretrained refuse.
@@ -151,9 +152,10 @@ def reachable_model(name: str, setting: str = "model.name_or_path") -> str:
         raise ModelConfigError(
             f"{setting}={name}: HF_HUB_OFFLINE is set and the model is not in the Hugging Face cache; {local}."
         )
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    endpoint = urllib.parse.urlparse(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
     try:
-        socket.create_connection((host, 443), timeout=5).close()
+        socket.create_connection((host, endpoint.port or (80 if endpoint.scheme == "http" else 443)), timeout=5).close()
         return name
     except OSError as e:
         reason = e.strerror or type(e).__name__
