@@ -63,6 +63,7 @@ def smoke_bench(tmp_path_factory, cache_dir):
     return json.loads(result.read_text()), readme.read_text()
 
 
+@pytest.mark.slow  # bench/run.py --smoke: every part, about 4 minutes
 def test_training_benchmark_measures_both_sides_with_their_own_padding(smoke_bench):
     results, _ = smoke_bench
     for adapter in ("lora", "qlora"):
@@ -90,6 +91,7 @@ def test_training_benchmark_measures_both_sides_with_their_own_padding(smoke_ben
     assert (qlora["params/total"], qlora["params/trainable"]) == (lora["params/total"], lora["params/trainable"])
 
 
+@pytest.mark.slow  # bench/run.py --smoke: every part, about 4 minutes
 def test_accuracy_benchmark_compares_on_one_test_split(smoke_bench):
     results, _ = smoke_bench
     acc = results["accuracy"]
@@ -101,6 +103,7 @@ def test_accuracy_benchmark_compares_on_one_test_split(smoke_bench):
     assert acc["targets"]["beats_tfidf_same"] == (rows["finetuned"]["acc"] > rows["tfidf_same"]["acc"])
 
 
+@pytest.mark.slow  # bench/run.py --smoke: every part, about 4 minutes
 def test_eval_benchmark_rank_scoring_matches_the_naive_reference(smoke_bench):
     ev = smoke_bench[0]["eval"]
     assert ev["examples"] == 8
@@ -109,6 +112,7 @@ def test_eval_benchmark_rank_scoring_matches_the_naive_reference(smoke_bench):
     assert 0.0 <= ev["agreement"] <= 1.0
 
 
+@pytest.mark.slow  # bench/run.py --smoke: every part, about 4 minutes
 def test_data_benchmark_prepares_every_row_of_each_size_twice(smoke_bench):
     sizes = smoke_bench[0]["data"]["sizes"]
     assert [s["rows"] for s in sizes] == [192, 288]  # the 96-row sample, 2 and 3 copies with new ids
@@ -120,12 +124,14 @@ def test_data_benchmark_prepares_every_row_of_each_size_twice(smoke_bench):
         assert first["new_cache_files"] == 4 and second["new_cache_files"] == 0  # records + 3 splits; then reused
 
 
+@pytest.mark.slow  # bench/run.py --smoke: every part, about 4 minutes
 def test_data_benchmark_trains_at_each_length_on_examples_that_fill_it(smoke_bench):
     runs = smoke_bench[0]["data"]["lengths"]["lengths"]
     assert [r["max_length"] for r in runs] == [128, 192]
     assert all(r["tokens_per_s"] > 0 and r["padding_fraction"] < 0.2 for r in runs)
 
 
+@pytest.mark.slow  # bench/run.py --smoke: every part, about 4 minutes
 def test_results_table_replaces_only_its_section(smoke_bench):
     results, readme = smoke_bench
     assert readme.startswith("# Benchmarks\n\nintro kept\n") and readme.endswith("<!-- results:end -->\nkept\n")
@@ -286,6 +292,7 @@ def test_learning_curve_smoke_form_builds_points_resumes_and_plots(tmp_path, cac
         learning_curve.compare([path, tmp_path / "not-a-curve.json"], tmp_path / "bad.png")
 
 
+@pytest.mark.slow  # bench/run.py --smoke: every part, about 4 minutes
 def test_serve_benchmark_loads_the_server_beside_the_offline_rate(smoke_bench):
     serve = smoke_bench[0]["serve"]
     assert serve["offline_rows_per_s"] > 0 and serve["exit_code_after_sigterm"] == 0
