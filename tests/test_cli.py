@@ -7,6 +7,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -157,3 +158,14 @@ def test_an_unreachable_hub_model_fails_at_once_in_one_line(tmp_path, cache_dir)
         assert proc.returncode == 1, proc.stderr[-2000:]
         (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert message in line and "hf download Qwen/Qwen2.5-0.5B-Instruct" in line and "Traceback" not in proc.stderr
+
+
+def test_a_missing_local_model_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    from lmtune.model.loading import ModelConfigError, reachable_model
+
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelConfigError, match="model.name_or_path=models/my-base: no such folder in "):
+        reachable_model("models/my-base")
+    (tmp_path / "models" / "my-base").mkdir()
+    assert reachable_model("models/my-base") == "models/my-base"

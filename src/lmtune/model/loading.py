@@ -140,6 +140,11 @@ def reachable_model(name: str, setting: str = "model.name_or_path") -> str:
     cached, the process goes offline (HF_HUB_OFFLINE) so loading does not retry the network."""
     if Path(name).expanduser().exists() or name.startswith(("/", ".", "~")):
         return name  # a folder (a missing one is the loader's error, which names it)
+    if Path(name).parent.is_dir() and Path(name).parent != Path("."):  # `models/my-base` beside an existing models/
+        raise ModelConfigError(
+            f"{setting}={name}: no such folder in {Path(name).parent.resolve()}; give a folder that save_pretrained "
+            f"wrote, or a hub id (org/name)."
+        )
     from huggingface_hub import constants, try_to_load_from_cache
 
     cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
