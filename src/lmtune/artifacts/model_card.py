@@ -26,9 +26,14 @@ def front_matter(base_hub_id: str | None, merged: bool, license: str | None, dat
     return {k: v for k, v in meta.items() if v is not None}
 
 
+HF_SOURCE = re.compile(
+    r"hf:([^:\[]+)(?::[^\[]*)?\[.*\]"
+)  # what the data module calls a HF dataset: hf:<name>[:config][split]
+
+
 def hub_dataset(source: str | None) -> str | None:
-    """The hub id of a Hugging Face dataset source (`hf:<id>[split]`), None for files and local folders."""
-    match = re.fullmatch(r"hf:([^:\[]+)(?::[^\[]*)?\[.*\]", source or "")
+    """The hub id of a Hugging Face dataset source, None for files and local dataset folders."""
+    match = HF_SOURCE.fullmatch(source or "")
     if not match or match[1].startswith(("/", ".", "~")) or Path(match[1]).exists():
         return None
     return match[1]
@@ -38,8 +43,8 @@ def source_name(source: str | None) -> str:
     """How the card names the data: a hub dataset by its id, a file or folder by its name (never a machine path)."""
     if hub := hub_dataset(source):
         return f"the Hugging Face dataset `{hub}`"
-    if source and source.startswith("hf:"):
-        return f"a local dataset folder `{Path(source[3:].split('[')[0].split(':')[0]).name}`"
+    if match := HF_SOURCE.fullmatch(source or ""):
+        return f"a local dataset folder `{Path(match[1]).name}`"
     return f"`{Path(source).name}`" if source else "not recorded"
 
 

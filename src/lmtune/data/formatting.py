@@ -243,8 +243,9 @@ class ChatFormatter:
     @functools.cached_property
     def opening_ids(self) -> list[int]:
         """The tokens every prompt opens with: the template up to the user turn's first column, found as the common
-        start of two prompts whose columns share nothing. The rank scorer encodes them once per call; a prompt
-        that starts otherwise (a tokenizer that merges across the boundary) is simply encoded whole."""
+        start of two prompts whose columns share nothing. The rank scorer encodes them once (per predictor, per
+        validation pass); a prompt that starts otherwise (a tokenizer that merges across the boundary) is simply
+        encoded whole."""
         first, second = self._encode_prompts([dict.fromkeys(self.columns, text) for text in ("Text.", "0")])
         length = next((i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b), 0)
         return first[:length]

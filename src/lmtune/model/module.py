@@ -35,7 +35,7 @@ from lmtune.model.architecture import compile_decoder_layers, head_logits
 from lmtune.model.loading import load_model
 from lmtune.model.loss import masked_lm_loss_sum, masked_lm_loss_sum_via_forward
 from lmtune.model.parallel import full_tensor, shard_decoder
-from lmtune.model.scoring import rank_scores
+from lmtune.model.scoring import SharedPrefix, rank_scores
 from lmtune.model.weights import check_weights_fit
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class CausalLMClassifier(L.LightningModule):
         self.eval_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
         self._window_tokens = 0  # supervised tokens in this optimizer step's micro-batches, this rank
         self.validations: dict[int, dict[str, float]] = {}  # global step -> val metrics (see _log_eval)
+        self._opening: SharedPrefix | None = None  # the task's opening encoded, for one validation or test pass
         # matrix-product FLOPs of the last training batch, read by Lightning's ThroughputMonitor (TrainingStats)
         self.flops_per_token = 0
         self.flops_per_batch = 0
@@ -167,8 +168,11 @@ class CausalLMClassifier(L.LightningModule):
     def score_labels(self, batch: dict) -> torch.Tensor:
         prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_length"], strict=True)]
         # scored as eval, predict and the server score them (one at a time, eager), so a validation's numbers are
-        # the ones `eval.py split=val` gives for these weights
-        return rank_scores(self.causal_lm, prompts, self.hparams.answer_ids, self.hparams.get("prompt_opening"))
+        # the ones `eval.py split=val` gives for these weights; the opening encoded once per pass (the weights do
+        # not change inside one)
+        if self._opening is None:
+            self._opening = SharedPrefix.of(self.causal_lm, self.hparams.get("prompt_opening"))
+        return rank_scores(self.causal_lm, prompts, self.hparams.answer_ids, self._opening)
 
     # --- steps -----------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -231,6 +235,12 @@ class CausalLMClassifier(L.LightningModule):
             # what each validation during training measured, by step: the best checkpoint's metrics after fit
             # need no second pass over the validation split
             self.validations[self.global_step] = {k: float(v) for k, v in computed.items()}
+
+    def on_validation_epoch_start(self) -> None:
+        self._opening = None  # the weights changed since the last pass
+
+    def on_test_epoch_start(self) -> None:
+        self._opening = None
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")

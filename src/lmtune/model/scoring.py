@@ -1,11 +1,11 @@
 """Rank scoring: the predicted label is the one whose answer tokens are most likely after the prompt.
 
-Every prompt is scored on its own: one pass over its tokens, then one short pass that scores every label's
-answer tokens on top of that prompt's KV cache (tree attention), so the cost is one prompt pass plus a few
-tokens per label instead of one full pass per label, and the cache is never copied. The task's opening (the
-chat template's system turn with its list of labels, the user turn up to the first column: the formatter's
-`opening_ids`) is encoded once per call, not once per prompt. A prediction is always a valid label, and the
-scores give a probability over the label set (softmax of the summed log-probabilities).
+Every prompt is scored on its own, in one forward pass: its own tokens, then every label's answer tokens as a
+prefix tree with tree attention (`_prompt_scores`), so the cost is one prompt pass plus a few tokens per label
+instead of one full pass per label. The task's opening (the chat template's system turn, the user turn up to the
+first column: the formatter's `opening_ids`) is encoded once, by the caller or per call, and each prompt continues
+a copy of its cache. A prediction is always a valid label, and the scores give a probability over the label set
+(softmax of the summed log-probabilities).
 
 Why one prompt at a time: a prompt's scores must not depend on what it is scored with (a split in eval, one
 row in predict, whatever a server's batch holds). In bf16 they would: a matrix product rounds differently

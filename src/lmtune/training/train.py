@@ -121,7 +121,10 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     )
     stats = TrainingStats(cfg.paths.cache_dir)
     loggers = instantiate_loggers(cfg.get("logger"))
-    callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers)) + [stats, RunLog(output_dir)]
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers)) + [
+        stats,
+        RunLog(output_dir, stats),
+    ]
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(output_dir)
     )
