@@ -250,3 +250,15 @@ def test_ckpt_path_that_names_nothing_is_a_one_line_user_error(tmp_path, cache_d
         cfg.paths.log_dir = str(tmp_path / "empty-logs")
     with pytest.raises(UserError, match="ckpt_path=last"):
         train(cfg)  # before loading any data or model
+
+
+def test_a_checkpoint_s_run_log_keeps_only_records_it_can_draw(tmp_path):
+    """The run log's history comes from a checkpoint, which may be anyone's: what is not a record of numbers is
+    left out, and the curves still draw."""
+    from lmtune.training.run_log import RunLog
+
+    run_log = RunLog(tmp_path, stats=None)
+    junk = [{"train/loss": 2.0}, "x", {"step": 3, "val/acc": "0.5"}, {"step": "4"}]
+    run_log.load_state_dict({"points": [{"step": 2, "train/loss": 1.0}, *junk], "losses": [0.5, "x"]})
+    assert run_log.points == [{"step": 2, "train/loss": 1.0}] and run_log._losses == [0.5]
+    assert run_log.draw().read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,8 @@
 """The run folder shows training whatever the logger: `metrics.jsonl`, lines in `train.log` and `curves.png`.
 
 Every `trainer.log_every_n_steps` optimizer steps: the mean training loss of those steps, the learning rate and
-tokens/s (real tokens); every validation: its metrics. Each goes to `metrics.jsonl` (one JSON object per line)
+tokens/s (real tokens in training steps, this process's: `TrainingStats`' counts, the same as W&B's
+`throughput/tokens_per_s`); every validation: its metrics. Each goes to `metrics.jsonl` (one JSON object per line)
 and to the log: the step lines to `train.log` only (the console has the progress bar), the validations to both.
 `curves.png` (training and validation loss, validation accuracy against steps) is drawn at the end of every run,
 finished or stopped. The history travels in checkpoints, so a resumed run's file and plot start at step 0.
@@ -12,13 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lmtune.core.files import atomic_write
+from lmtune.training.throughput import TrainingStats
 
 log = logging.getLogger(__name__)
 steps_log = logging.getLogger("lmtune.steps")  # train.log only (conf/hydra/default.yaml)
@@ -27,50 +28,53 @@ METRICS_FILE, CURVES_FILE = "metrics.jsonl", "curves.png"
 
 
 class RunLog(Callback):
-    def __init__(self, output_dir: str | Path):
+    def __init__(self, output_dir: str | Path, stats: TrainingStats):
         self.output_dir = Path(output_dir)
+        self.stats = stats  # counts the tokens and the seconds in training steps
         self.points: list[dict] = []  # every record written, in order (the checkpointed state)
-        self._window = self._fresh_window()
-
-    @staticmethod
-    def _fresh_window() -> dict:
-        return {"losses": [], "tokens": 0, "started": time.perf_counter(), "step": None}
+        self._losses: list[float] = []  # of the micro-batches since the last record
+        self._recorded_step: int | None = None
+        self._counted = (0, 0.0)  # the stats' tokens and seconds at the last record
 
     # --- state in checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         # with the losses of the steps since the last record: a run resumed mid-window logs the same mean loss
         # (its tokens/s counts from the resume)
-        return {"points": self.points, "losses": self._window["losses"]}
+        return {"points": self.points, "losses": self._losses}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.points = list(state_dict.get("points", []))
-        self._window = {**self._fresh_window(), "losses": list(state_dict.get("losses", []))}
+        # from a checkpoint (untrusted): only records with a step and numbers; anything else is left out
+        self.points = [
+            p
+            for p in state_dict.get("points", [])
+            if isinstance(p, dict)
+            and isinstance(p.get("step"), int)
+            and all(isinstance(v, int | float | None) for v in p.values())
+        ]
+        self._losses = [float(x) for x in state_dict.get("losses", []) if isinstance(x, int | float)]
 
     # --- hooks -----------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module):
         if trainer.is_global_zero:  # a resumed run's history (restored before this hook) starts the file again
             atomic_write(self.output_dir / METRICS_FILE, lambda f: f.writelines(_line(p) for p in self.points))
-        self._window["started"] = time.perf_counter()
+        self._counted = (self.stats.total["tokens"], self.stats.total["seconds"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
-            self._window["losses"].append(float(loss))
-        self._window["tokens"] += int(batch["attention_mask"].sum())
+            self._losses.append(float(loss))
         step = trainer.global_step
-        every = max(1, trainer.log_every_n_steps)
-        if step == self._window["step"] or step % every or not self._window["losses"]:
+        if step == self._recorded_step or step % max(1, trainer.log_every_n_steps) or not self._losses:
             return  # inside an accumulation window, or not a logging step
-        seconds = time.perf_counter() - self._window["started"]
-        losses = self._window["losses"]
+        tokens, seconds = self.stats.total["tokens"], self.stats.total["seconds"]  # this batch counted already
         point = {
             "step": step,
             "epoch": trainer.current_epoch,
-            "train/loss": sum(losses) / len(losses),
+            "train/loss": sum(self._losses) / len(self._losses),
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
-            "tokens_per_s": self._window["tokens"] * trainer.world_size / max(seconds, 1e-9),
+            "tokens_per_s": (tokens - self._counted[0]) / max(seconds - self._counted[1], 1e-9),
         }
-        self._window = {**self._fresh_window(), "step": step}
+        self._losses, self._recorded_step, self._counted = [], step, (tokens, seconds)
         if trainer.is_global_zero:
             total = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
             steps_log.info(
@@ -96,7 +100,6 @@ class RunLog(Callback):
             ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in sorted(metrics.items())),
         )
         self._record({"step": trainer.global_step, "epoch": trainer.current_epoch, **metrics})
-        self._window["started"] = time.perf_counter()  # tokens/s counts training time, not validation's
 
     def on_fit_end(self, trainer, pl_module):
         if trainer.is_global_zero:
