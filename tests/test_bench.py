@@ -243,6 +243,7 @@ def test_gpu_preset_is_llama_3_2_1b_shaped(tiny_tokenizer):
     assert model.config.tie_word_embeddings and model.config.vocab_size == 128_256
 
 
+@pytest.mark.slow  # a minute: the curve's points trained, resumed and plotted
 def test_learning_curve_smoke_form_builds_points_resumes_and_plots(tmp_path, cache_dir):
     """`make bench ARGS="--parts curve"` in its smoke form: each point is one printed user command; a rerun with
     more sizes keeps the points already measured (a long curve is built over several sessions)."""

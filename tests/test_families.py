@@ -241,6 +241,7 @@ def cli_runs(family_dirs, tmp_path_factory, cache_dir) -> dict[str, dict]:
     return runs
 
 
+@pytest.mark.slow  # two minutes for the twelve families; each family's paths are checked in process above
 @pytest.mark.parametrize("name", NAMES)
 def test_the_cli_trains_resumes_merges_and_predicts_with_only_the_model_folder(name, cli_runs):
     family, run = BY_NAME[name], cli_runs[name]
@@ -289,3 +290,53 @@ def test_fsdp_shards_every_family_and_gives_the_single_process_gradients(name, f
     assert all(g.abs().sum() > 0 for key, g in one.items() if "lora_B" in key)
     for key, grad in one.items():
         torch.testing.assert_close(fsdp[key], grad, rtol=1e-4, atol=1e-7, msg=key)
+
+
+THREE_TURNS = [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "Which field studies grasping?"},
+    {"role": "assistant", "content": "Robotics."},
+    {"role": "user", "content": "And parsing sentences?"},
+    {"role": "assistant", "content": "Computational linguistics, mostly."},
+    {"role": "user", "content": "Name a vision task."},
+    {"role": "assistant", "content": "Object detection."},
+]
+
+
+REWRITE_HISTORY = {"qwen3"}  # renders earlier turns without the think block their prompt opened
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_three_turn_conversation_supervises_exactly_its_assistant_turns(name, family_dirs):
+    """Every assistant turn, with the family's turn closer, is supervised once; nothing else is; each supervised
+    turn follows exactly the prompt a prediction at that turn would see (a template that rewrites history, as
+    Mistral's and Qwen3's do, gets a sequence per turn)."""
+    from lmtune.data.conversations import ConversationFormatter, ConversationTask
+
+    family = BY_NAME[name]
+    tokenizer = family_tokenizer(family, family_dirs[name])
+    formatter = ConversationFormatter(tokenizer, ConversationTask(messages_column="messages"), 512)
+    sequences, dropped, problem = formatter.fit(THREE_TURNS)
+    assert problem is None and dropped == 0
+    answers = [m["content"] for m in THREE_TURNS if m["role"] == "assistant"]
+    supervised = [(ids, start, end) for ids, spans in sequences for start, end in spans]
+    assert [tokenizer.decode(ids[s:e]) for ids, s, e in supervised] == [
+        family.answer_prefix + a + family.eot for a in answers
+    ]
+    turns = [k for k, m in enumerate(THREE_TURNS) if m["role"] == "assistant"]
+    for (ids, start, _), k in zip(supervised, turns, strict=True):
+        assert ids[:start] == formatter.prompt_ids(THREE_TURNS[:k])
+    assert len(sequences) == (3 if name in REWRITE_HISTORY else 1)
+    labels = [lab for ids, spans in sequences for lab in _labels(ids, spans)]
+    assert sum(lab != IGNORE_INDEX for lab in labels) == sum(e - s for _, s, e in supervised)
+    last_only = ConversationFormatter(tokenizer, ConversationTask(messages_column="messages"), 512, train_on="last")
+    (only,), _, _ = last_only.fit(THREE_TURNS)
+    assert only[0][: only[1][0][0]] == formatter.prompt_ids(THREE_TURNS[:-1])
+    assert tokenizer.decode(only[0][only[1][0][0] : only[1][0][1]]) == family.answer_prefix + answers[-1] + family.eot
+
+
+def _labels(ids, spans):
+    labels = [IGNORE_INDEX] * len(ids)
+    for s, e in spans:
+        labels[s:e] = ids[s:e]
+    return labels

@@ -9,7 +9,8 @@ Bottom to top (each package's docstring says what it holds):
     model       loading, architecture, loss, rank scoring, precision policy, the LightningModule
     artifacts   checkpoints (read, write, the checkpoint callback), the export format, model card, merging
     evaluation  metrics, predictor, evaluation modes and outputs, the end-of-training report, TF-IDF
-    training    the config made ready, instantiation, loggers, callbacks, throughput, `train()`
+    training    the config made ready, instantiation, loggers, callbacks, throughput, `train()`, the kinds' lookup
+    tasks       the task kinds (classify, generate), plug-ins that training finds by name and never imports
     commands    what eval, baseline, predict and serve run
 
 Imports inside functions count as well: a lazy import is still a dependency.
@@ -32,6 +33,7 @@ LAYERS = [
     ("artifacts",),
     ("evaluation",),
     ("training",),
+    ("tasks",),
     ("commands",),
 ]
 LAYER_OF = {package: n for n, layer in enumerate(LAYERS) for package in layer}
@@ -138,8 +140,21 @@ def test_packages_import_each_other_without_a_cycle():
         ("core/planted.py", "def f():\n    import lmtune.arxiv.client\n", "lmtune.core imports lmtune.arxiv"),
         ("model/planted.py", "from lmtune import evaluation\n", "lmtune.model imports lmtune.evaluation"),
         ("training/planted.py", "from ..commands import eval\n", "lmtune.training imports lmtune.commands"),
+        (
+            "training/planted.py",
+            "def f():\n    from lmtune.tasks.generate import KIND\n",
+            "lmtune.training imports lmtune.tasks",
+        ),
+        ("artifacts/planted.py", "from lmtune.tasks import classify\n", "lmtune.artifacts imports lmtune.tasks"),
     ],
-    ids=["from-import", "lazy-import", "package-import", "relative-import"],
+    ids=[
+        "from-import",
+        "lazy-import",
+        "package-import",
+        "relative-import",
+        "training-imports-a-kind",
+        "export-imports-a-kind",
+    ],
 )
 def test_a_planted_upward_import_is_found(tmp_path, module, text, expected):
     """The check itself: a copy of the package with one upward import added fails with a message naming it."""

@@ -32,9 +32,13 @@ from lmtune.core.secrets import redact_secrets
 
 log = logging.getLogger(__name__)
 
-EXPORT_FILES = ("labels.json", "formatting.json", "config.yaml")
+EXPORT_FILES = ("formatting.json", "config.yaml")  # and labels.json for a classifier
 CARD_INPUTS = "card.json"  # what the model card reports besides the settings: data, training, results
-FORMATTING_KEYS = ("system_prompt", "user_template", "max_length", "answer_ids")
+KINDS = ("classify", "generate")  # formatting.json's `task`; exports from before task kinds classify
+FORMATTING_KEYS = {
+    "classify": ("system_prompt", "user_template", "max_length", "answer_ids"),
+    "generate": ("max_length",),
+}
 # What exports written before the task became configurable (arXiv only) leave out of formatting.json.
 ARXIV_TASK = {
     "truncate_column": "abstract",
@@ -45,7 +49,7 @@ ARXIV_TASK = {
 DAMAGED = "the export is incomplete or damaged: copy the folder again from where it was trained, or train again"
 # An export comes from someone else's machine: what its files may hold. Its config.yaml builds the data module only,
 # and only one of these classes (Hydra's instantiate would call any importable function a `_target_` names).
-DATA_MODULES = ("lmtune.data.datamodule.TextClassificationDataModule",)
+DATA_MODULES = ("lmtune.data.datamodule.TextClassificationDataModule", "lmtune.data.datamodule.ChatDataModule")
 LEGACY_DATA_MODULE = "ArxivDataModule"  # read as TextClassificationDataModule (`task_data_config`)
 ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 LIMITS = {"text": 20_000, "name": 200, "labels": 10_000, "answer": 64, "max_length": 1 << 20}
@@ -76,23 +80,25 @@ def base_model_reference(model_cfg, pretrained: str) -> tuple[str, str | None]:
 
 
 def export_model(
-    module, tokenizer, formatter, cfg: DictConfig, out_dir: str | Path, spec=None, card: dict | None = None
+    module,
+    tokenizer,
+    formatter,
+    cfg: DictConfig,
+    out_dir: str | Path,
+    kind: str,
+    task: dict,
+    files: dict,
+    card: dict | None = None,
 ) -> Path:
-    """Write the export; `spec` (the data module's `RecordSpec`) names the task's label and id columns, so
-    predict can read a labelled file the way training did; `card`: what the model card reports besides the
-    export's own settings (data, training, results; `write_card`)."""
+    """Write the export of a run of task `kind`: `task`, what formatting.json records of the task (the kind's
+    `export_task`), and `files`,
+    the kind's other JSON files (classify: labels.json); `card`: what the model card reports besides the export's
+    own settings (data, training, results; `write_card`)."""
     base, local = base_model_reference(cfg.model, module.hparams.pretrained)
     formatting = {
-        "system_prompt": formatter.system_prompt_template,
-        "user_template": formatter.user_template,
-        "truncate_column": formatter.truncate_column,
-        "label_column": list(spec.label) if spec else ["label"],
-        "label_is_list": spec.label_is_list if spec else False,
-        "id_column": spec.id if spec else "id",
-        "eot_token": formatter.eot_token,
-        "chat_template_kwargs": formatter.chat_template_kwargs,
-        "max_length": formatter.max_length,
-        "answer_ids": formatter.answer_ids,
+        "task": kind,
+        **formatter.settings(),
+        **task,
         "base_model": base,
         "base_model_local": local,
     }
@@ -106,7 +112,8 @@ def export_model(
                 json.dumps({**read_json(adapter_config), "base_model_name_or_path": base}, indent=2)
             )
         tokenizer.save_pretrained(folder)
-        (folder / "labels.json").write_text(json.dumps(formatter.labels, indent=1))
+        for name, content in files.items():
+            (folder / name).write_text(json.dumps(content, indent=1))
         (folder / "formatting.json").write_text(json.dumps(formatting, indent=1))
         # secrets redacted: an export folder gets shared (the Hub, a W&B artifact); tokens come from the environment
         config = OmegaConf.create(redact_secrets(OmegaConf.to_container(cfg, resolve=True)))
@@ -168,7 +175,7 @@ def export_and_checkpoint(ckpt: str | Path) -> tuple[Path, Path | None]:
 
 @dataclass(frozen=True)
 class Export:
-    """A checked export: its folder, run config, formatting and label set."""
+    """A checked export: its folder, run config, formatting and label set (empty for a generator)."""
 
     path: Path
     cfg: DictConfig
@@ -179,24 +186,25 @@ class Export:
     def has_adapter(self) -> bool:
         return self.cfg.adapter.kind != "none"
 
+    @property
+    def kind(self) -> str:
+        """The task kind it was trained for: classify or generate."""
+        return self.formatting.get("task", "classify")
+
 
 def read_export(path: str | Path) -> Export:
     """Find the export and check every file it needs before anything is loaded: readable JSON and YAML with the
     fields they must have, a label set that fits the trained answers, weights that are whole."""
     export = find_export(path)
     formatting = read_formatting(export)
-    missing = [key for key in FORMATTING_KEYS if key not in formatting]
+    kind = formatting.get("task", "classify")
+    if kind not in KINDS:
+        raise UserError(f"{export / 'formatting.json'}: task {kind!r} is not one of {', '.join(KINDS)}; {DAMAGED}.")
+    missing = [key for key in FORMATTING_KEYS[kind] if key not in formatting]
     if missing:
         raise UserError(f"{export / 'formatting.json'}: no {', '.join(missing)}; {DAMAGED}.")
-    labels = read_json(export / "labels.json")
-    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(x, str) for x in labels)):
-        raise UserError(f"{export / 'labels.json'}: expected a list of two or more label names; {DAMAGED}.")
-    if len(labels) != len(formatting["answer_ids"]):
-        raise UserError(
-            f"{export / 'labels.json'}: {len(labels)} labels, but the model was trained on "
-            f"{len(formatting['answer_ids'])} answers (formatting.json); {DAMAGED}."
-        )
-    _check_formatting(export / "formatting.json", formatting, labels)
+    labels = _read_labels(export, formatting) if kind == "classify" else []
+    _check_formatting(export / "formatting.json", formatting, labels, kind)
     try:
         cfg = OmegaConf.load(export / "config.yaml")
         cfg.adapter.kind  # noqa: B018 (the field every reader needs)
@@ -208,7 +216,19 @@ def read_export(path: str | Path) -> Export:
     return result
 
 
-def _check_formatting(path: Path, formatting: dict, labels: list) -> None:
+def _read_labels(export: Path, formatting: dict) -> list[str]:
+    labels = read_json(export / "labels.json")
+    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(x, str) for x in labels)):
+        raise UserError(f"{export / 'labels.json'}: expected a list of two or more label names; {DAMAGED}.")
+    if len(labels) != len(formatting["answer_ids"]):
+        raise UserError(
+            f"{export / 'labels.json'}: {len(labels)} labels, but the model was trained on "
+            f"{len(formatting['answer_ids'])} answers (formatting.json); {DAMAGED}."
+        )
+    return labels
+
+
+def _check_formatting(path: Path, formatting: dict, labels: list, kind: str) -> None:
     """The task an export describes, within limits: texts, names and lengths a real run writes, nothing that would
     make a reader tokenize megabytes or allocate for a billion positions."""
     problems = []
@@ -218,23 +238,24 @@ def _check_formatting(path: Path, formatting: dict, labels: list) -> None:
         if not (value is None and optional) and not (isinstance(value, str) and len(value) <= limit):
             problems.append(f"{key} must be {'null or ' if optional else ''}a string of at most {limit:,} characters")
 
-    text("system_prompt", LIMITS["text"])
-    text("user_template", LIMITS["text"])
-    for key in ("truncate_column", "id_column", "eot_token"):
+    for key in ("system_prompt", "user_template") + (("answer",) if kind == "generate" else ()):
+        text(key, LIMITS["text"], optional=kind == "generate")
+    for key in ("truncate_column", "id_column", "eot_token", "messages_column", "train_on"):
         text(key, LIMITS["name"], optional=True)
     max_length = formatting["max_length"]
     if not (type(max_length) is int and 8 <= max_length <= LIMITS["max_length"]):
         problems.append(f"max_length must be an integer from 8 to {LIMITS['max_length']:,}")
-    if len(labels) > LIMITS["labels"] or any(not 0 < len(x) <= LIMITS["name"] for x in labels):
-        problems.append(f"labels.json: at most {LIMITS['labels']:,} labels of 1 to {LIMITS['name']} characters")
-    elif len(set(labels)) != len(labels):
-        problems.append("labels.json: a label is listed twice")
-    answers = formatting["answer_ids"]
-    if not isinstance(answers, list) or not all(
-        isinstance(a, list) and 0 < len(a) <= LIMITS["answer"] and all(type(i) is int and i >= 0 for i in a)
-        for a in answers
-    ):
-        problems.append(f"answer_ids must be lists of 1 to {LIMITS['answer']} token ids")
+    if kind == "classify":
+        if len(labels) > LIMITS["labels"] or any(not 0 < len(x) <= LIMITS["name"] for x in labels):
+            problems.append(f"labels.json: at most {LIMITS['labels']:,} labels of 1 to {LIMITS['name']} characters")
+        elif len(set(labels)) != len(labels):
+            problems.append("labels.json: a label is listed twice")
+        answers = formatting["answer_ids"]
+        if not isinstance(answers, list) or not all(
+            isinstance(a, list) and 0 < len(a) <= LIMITS["answer"] and all(type(i) is int and i >= 0 for i in a)
+            for a in answers
+        ):
+            problems.append(f"answer_ids must be lists of 1 to {LIMITS['answer']} token ids")
     if not isinstance(formatting.get("chat_template_kwargs") or {}, dict):
         problems.append("chat_template_kwargs must be an object")
     if problems:
@@ -316,29 +337,21 @@ def _check_weights(export: Export) -> None:
 
 # --- loading -------------------------------------------------------------------------------------------
 def load_formatter(export: Export):
-    """The export's tokenizer and prompts as a `ChatFormatter`, checked to give the answer tokens training used."""
+    """The formatter the export was trained with, rebuilt from its own tokenizer and formatting.json (a classifier's
+    checked to give the answer tokens training used)."""
     from transformers import AutoTokenizer
 
+    from lmtune.core.errors import DataError
+    from lmtune.data.conversations import ConversationFormatter
     from lmtune.data.formatting import ChatFormatter
 
-    formatting = export.formatting
-    formatter = ChatFormatter(
-        AutoTokenizer.from_pretrained(export.path),
-        export.labels,
-        formatting["max_length"],
-        system_prompt=formatting["system_prompt"],
-        user_template=formatting["user_template"],
-        truncate_column=formatting["truncate_column"],
-        eot_token=formatting.get("eot_token"),
-        chat_template_kwargs=formatting.get("chat_template_kwargs"),  # absent in early exports
-    )
-    if formatter.answer_ids != formatting["answer_ids"]:
-        raise UserError(
-            f"{export.path}: the exported tokenizer gives other answer tokens than training did "
-            f"({formatter.answer_ids} vs {formatting['answer_ids']}); the export was modified or the "
-            f"tokenizers library changed how it tokenizes. Re-export with this environment."
-        )
-    return formatter
+    tokenizer = AutoTokenizer.from_pretrained(export.path)
+    try:
+        if export.kind == "generate":
+            return ConversationFormatter.from_settings(tokenizer, export.formatting)
+        return ChatFormatter.from_settings(tokenizer, export.labels, export.formatting, str(export.path))
+    except DataError as e:
+        raise UserError(str(e)) from None
 
 
 def base_model_path(export: Export, base: str | None, cache_dir) -> str:

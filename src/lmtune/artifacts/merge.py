@@ -78,7 +78,8 @@ def merge_export(cfg: DictConfig) -> Path:
     def fill(folder: Path) -> None:
         merged.save_pretrained(folder)
         AutoTokenizer.from_pretrained(export.path).save_pretrained(folder)
-        shutil.copy(export.path / "labels.json", folder / "labels.json")
+        if export.kind == "classify":
+            shutil.copy(export.path / "labels.json", folder / "labels.json")
         (folder / "formatting.json").write_text(json.dumps({**formatting, "merged": note}, indent=1))
         OmegaConf.save(merged_cfg, folder / "config.yaml")
         if (export.path / CARD_INPUTS).is_file():  # exports from before model cards have none

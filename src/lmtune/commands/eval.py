@@ -9,11 +9,13 @@ the test split training reported; `data.path=` may point at the same data in a n
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmtune.artifacts.export import export_and_checkpoint, read_export, task_data_config
+from lmtune.commands.predict import writes_answers
 from lmtune.core.errors import UserError
 from lmtune.data.records import SPLITS
 from lmtune.evaluation.modes import MODES, evaluate
@@ -69,6 +71,46 @@ def _loaded_datamodule(data_cfg):
     return dm
 
 
+def eval_answers(cfg: DictConfig) -> dict:
+    """A generate model on a split: each conversation's last assistant turn written and scored (exact match, chrF,
+    ROUGE-L), with the run's own `report.max_new_tokens` rule, so `split=test` gives the report's numbers."""
+    from lmtune.artifacts.checkpoints import load_checkpoint_weights
+    from lmtune.tasks.generate.evaluation import evaluate_generation
+    from lmtune.tasks.generate.predictor import ChatPredictor
+
+    device = pick_device(cfg.eval.device)
+    options = {"precision": cfg.eval.precision} if cfg.eval.precision != "auto" else {}
+    if cfg.ckpt is None:
+        options.setdefault("precision", cfg.trainer.precision)
+        dm = _loaded_datamodule(cfg.data)
+        predictor = ChatPredictor.zero_shot(
+            cfg.model, dm.conversation, cfg.paths.cache_dir, device, cfg.data.max_length, **options
+        )
+        max_new = cfg.report.get("max_new_tokens")
+    else:
+        path, ckpt = export_and_checkpoint(cfg.ckpt)
+        export = read_export(path)
+        predictor = ChatPredictor.from_export(export.path, cfg.paths.cache_dir, device, base=cfg.get("base"), **options)
+        if ckpt is not None:
+            load_checkpoint_weights(predictor.causal_lm, ckpt, device)
+            predictor.source = str(ckpt)
+        data_cfg = export.cfg.data
+        if cfg.data.get("path"):
+            with open_dict(data_cfg):
+                data_cfg.path, data_cfg.source = cfg.data.path, "file"
+        dm = _loaded_datamodule(data_cfg)
+        max_new = OmegaConf.select(export.cfg, "report.max_new_tokens", default=None)
+    records = dm.splits[cfg.split][: cfg.eval.limit or None]
+    if not records:
+        raise UserError(f"the {cfg.split} split of {dm.source.where} is empty; check data.*_fraction and limits.")
+    metrics, _ = evaluate_generation(predictor, records, Path(cfg.paths.output_dir), max_new)
+    print(
+        f"{cfg.split}: exact match {metrics['exact_match']:.4f}, chrF {metrics['chrf']:.2f}, ROUGE-L "
+        f"{metrics['rougeL']:.4f} ({metrics['examples']} conversations)"
+    )
+    return {"generate": metrics}
+
+
 @task_wrapper
 def run_eval(cfg: DictConfig) -> dict:
     if OmegaConf.is_missing(cfg, "ckpt"):
@@ -77,6 +119,8 @@ def run_eval(cfg: DictConfig) -> dict:
         raise UserError(f"split={cfg.split!r}: use one of {', '.join(SPLITS)}.")
     if cfg.eval.mode not in MODES:
         raise UserError(f"eval.mode={cfg.eval.mode!r}: use one of {', '.join(MODES)}.")
+    if writes_answers(cfg.ckpt, cfg.data):
+        return eval_answers(cfg)
     predictor, dm = load_for_eval(cfg)
     records = dm.splits[cfg.split][: cfg.eval.limit or None]  # hash order: a reproducible sample
     if not records:

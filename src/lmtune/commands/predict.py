@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lmtune.artifacts.export import read_export
+from lmtune.artifacts.export import export_and_checkpoint, read_export
 from lmtune.arxiv.lookup import canonical_id, fetch_texts, fetchable, texts_by_id
 from lmtune.core.errors import DataError, UserError
 from lmtune.core.files import atomic_write
@@ -201,22 +201,36 @@ def predict_batch(cfg: DictConfig, spec: RecordSpec, emit) -> list[Prediction]:
     return list(predictions.values())
 
 
+def writes_answers(ckpt, data_cfg) -> bool:
+    """Whether the model writes answers (a generate export or run checkpoint, or zero-shot with data=chat) rather
+    than labels."""
+    if ckpt:
+        return read_export(export_and_checkpoint(ckpt)[0]).kind == "generate"
+    return str(data_cfg.get("_target_", "")).endswith(".ChatDataModule")
+
+
 def predict(cfg: DictConfig, emit=print) -> list[Prediction]:
     """Run one prediction request; `emit` receives what the user should see (stdout in the CLI)."""
     if OmegaConf.is_missing(cfg, "ckpt"):
         raise UserError(
             "ckpt= is required: a trained export folder (logs/train/runs/<run>/export), a merged export, or ckpt=null."
         )
-    given = [name for name in ("arxiv_id", "input", "row") if cfg.get(name)]
+    given = [name for name in ("arxiv_id", "input", "row", "message") if cfg.get(name)]
     if cfg.get("title") or cfg.get("abstract"):
         given.append("title/abstract")
+    if cfg.format not in ("text", "json"):
+        raise UserError(f"format={cfg.format!r}: use format=text or format=json.")
+    if writes_answers(cfg.ckpt, cfg.data):
+        from lmtune.commands.predict_answers import predict_answers
+
+        return predict_answers(cfg, given, emit)
+    if "message" in given:
+        raise UserError("message= is for a model trained on conversations (data=chat); this one classifies: row={...}.")
     if len(given) != 1:
         raise UserError(
             "give exactly one of: input=rows.jsonl | row='{text: ...}' | title='...' abstract='...' | "
             "arxiv_id=2401.01234" + (f" (got {', '.join(given)})" if given else "")
         )
-    if cfg.format not in ("text", "json"):
-        raise UserError(f"format={cfg.format!r}: use format=text or format=json.")
     spec = task_spec(cfg)
     if given == ["input"]:
         return predict_batch(cfg, spec, emit)

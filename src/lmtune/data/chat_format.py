@@ -17,6 +17,7 @@ The user's `model.eot_token` and `model.chat_template_kwargs` always win over wh
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -243,3 +244,50 @@ def detect_chat_format(tokenizer, eot_token: str | None = None, template_kwargs:
                 "no special token closes the assistant turn and the tokenizer has no eos; set model.eot_token."
             )
     return ChatFormat(eot_token, system_in_user, kwargs, tuple(reasons))
+
+
+class ChatEncoder:
+    """Conversations to token ids through the tokenizer's chat template, as every formatter needs them: the template's
+    use detected once (`detect_chat_format`; `model.eot_token` / `model.chat_template_kwargs` win), message text
+    tokenized as text (`TextOnly`), the turn closer's id known."""
+
+    def __init__(self, tokenizer, eot_token: str | None = None, chat_template_kwargs: dict | None = None):
+        self.tokenizer = tokenizer
+        self.chat_format = detect_chat_format(tokenizer, eot_token, chat_template_kwargs)  # its owner logs it
+        self.chat_template_kwargs = self.chat_format.template_kwargs
+        self.eot_token = self.chat_format.eot_token
+        self.text_only = TextOnly(tokenizer)
+        self.eot_id = token_id(tokenizer, self.eot_token)
+        if self.eot_id is None:
+            raise DataError(f"end-of-turn token {self.eot_token!r} is not in the vocabulary; set model.eot_token.")
+
+    def encoder_state(self) -> list:
+        """What the ids depend on besides the messages: the tokenizer (vocabulary, merges, normalizer, special
+        tokens), the chat template and how it is used; part of every prepared-data key."""
+        tok = self.tokenizer
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is not None:
+            state = json.loads(backend.to_str())
+            state.pop("truncation", None), state.pop("padding", None)  # call settings, not the tokenization
+        else:
+            state = sorted(tok.get_vocab().items())
+        added = {str(k): str(v) for k, v in tok.added_tokens_decoder.items()}
+        chat = [self.eot_token, self.chat_template_kwargs, self.chat_format.system_in_user]
+        return [type(tok).__name__, state, tok.chat_template, added, *chat]
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return render(self.tokenizer, messages, add_generation_prompt, self.chat_template_kwargs)
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _encode_rendered(self, texts: list[str], conversations: list[list[dict]]) -> list[list[int]]:
+        """The ids of conversations rendered as `texts`, their messages' text kept as text (`TextOnly`); a
+        conversation that ends with the user's turn was rendered with the generation prompt."""
+        ids = self._encode(texts)
+        for i, messages in enumerate(conversations):
+            if self.text_only.spelled_in(messages):
+                prompt = messages[-1]["role"] != "assistant"
+                template_only = self._render(self.text_only.placeholders(messages), prompt)
+                ids[i] = self.text_only.encode(texts[i], template_only)
+        return ids

@@ -1,4 +1,5 @@
-"""LightningDataModule for text classification: records -> label set -> hash splits -> chat examples -> batches."""
+"""LightningDataModules: records -> hash splits -> chat examples -> batches, for a label set (classify) or
+free-form answers and whole conversations (generate)."""
 
 from __future__ import annotations
 
@@ -10,35 +11,37 @@ from torch.utils.data import DataLoader
 
 from lmtune.core.errors import DataError
 from lmtune.data.batching import LengthGroupedSampler, PaddingCollator, shard_for_eval
+from lmtune.data.conversations import ConversationFormatter, ConversationTask
 from lmtune.data.formatting import ChatFormatter, template_columns
-from lmtune.data.prepared import ExampleTable, RecordTable, format_examples, prepare_records
+from lmtune.data.prepared import (
+    ExampleTable,
+    RecordTable,
+    format_conversations,
+    format_examples,
+    prepare_records,
+)
 from lmtune.data.records import SPLITS, RecordSpec, SkipCounts, choose_labels, split_indices
 from lmtune.data.sources import RecordSource
 
 log = logging.getLogger(__name__)
 
 
-class TextClassificationDataModule(L.LightningDataModule):
-    """Labelled text (a local file, a HF dataset or the arXiv API; see `sources.py`) as supervised chat examples.
+class TextDataModule(L.LightningDataModule):
+    """Records from a source (a local file, a HF dataset, or a plug-in source such as arXiv's; see `sources.py`) as
+    supervised chat examples: what every task kind shares. Splits are by a hash of the id (`id_column`, else a
+    hash of the row's text), so a row never changes split when the file grows; `limit_*` take a reproducible
+    sample of a split; `overfit=N` uses the first N training examples as train, val and test (a sanity check).
+    Subclasses say what a record is (`spec`), which records are kept (`_positions`) and how they are formatted
+    (`_make_formatter`, `_format`)."""
 
-    Any task is a configuration: `prompt.user` names the columns the model reads (`"Subject: {subject}\n\n{body}"`),
-    `prompt.system` may list the labels (`{labels}`), `label_column` holds the class and `id_column` the id (a
-    hash of the row's text when the file has none). Splits are by a hash of the id, so a row never changes split
-    when the file grows. The label set is `labels` if given, else the labels the source itself names (source
-    arxiv_api), else the `top_k` most frequent labels; other records are dropped and counted. `overfit=N` uses
-    the first N training examples as train, val and test (a sanity check).
-    """
+    task = ""  # the task kind the examples train: classify | generate
 
     def __init__(
         self,
         tokenizer=None,  # may be set after construction: the data can be fetched before the model is loaded
         path: str | None = None,
         source: str = "auto",
-        prompt: dict | None = None,
-        label_column: str | list[str] = "label",
-        label_is_list: bool = False,
         id_column: str = "id",
-        truncate_column: str | None = None,
         columns: dict | None = None,
         arxiv_query: dict | None = None,
         arxiv: dict | None = None,
@@ -47,8 +50,6 @@ class TextClassificationDataModule(L.LightningDataModule):
         hf_split: str = "train",
         hf_revision: str | None = None,
         cache_dir: str | None = None,
-        top_k: int | None = 10,
-        labels: list[str] | None = None,
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
         split_salt: str = "",
@@ -66,6 +67,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         eot_token: str | None = None,
         chat_template_kwargs: dict | None = None,
         seed: int = 0,
+        *,
+        spec: RecordSpec,
     ):
         super().__init__()
         if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
@@ -74,17 +77,10 @@ class TextClassificationDataModule(L.LightningDataModule):
                 f"and sum to less than 1."
             )
         self.tokenizer = tokenizer
-        prompt = dict(prompt or {})
-        missing = [k for k in ("system", "user") if not prompt.get(k)]
-        if missing:
-            raise DataError(f"data.prompt.{missing[0]} is not set: the task's prompt (see conf/data/*.yaml).")
-        self.spec = RecordSpec.of(
-            template_columns(prompt["user"], "data.prompt.user"), label_column, id_column, label_is_list, columns
-        )
+        self.spec = spec
         self.source = RecordSource(
             self.spec, source, path, arxiv_query, arxiv, hf_name, hf_config, hf_split, hf_revision, cache_dir
         )
-        self.top_k, self.requested_labels = top_k, list(labels) if labels else None
         self.val_fraction, self.test_fraction, self.split_salt = val_fraction, test_fraction, split_salt
         self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
         self.overfit = overfit
@@ -92,19 +88,10 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.num_proc, self.cache_dir = num_proc, cache_dir
         self.group_by_length, self.seed = group_by_length, seed
-        # the base model evaluated zero-shot needs the label list even where a fine-tuned recipe drops it
-        self.zero_shot_system = prompt.get("zero_shot_system") or prompt["system"]
-        self.prompts = {
-            "system_prompt": prompt["system"],
-            "user_template": prompt["user"],
-            "truncate_column": truncate_column,
-            "eot_token": eot_token,
-            "chat_template_kwargs": chat_template_kwargs,
-        }
+        self.chat_settings = {"eot_token": eot_token, "chat_template_kwargs": chat_template_kwargs}
         self.pad_to_multiple_of = pad_to_multiple_of
         self.collator: PaddingCollator | None = None
-        self.labels: list[str] = []
-        self.formatter: ChatFormatter | None = None
+        self.formatter = None
         self.splits: dict[str, RecordTable] = {}
         self.skips = SkipCounts()
         self.examples: dict[str, ExampleTable] = {}
@@ -120,29 +107,13 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.source.wait_until_prepared()
 
     def load_splits(self) -> dict[str, RecordTable]:
-        """Records -> label set -> hash splits (limits applied); no tokenizer needed (the TF-IDF baseline uses it)."""
+        """Records -> the records kept -> hash splits (limits applied); no tokenizer needed (TF-IDF uses it)."""
         if self.splits:
             return self.splits
         rows, where, identity = self.source.rows()
         records, self.skips, label_counts = prepare_records(rows, where, identity, self.spec, self.cache_dir)
-        self.labels = choose_labels(label_counts, self.top_k, self.requested_labels or self.source.natural_labels)
-        if len(self.labels) < 2:
-            raise DataError(
-                f"{self.source.where}: {len(self.labels)} label after filtering: {', '.join(self.labels)}; need at "
-                f"least 2 to classify. Give a file with two or more classes, or check data.labels and data.top_k."
-            )
-        positions = split_indices(
-            records.column("id"),
-            records.column("label"),
-            self.labels,
-            self.val_fraction,
-            self.test_fraction,
-            self.split_salt,
-            self.skips,
-        )
-        log.info(
-            "%s: %d records, %d labels; %s", self.source.where, len(records), len(self.labels), self.skips.summary()
-        )
+        positions = self._positions(records, label_counts)
+        log.info("%s: %d records%s; %s", self.source.where, len(records), self._describe(), self.skips.summary())
         if self.overfit:
             positions = {name: positions["train"][: self.overfit] for name in SPLITS}
         else:
@@ -151,14 +122,27 @@ class TextClassificationDataModule(L.LightningDataModule):
             raise DataError(f"{self.source.where}: no training examples after filtering ({self.skips.summary()}).")
         self.splits = {name: records.select(p) for name, p in positions.items()}
         self.stats = {
+            "task": self.task,
             "source": self.source.where,
             "source_identity": identity,  # a file's path, inode, size, mtime and ctime; a HF dataset's fingerprint
             "records": len(records),
             "skipped": dict(self.skips.counts),
-            "labels": self.labels,
+            **self._stats(),
             **{f"{name}_examples": len(p) for name, p in positions.items()},
         }
         return self.splits
+
+    def _positions(self, records: RecordTable, label_counts) -> dict[str, list[int]]:
+        """Positions of the records each split takes, in order."""
+        return split_indices(
+            records.column("id"), None, None, self.val_fraction, self.test_fraction, self.split_salt, self.skips
+        )
+
+    def _describe(self) -> str:
+        return ""
+
+    def _stats(self) -> dict:
+        return {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.examples:
@@ -169,31 +153,27 @@ class TextClassificationDataModule(L.LightningDataModule):
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.collator = PaddingCollator(pad_id, self.pad_to_multiple_of)
         splits = self.load_splits()
-        self.formatter = ChatFormatter(self.tokenizer, self.labels, self.max_length, **self.prompts)
+        self.formatter = self._make_formatter()
         log.info(self.formatter.chat_format.describe())
-        self.examples = {
-            name: format_examples(rs, self.formatter, self.cache_dir, name, self.num_proc)
-            for name, rs in splits.items()
-        }
+        self.examples = {name: self._format(rs, name) for name, rs in splits.items()}
         self.stats["truncated"] = {name: ex.truncated for name, ex in self.examples.items()}
         log.info(
-            "data %s: %d labels %s; %s; train/val/test = %d/%d/%d examples; truncated prompts %s",
+            "data %s%s; %s; train/val/test = %d/%d/%d examples; %s %s",
             self.source.where,
-            len(self.labels),
-            self.labels,
+            self._describe(),
             self.skips.summary(),
             *(len(self.examples[s]) for s in SPLITS),
+            self._truncated_what,
             self.stats["truncated"],
         )
 
-    def zero_shot_formatter(self) -> ChatFormatter:
-        """The formatter the zero-shot base model is scored with: `data.prompt.zero_shot_system` (default: the
-        training system prompt) over the same columns, labels and answers, so it sees the same examples."""
-        if self.zero_shot_system == self.prompts["system_prompt"]:
-            return self.formatter
-        return ChatFormatter(
-            self.tokenizer, self.labels, self.max_length, **{**self.prompts, "system_prompt": self.zero_shot_system}
-        )
+    _truncated_what = "truncated prompts"
+
+    def _make_formatter(self):
+        raise NotImplementedError
+
+    def _format(self, records: RecordTable, name: str) -> ExampleTable:
+        return format_examples(records, self.formatter, self.cache_dir, name, self.num_proc)
 
     # --- loaders ---------------------------------------------------------------------------------------
     def _shard(self) -> tuple[int, int]:
@@ -247,3 +227,160 @@ class TextClassificationDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict) -> None:
         if state:
             self._resume_skip = (state["epoch"], state["batches_done"])
+
+
+class TextClassificationDataModule(TextDataModule):
+    """Labelled text as a classifier's examples: the answer is one label of a label set.
+
+    `prompt.user` names the columns the model reads (`"Subject: {subject}\n\n{body}"`), `prompt.system` may list
+    the labels (`{labels}`), `label_column` holds the class. The label set is `labels` if given, else the labels
+    the source itself names (the arXiv API source), else the `top_k` most frequent labels; other records are
+    dropped and counted.
+    """
+
+    task = "classify"
+
+    def __init__(
+        self,
+        tokenizer=None,
+        path: str | None = None,
+        prompt: dict | None = None,
+        label_column: str | list[str] = "label",
+        label_is_list: bool = False,
+        truncate_column: str | None = None,
+        top_k: int | None = 10,
+        labels: list[str] | None = None,
+        id_column: str = "id",
+        columns: dict | None = None,
+        eot_token: str | None = None,
+        chat_template_kwargs: dict | None = None,
+        **settings,
+    ):
+        prompt = dict(prompt or {})
+        missing = [k for k in ("system", "user") if not prompt.get(k)]
+        if missing:
+            raise DataError(f"data.prompt.{missing[0]} is not set: the task's prompt (see conf/data/*.yaml).")
+        spec = RecordSpec.of(
+            template_columns(prompt["user"], "data.prompt.user"), label_column, id_column, label_is_list, columns
+        )
+        super().__init__(
+            tokenizer,
+            path,
+            id_column=id_column,
+            columns=columns,
+            eot_token=eot_token,
+            chat_template_kwargs=chat_template_kwargs,
+            spec=spec,
+            **settings,
+        )
+        self.top_k, self.requested_labels = top_k, list(labels) if labels else None
+        self.labels: list[str] = []
+        # the base model evaluated zero-shot needs the label list even where a fine-tuned recipe drops it
+        self.zero_shot_system = prompt.get("zero_shot_system") or prompt["system"]
+        self.prompts = {
+            "system_prompt": prompt["system"],
+            "user_template": prompt["user"],
+            "truncate_column": truncate_column,
+            **self.chat_settings,
+        }
+
+    def _positions(self, records: RecordTable, label_counts) -> dict[str, list[int]]:
+        self.labels = choose_labels(label_counts, self.top_k, self.requested_labels or self.source.natural_labels)
+        if len(self.labels) < 2:
+            raise DataError(
+                f"{self.source.where}: {len(self.labels)} label after filtering: {', '.join(self.labels)}; need at "
+                f"least 2 to classify. Give a file with two or more classes, or check data.labels and data.top_k."
+            )
+        return split_indices(
+            records.column("id"),
+            records.column("label"),
+            self.labels,
+            self.val_fraction,
+            self.test_fraction,
+            self.split_salt,
+            self.skips,
+        )
+
+    def _describe(self) -> str:
+        return f", {len(self.labels)} labels {self.labels}"
+
+    def _stats(self) -> dict:
+        return {"labels": self.labels}
+
+    def _make_formatter(self) -> ChatFormatter:
+        return ChatFormatter(self.tokenizer, self.labels, self.max_length, **self.prompts)
+
+    def zero_shot_formatter(self) -> ChatFormatter:
+        """The formatter the zero-shot base model is scored with: `data.prompt.zero_shot_system` (default: the
+        training system prompt) over the same columns, labels and answers, so it sees the same examples."""
+        if self.zero_shot_system == self.prompts["system_prompt"]:
+            return self.formatter
+        return ChatFormatter(
+            self.tokenizer, self.labels, self.max_length, **{**self.prompts, "system_prompt": self.zero_shot_system}
+        )
+
+
+CLASSIFY_ONLY = ("top_k", "labels", "label_column", "label_is_list", "truncate_column")
+
+
+class ChatDataModule(TextDataModule):
+    """Free-form answers and whole conversations (`conversations.py`): a `messages_column` of OpenAI-style chats,
+    or `prompt.user` over columns with `answer` (a column, or a format string over columns) for the reply, and
+    `turns` for further exchanges built from the same columns.
+    `train_on`: all_assistant (every assistant turn carries loss) or last (the last one only)."""
+
+    task = "generate"
+    _truncated_what = "early exchanges dropped to fit max_length"
+
+    def __init__(
+        self,
+        tokenizer=None,
+        path: str | None = None,
+        prompt: dict | None = None,
+        answer: str | None = None,
+        turns: list[dict] | None = None,
+        messages_column: str | None = "messages",
+        train_on: str = "all_assistant",
+        id_column: str = "id",
+        columns: dict | None = None,
+        eot_token: str | None = None,
+        chat_template_kwargs: dict | None = None,
+        **settings,
+    ):
+        # a recipe written for classification (experiment=smoke) sets these; a conversation has no label set
+        ignored = {k: settings.pop(k) for k in CLASSIFY_ONLY if k in settings}
+        if any(v is not None for v in ignored.values()):
+            log.info("data=chat: %s not used (classification settings)", ", ".join(f"data.{k}" for k in ignored))
+        prompt = dict(prompt or {})
+        self.conversation = ConversationTask(
+            prompt.get("system"), prompt.get("user"), answer, messages_column, tuple(turns or ())
+        )
+        rename = dict(columns or {})
+        if messages_column and messages_column != "messages":
+            rename["messages"] = messages_column
+        spec = RecordSpec.of(self.conversation.columns, (), id_column, False, rename, bool(messages_column))
+        super().__init__(
+            tokenizer,
+            path,
+            id_column=id_column,
+            columns=columns,
+            eot_token=eot_token,
+            chat_template_kwargs=chat_template_kwargs,
+            spec=spec,
+            **settings,
+        )
+        self.train_on = train_on
+
+    def _make_formatter(self) -> ConversationFormatter:
+        return ConversationFormatter(
+            self.tokenizer, self.conversation, self.max_length, train_on=self.train_on, **self.chat_settings
+        )
+
+    def _format(self, records: RecordTable, name: str) -> ExampleTable:
+        examples, skipped = format_conversations(records, self.formatter, self.cache_dir, name, self.num_proc)
+        for reason, n in skipped.items():
+            self.skips.add(f"{reason} ({name})", n)
+        self.stats["skipped"] = dict(self.skips.counts)
+        if not len(examples) and name == "train":
+            raise DataError(f"{self.source.where}: no training examples after formatting ({self.skips.summary()}).")
+        return examples

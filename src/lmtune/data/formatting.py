@@ -15,7 +15,6 @@ record or a request never becomes that token (`chat_format.TextOnly`).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import string
 from collections.abc import Mapping, Sequence
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 
 from lmtune.core.digest import json_digest
 from lmtune.core.errors import DataError
-from lmtune.data.chat_format import TextOnly, detect_chat_format, render, special_ids, token_id
+from lmtune.data.chat_format import ChatEncoder, special_ids
 from lmtune.data.records import Record
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ class Example:
     padding: bool = False  # a repeat that only evens out the ranks' eval batches; never counted
 
 
-class ChatFormatter:
+class ChatFormatter(ChatEncoder):
     """Turns records into token ids with the tokenizer's chat template; answers are `<label><eot>`.
 
     `system_prompt` may use `{labels}` only; `user_template` names the record's columns (`{title}`,
@@ -100,15 +99,7 @@ class ChatFormatter:
         self.label_list = ", ".join(self.labels)
         self.system_prompt = system_prompt.format(labels=self.label_list)
         self.user_template = user_template
-        # how this template is used (turn closer, system turn, template variables such as Llama 3's date):
-        # detected from the template unless model.eot_token / model.chat_template_kwargs say otherwise
-        self.chat_format = detect_chat_format(tokenizer, eot_token, chat_template_kwargs)  # its owner logs it
-        self.chat_template_kwargs = self.chat_format.template_kwargs
-        self.eot_token = self.chat_format.eot_token
-        self.text_only = TextOnly(tokenizer)
-        self.eot_id = token_id(tokenizer, self.eot_token)
-        if self.eot_id is None:
-            raise DataError(f"end-of-turn token {self.eot_token!r} is not in the vocabulary; set model.eot_token.")
+        super().__init__(tokenizer, eot_token, chat_template_kwargs)
         # Reference answers: the label set's token sequences, shared by training and rank scoring.
         references = [self._reference_answer(label) for label in self.labels]
         self.answer_ids: list[list[int]] = [ids for ids, _ in references]
@@ -124,30 +115,51 @@ class ChatFormatter:
         if same:
             raise DataError(f"labels {same[0][0]!r} and {same[0][1]!r} give the same answer tokens; rename one.")
 
+    def settings(self) -> dict:
+        """What rebuilds this formatter (`from_settings`), as an export's formatting.json keeps it."""
+        return {
+            "system_prompt": self.system_prompt_template,
+            "user_template": self.user_template,
+            "truncate_column": self.truncate_column,
+            "eot_token": self.eot_token,
+            "chat_template_kwargs": self.chat_template_kwargs,
+            "max_length": self.max_length,
+            "answer_ids": self.answer_ids,
+        }
+
+    @classmethod
+    def from_settings(cls, tokenizer, labels: list[str], settings: dict, where: str = "") -> ChatFormatter:
+        """The formatter `settings()` describes, checked to give the answer tokens it recorded (a changed tokenizer
+        or tokenizers library would shift every score silently)."""
+        formatter = cls(
+            tokenizer,
+            labels,
+            settings["max_length"],
+            system_prompt=settings["system_prompt"],
+            user_template=settings["user_template"],
+            truncate_column=settings.get("truncate_column"),
+            eot_token=settings.get("eot_token"),
+            chat_template_kwargs=settings.get("chat_template_kwargs"),  # absent in early exports
+        )
+        if formatter.answer_ids != settings["answer_ids"]:
+            raise DataError(
+                f"{where}: the exported tokenizer gives other answer tokens than training did "
+                f"({formatter.answer_ids} vs {settings['answer_ids']}); the export was modified or the "
+                f"tokenizers library changed how it tokenizes. Re-export with this environment."
+            )
+        return formatter
+
     def fingerprint(self) -> str:
         """A hash of everything `format` depends on besides the records: the tokenizer (its vocabulary, merges,
         normalizer and special tokens), the chat template and how it is used, the prompts, the label set and
         max_length. Prepared examples are cached under it (`prepared.py`)."""
-        tok = self.tokenizer
-        backend = getattr(tok, "backend_tokenizer", None)
-        if backend is not None:
-            state = json.loads(backend.to_str())
-            state.pop("truncation", None), state.pop("padding", None)  # call settings, not the tokenization
-        else:
-            state = sorted(tok.get_vocab().items())
         parts = [
-            type(tok).__name__,
-            state,
-            tok.chat_template,
-            {str(k): str(v) for k, v in tok.added_tokens_decoder.items()},
+            *self.encoder_state(),
             self.system_prompt,
             self.user_template,
             self.labels,
             self.max_length,
             self.truncate_column,
-            self.eot_token,
-            self.chat_template_kwargs,
-            self.chat_format.system_in_user,
             self.answer_ids,
             "special-token spellings in messages are text",  # examples prepared before this rule differ
         ]
@@ -163,23 +175,6 @@ class ChatFormatter:
         if label is not None:
             msgs.append({"role": "assistant", "content": label})
         return msgs
-
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return render(self.tokenizer, messages, add_generation_prompt, self.chat_template_kwargs)
-
-    def _encode(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-    def _encode_rendered(self, texts: list[str], conversations: list[list[dict]]) -> list[list[int]]:
-        """The ids of conversations rendered as `texts`, their messages' text kept as text (`TextOnly`); a
-        conversation that ends with the user's turn was rendered with the generation prompt."""
-        ids = self._encode(texts)
-        for i, messages in enumerate(conversations):
-            if self.text_only.spelled_in(messages):
-                prompt = messages[-1]["role"] != "assistant"
-                template_only = self._render(self.text_only.placeholders(messages), prompt)
-                ids[i] = self.text_only.encode(texts[i], template_only)
-        return ids
 
     def _encode_prompts(self, items: list[Mapping[str, str]]) -> list[list[int]]:
         conversations = [self.messages(fields) for fields in items]

@@ -117,7 +117,9 @@ def _rows(batch: Mapping[str, list]) -> Iterator[dict]:
 
 
 def column(table, name: str) -> list:
-    """A column of a `datasets.Dataset` as a list, in one read."""
+    """A column of a `datasets.Dataset` as a list, in one read (an empty split mapped has no columns)."""
+    if not len(table):
+        return []
     return table.with_format("arrow")[name].to_pylist()
 
 
@@ -131,6 +133,7 @@ def prepare_records(
     root = cache_root(cache_dir)
     name = "records-" + json_digest(
         [CACHE_VERSION, key, spec.text, spec.label, spec.id, spec.label_is_list, spec.rename]
+        + (["messages"] if spec.messages else [])
     )
     arrow, manifest = root / f"{name}.arrow", root / f"{name}.json"
     with _writing(root, name):
@@ -215,10 +218,16 @@ class ExampleTable(Sequence[Example]):
 
 def _example(row: Mapping) -> Example:
     ids, n = row["input_ids"], row["prompt_length"]
+    if "spans" in row:  # a conversation: its supervised spans, flat [start, end, start, end, ...]
+        labels, spans = [IGNORE_INDEX] * len(ids), row["spans"]
+        for start, end in zip(spans[::2], spans[1::2], strict=True):
+            labels[start:end] = ids[start:end]
+    else:
+        labels = [IGNORE_INDEX] * n + ids[n:]
     return Example(
         id=row["id"],
         input_ids=ids,
-        labels=[IGNORE_INDEX] * n + ids[n:],
+        labels=labels,
         prompt_length=n,
         label_index=row["label_index"],
         truncated=row["truncated"],
@@ -247,11 +256,60 @@ class _FormatBatch:
         }
 
 
+class _FormatConversations(_FormatBatch):
+    """The `Dataset.map` function of conversations: a record may give several examples (`ConversationFormatter`),
+    or none (a row for its skip reason, `length` 0, removed after the map)."""
+
+    def __call__(self, batch: Mapping[str, list]) -> dict[str, list]:
+        out = {k: [] for k in ("id", "input_ids", "spans", "prompt_length", "label_index", "truncated", "length")}
+        out["skip"] = []
+        for k, record_id in enumerate(batch["id"]):
+            record = Record(id=record_id, fields={c: batch[c][k] for c in self.columns}, label="")
+            sequences, dropped, problem = self.formatter.fit(self.formatter.task.messages(record.fields))
+            rows = [(record_id, [], [], problem)] if problem else []
+            rows += [
+                (record_id if n == 0 else f"{record_id}#{n}", ids, [i for span in spans for i in span], "")
+                for n, (ids, spans) in enumerate(sequences)
+            ]
+            for i, (example_id, ids, spans, reason) in enumerate(rows):
+                out["id"].append(example_id)
+                out["input_ids"].append(ids)
+                out["spans"].append(spans)
+                out["prompt_length"].append(spans[0] if spans else 0)
+                out["label_index"].append(-1)
+                out["truncated"].append(bool(dropped) and i == 0)
+                out["length"].append(len(ids))
+                out["skip"].append(reason)
+        return out
+
+
+def format_conversations(
+    records: RecordTable, formatter, cache_dir: str | Path | None, name: str, num_proc: int | None
+) -> tuple[ExampleTable, dict[str, int]]:
+    """`format_examples` for conversations: (the examples, the records skipped by reason)."""
+    from datasets import List, Value
+
+    extra = {"spans": List(Value("int32")), "skip": Value("string")}
+    table = _map_examples(
+        records, _FormatConversations(formatter, records.columns), formatter, cache_dir, name, num_proc, extra
+    )
+    lengths, reasons = column(table, "length"), column(table, "skip")
+    skipped = Counter(r for r in reasons if r)
+    return ExampleTable(table.select([i for i, n in enumerate(lengths) if n])), dict(skipped)
+
+
 def format_examples(
     records: RecordTable, formatter: ChatFormatter, cache_dir: str | Path | None, name: str, num_proc: int | None
 ) -> ExampleTable:
     """`records` (one split, in order) tokenized by `formatter`, from the cache when done before.
     `num_proc`: processes (None: the available cores, one per `ROWS_PER_PROCESS` rows)."""
+    return ExampleTable(
+        _map_examples(records, _FormatBatch(formatter, records.columns), formatter, cache_dir, name, num_proc)
+    )
+
+
+def _map_examples(records: RecordTable, function, formatter, cache_dir, name: str, num_proc: int | None, extra=None):
+    """The batched, cached `Dataset.map` of `function` over the records of one split."""
     from datasets import Features, List, Value, disable_progress_bars, enable_progress_bars
     from datasets.utils.logging import is_progress_bar_enabled
 
@@ -269,6 +327,7 @@ def format_examples(
             "label_index": Value("int32"),
             "truncated": Value("bool"),
             "length": Value("int32"),
+            **(extra or {}),
         }
     )
     show_progress = is_progress_bar_enabled()
@@ -277,7 +336,7 @@ def format_examples(
     try:
         with _writing(root, fingerprint), _tokenizers_single_threaded(num_proc > 1):
             table = records.table.map(
-                _FormatBatch(formatter, records.columns),
+                function,
                 batched=True,
                 batch_size=1000,
                 remove_columns=records.table.column_names,
@@ -291,7 +350,7 @@ def format_examples(
     finally:
         if show_progress:
             enable_progress_bars()
-    return ExampleTable(table)
+    return table
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmtune.core.errors import DataError
+from lmtune.data.conversations import read_messages
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ class RecordSpec:
     non-empty one wins; `label_is_list`: a label cell lists several classes (a list, a JSON list, or words
     separated by spaces or commas) and the first is the label; `id`: the id column:
     when the file has none, the id is a hash of the row's text, so splits stay stable when the file grows;
-    `rename`: the name used here -> the file's own column (e.g. {body: text}).
+    `rename`: the name used here -> the file's own column (e.g. {body: text}); `messages`: the one text column
+    is a conversation in the OpenAI chat format (checked by `conversations.read_messages`, kept as JSON). A task
+    without a label column (free-form answers) has `label=()`.
     """
 
     text: tuple[str, ...] = ("text",)
@@ -51,11 +54,12 @@ class RecordSpec:
     id: str = "id"
     label_is_list: bool = False
     rename: dict[str, str] = field(default_factory=dict)
+    messages: bool = False
 
     @classmethod
-    def of(cls, text, label="label", id="id", label_is_list=False, rename=None) -> RecordSpec:
-        label = (label,) if isinstance(label, str) else tuple(label)
-        return cls(tuple(text), label, id, bool(label_is_list), dict(rename or {}))
+    def of(cls, text, label="label", id="id", label_is_list=False, rename=None, messages=False) -> RecordSpec:
+        label = () if not label else (label,) if isinstance(label, str) else tuple(label)
+        return cls(tuple(text), label, id, bool(label_is_list), dict(rename or {}), messages)
 
     def label_of(self, row: Mapping) -> str:
         for column in self.label:
@@ -119,13 +123,21 @@ def _label_list(value) -> list[str]:
 
 def to_record(raw: Mapping, spec: RecordSpec, skips: SkipCounts) -> Record | None:
     """Validate one row (already renamed); return None (and count why) if it cannot be used."""
-    fields = {column: clean_text(raw.get(column)) for column in spec.text}
+    if spec.messages:
+        column = spec.text[0]
+        messages, problem = read_messages(raw.get(column))
+        if problem:
+            skips.add(problem if raw.get(column) is not None else f"missing '{column}'")
+            return None
+        fields = {column: json.dumps(messages, ensure_ascii=False)}
+    else:
+        fields = {column: clean_text(raw.get(column)) for column in spec.text}
     for column, value in fields.items():
         if not value:
             skips.add(f"missing or empty '{column}'")
             return None
-    label = spec.label_of(raw)
-    if not label:
+    label = spec.label_of(raw) if spec.label else ""
+    if spec.label and not label:
         skips.add(f"missing {' and '.join(repr(c) for c in spec.label)}")
         return None
     if spec.id in raw:
@@ -216,6 +228,11 @@ def check_columns(where: str, names: Iterable[str], spec: RecordSpec) -> None:
     found = sorted(names)
     names = set(rename_columns(dict.fromkeys(names), spec.rename))
     missing = [c for c in spec.text if c not in names]
+    if missing and spec.messages:
+        raise DataError(
+            f"{where}: no conversation column {missing[0]!r}; it has {found}. Name the column of OpenAI-style "
+            f"messages with `data.messages_column=<column>`."
+        )
     if missing:
         raise DataError(
             f"{where}: the prompt (data.prompt.user) reads column(s) {', '.join(map(repr, missing))}, which the "
@@ -348,19 +365,19 @@ def split_of(record_id: str, val_fraction: float, test_fraction: float, salt: st
 
 def split_indices(
     ids: Sequence[str],
-    labels: Sequence[str],
-    label_set: list[str],
+    labels: Sequence[str] | None,
+    label_set: list[str] | None,
     val_fraction: float,
     test_fraction: float,
     salt: str,
     skips: SkipCounts,
 ) -> dict[str, list[int]]:
-    """Positions of the records (given by id and label) whose label is in the label set, split by id hash,
-    each split in hash order."""
-    allowed = set(label_set)
+    """Positions of the records (given by id and label) whose label is in the label set (every record when there
+    is no label set), split by id hash, each split in hash order."""
+    allowed = set(label_set) if label_set is not None else None
     splits: dict[str, list[int]] = {name: [] for name in SPLITS}
-    for i, (record_id, label) in enumerate(zip(ids, labels, strict=True)):
-        if label not in allowed:
+    for i, (record_id, label) in enumerate(zip(ids, labels if labels is not None else ids, strict=True)):
+        if allowed is not None and label not in allowed:
             skips.add("label outside the label set")
             continue
         splits[split_of(record_id, val_fraction, test_fraction, salt)].append(i)

@@ -82,42 +82,29 @@ def training_flops_per_token(causal_lm) -> int:
     return flops
 
 
-class CausalLMClassifier(L.LightningModule):
+class CausalLMModule(L.LightningModule):
+    """A causal LM trained on its supervised tokens; validation and test measure the answers' loss (a mean over
+    every supervised token of the split) and perplexity. Task kinds extend the evaluation (`CausalLMClassifier`)."""
+
     def __init__(
         self,
         pretrained: str,
         model_cfg: dict,
         adapter_cfg: dict,
         optim_cfg: dict,
-        labels: list[str],
-        answer_ids: list[list[int]],
         pad_token_id: int,
         gradient_checkpointing: bool | str = False,
         compile: bool = False,
-        prompt_opening: list[int] | None = None,
+        **task,
     ):
         super().__init__()
         self.save_hyperparameters(logger=False)  # the run's full config is logged by train()
         self.model = None  # built in configure_model
         # checkpoints hold only trainable weights; the frozen base comes from `pretrained`
         self.strict_loading = False
-        num_classes = len(labels)
-        self.metrics = torch.nn.ModuleDict(
-            {
-                stage: MetricCollection(
-                    {
-                        "acc": MulticlassAccuracy(num_classes, average="micro"),
-                        "macro_f1": MulticlassF1Score(num_classes, average="macro"),
-                    },
-                    prefix=f"{stage}/",
-                )
-                for stage in ("val", "test")
-            }
-        )
         self.eval_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in ("val", "test")})
         self._window_tokens = 0  # supervised tokens in this optimizer step's micro-batches, this rank
         self.validations: dict[int, dict[str, float]] = {}  # global step -> val metrics (see _log_eval)
-        self._opening: SharedPrefix | None = None  # the task's opening encoded, for one validation or test pass
         # matrix-product FLOPs of the last training batch, read by Lightning's ThroughputMonitor (TrainingStats)
         self.flops_per_token = 0
         self.flops_per_batch = 0
@@ -165,15 +152,6 @@ class CausalLMClassifier(L.LightningModule):
         ).last_hidden_state
         return masked_lm_loss_sum(hidden, batch["labels"], functools.partial(head_logits, lm))
 
-    def score_labels(self, batch: dict) -> torch.Tensor:
-        prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_length"], strict=True)]
-        # scored as eval, predict and the server score them (one at a time, eager), so a validation's numbers are
-        # the ones `eval.py split=val` gives for these weights; the opening encoded once per pass (the weights do
-        # not change inside one)
-        if self._opening is None:
-            self._opening = SharedPrefix.of(self.causal_lm, self.hparams.get("prompt_opening"))
-        return rank_scores(self.causal_lm, prompts, self.hparams.answer_ids, self._opening)
-
     # --- steps -----------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss_sum, n_tokens = self.supervised_loss(batch)
@@ -209,16 +187,10 @@ class CausalLMClassifier(L.LightningModule):
                 p.grad.mul_(scale)  # a float: FSDP's gradients are DTensors
 
     def _eval_step(self, batch: dict, stage: str) -> None:
-        # One scoring pass gives both numbers: the true label's score is minus its summed answer loss,
-        # so the eval loss needs no second forward pass.
-        scores = self.score_labels(batch).to(self.device)
-        labels = batch["label_index"]
         # under DDP/FSDP, examples repeated only to give every rank as many batches don't count
-        scores, labels = scores[batch["real"]], labels[batch["real"]]
-        n_tokens = sum(len(self.hparams.answer_ids[i]) for i in labels.tolist())
-        loss_sum = -scores.gather(1, labels.unsqueeze(1)).sum()
-        self.eval_loss[stage].update(loss_sum / n_tokens, weight=n_tokens)
-        self.metrics[stage].update(scores.argmax(-1), labels)
+        batch = {**batch, "labels": batch["labels"].masked_fill(~batch["real"].to(self.device)[:, None], -100)}
+        loss_sum, n_tokens = self.supervised_loss(batch)
+        self.eval_loss[stage].update(loss_sum.float() / n_tokens.clamp(min=1), weight=n_tokens.clamp(min=1))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -226,21 +198,18 @@ class CausalLMClassifier(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def _log_eval(self, stage: str) -> None:
-        computed = {f"{stage}/loss": self.eval_loss[stage].compute(), **self.metrics[stage].compute()}
-        self.log_dict(computed, prog_bar=True)
+    def _eval_metrics(self, stage: str) -> dict:
+        loss = self.eval_loss[stage].compute()
         self.eval_loss[stage].reset()
-        self.metrics[stage].reset()
+        return {f"{stage}/loss": loss, f"{stage}/perplexity": torch.exp(loss)}
+
+    def _log_eval(self, stage: str) -> None:
+        computed = self._eval_metrics(stage)
+        self.log_dict(computed, prog_bar=True)
         if stage == "val" and self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
             # what each validation during training measured, by step: the best checkpoint's metrics after fit
             # need no second pass over the validation split
             self.validations[self.global_step] = {k: float(v) for k, v in computed.items()}
-
-    def on_validation_epoch_start(self) -> None:
-        self._opening = None  # the weights changed since the last pass
-
-    def on_test_epoch_start(self) -> None:
-        self._opening = None
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -266,7 +235,7 @@ class CausalLMClassifier(L.LightningModule):
         """The trainable weights, whole (gathered when FSDP-sharded: call on every rank)."""
         return {n: full_tensor(p.detach()) for n, p in self.named_parameters() if p.requires_grad}
 
-    def standalone_copy(self, trainable: dict[str, torch.Tensor], device: torch.device) -> CausalLMClassifier:
+    def standalone_copy(self, trainable: dict[str, torch.Tensor], device: torch.device) -> CausalLMModule:
         """An unsharded module on `device` with the given trainable weights (from `trainable_state_dict`)."""
         copy = type(self)(**self.hparams)
         copy.configure_model(device)
@@ -286,10 +255,10 @@ class CausalLMClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.model is not None and "state_dict" in checkpoint:  # FSDP2Strategy has loaded it already
             where = str(self.trainer.ckpt_path) if self._trainer is not None else "the checkpoint"
-            labels = checkpoint.get("hyper_parameters", {}).get("labels")
-            if labels is not None and list(labels) != list(self.hparams.labels):
+            labels, ours = checkpoint.get("hyper_parameters", {}).get("labels"), self.hparams.get("labels")
+            if labels is not None and list(labels) != list(ours or []):
                 raise UserError(
-                    f"{where}: trained on the labels {list(labels)}, this run has {list(self.hparams.labels)}; "
+                    f"{where}: trained on the labels {list(labels)}, this run has {list(ours or [])}; "
                     f"resume with the data and label settings it was trained with, or start afresh."
                 )
             fix = "Resume with the model and adapter settings it was trained with, or start afresh."
@@ -298,3 +267,81 @@ class CausalLMClassifier(L.LightningModule):
         states = checkpoint.get("torch_rng_states") or [checkpoint.get("torch_rng_state")]
         if states[0] is not None:
             torch.set_rng_state(states[self.global_rank] if self.global_rank < len(states) else states[0])
+
+
+class CausalLMClassifier(CausalLMModule):
+    """The classify kind's module: validation and test rank-score every label's full answer (`scoring.py`) for
+    accuracy and macro-F1; the loss is the true label's answer loss from the same scores."""
+
+    def __init__(
+        self,
+        pretrained: str,
+        model_cfg: dict,
+        adapter_cfg: dict,
+        optim_cfg: dict,
+        labels: list[str],
+        answer_ids: list[list[int]],
+        pad_token_id: int,
+        gradient_checkpointing: bool | str = False,
+        compile: bool = False,
+        prompt_opening: list[int] | None = None,
+    ):
+        super().__init__(
+            pretrained,
+            model_cfg,
+            adapter_cfg,
+            optim_cfg,
+            pad_token_id,
+            gradient_checkpointing,
+            compile,
+            labels=labels,
+            answer_ids=answer_ids,
+            prompt_opening=prompt_opening,
+        )
+        num_classes = len(labels)
+        self.metrics = torch.nn.ModuleDict(
+            {
+                stage: MetricCollection(
+                    {
+                        "acc": MulticlassAccuracy(num_classes, average="micro"),
+                        "macro_f1": MulticlassF1Score(num_classes, average="macro"),
+                    },
+                    prefix=f"{stage}/",
+                )
+                for stage in ("val", "test")
+            }
+        )
+        self._opening: SharedPrefix | None = None  # the task's opening encoded, for one validation or test pass
+
+    def score_labels(self, batch: dict) -> torch.Tensor:
+        prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_length"], strict=True)]
+        # scored as eval, predict and the server score them (one at a time, eager), so a validation's numbers are
+        # the ones `eval.py split=val` gives for these weights; the opening encoded once per pass (the weights do
+        # not change inside one)
+        if self._opening is None:
+            self._opening = SharedPrefix.of(self.causal_lm, self.hparams.get("prompt_opening"))
+        return rank_scores(self.causal_lm, prompts, self.hparams.answer_ids, self._opening)
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        # One scoring pass gives both numbers: the true label's score is minus its summed answer loss,
+        # so the eval loss needs no second forward pass.
+        scores = self.score_labels(batch).to(self.device)
+        labels = batch["label_index"]
+        # under DDP/FSDP, examples repeated only to give every rank as many batches don't count
+        scores, labels = scores[batch["real"]], labels[batch["real"]]
+        n_tokens = sum(len(self.hparams.answer_ids[i]) for i in labels.tolist())
+        loss_sum = -scores.gather(1, labels.unsqueeze(1)).sum()
+        self.eval_loss[stage].update(loss_sum / n_tokens, weight=n_tokens)
+        self.metrics[stage].update(scores.argmax(-1), labels)
+
+    def _eval_metrics(self, stage: str) -> dict:
+        computed = {f"{stage}/loss": self.eval_loss[stage].compute(), **self.metrics[stage].compute()}
+        self.eval_loss[stage].reset()
+        self.metrics[stage].reset()
+        return computed
+
+    def on_validation_epoch_start(self) -> None:
+        self._opening = None  # the weights changed since the last pass
+
+    def on_test_epoch_start(self) -> None:
+        self._opening = None

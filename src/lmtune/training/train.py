@@ -19,12 +19,12 @@ from lmtune.artifacts.checkpoints import WEIGHTS_ONLY, read_checkpoint, resolve_
 from lmtune.artifacts.export import export_model
 from lmtune.core.console import single_lightning_handler
 from lmtune.core.files import atomic_write
-from lmtune.evaluation.report import final_report
 from lmtune.model.loading import load_tokenizer, resolve_pretrained
-from lmtune.model.module import CausalLMClassifier, parameter_counts
+from lmtune.model.module import parameter_counts
 from lmtune.model.parallel import is_sharded
 from lmtune.training.config import prepare_config
 from lmtune.training.instantiate import instantiate_callbacks, instantiate_data
+from lmtune.training.kinds import task_kind
 from lmtune.training.loggers import instantiate_loggers, log_artifacts, loggable_config
 from lmtune.training.run_log import RunLog
 from lmtune.training.task_wrapper import task_wrapper
@@ -67,15 +67,8 @@ def load_trainable_weights(module, ckpt: str) -> None:
     module.load_state_dict(read_checkpoint(ckpt)["state_dict"], strict=False)
 
 
-def card_inputs(summary: dict, report_rows: dict | None, test: dict) -> dict:
-    """What the model card reports besides the export's settings: the data, the training and the test results
-    (the report's rows beside each other, else the test metrics alone)."""
-    if report_rows:
-        results = {name: {"acc": m["acc"], "macro_f1": m["macro_f1"]} for name, m in report_rows.items()}
-        per_class = report_rows["fine-tuned"].get("per_class")
-    else:
-        results = {"fine-tuned": {"acc": test.get("test/acc"), "macro_f1": test.get("test/macro_f1")}}
-        per_class = None
+def card_inputs(kind, summary: dict, report_rows: dict | None, test: dict) -> dict:
+    """What the model card reports besides the export's settings: the data, the training, and the kind's results."""
     train_stats, hardware = summary["train"], summary["hardware"]
     training = {
         "steps": train_stats.get("steps"),
@@ -84,18 +77,13 @@ def card_inputs(summary: dict, report_rows: dict | None, test: dict) -> dict:
         "precision": summary["precision"],
         "hardware": f"{hardware.get('device')}: {hardware.get('name')} ({hardware.get('capability')})",
     }
-    return {"data": summary["data"], "training": training, "results": results, "per_class": per_class}
+    return {"data": summary["data"], "training": training, **kind.card_inputs(summary, report_rows, test)}
 
 
-@task_wrapper
-def train(cfg: DictConfig) -> tuple[dict, dict]:
-    """Fine-tune, validate and test the best checkpoint, export the adapter; returns (metrics, objects)."""
-    prepare_config(cfg)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name / "runs")
-    L.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
-
-    # data first: a fetch from the arXiv API that cannot work (offline) fails before minutes of model loading
+# --- the steps of a run ----------------------------------------------------------------------------------
+def prepare_data(cfg: DictConfig):
+    """The data module, ready (records split, examples tokenized), and the tokenizer and base model path. Data
+    first: a fetch that cannot work (offline) fails before minutes of model loading."""
     datamodule = instantiate_data(cfg.data)
     if rank_zero_only.rank == 0:  # one download; under torchrun/SLURM every rank starts here at once
         datamodule.prepare_data()
@@ -105,21 +93,25 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     tokenizer = load_tokenizer(pretrained, cfg.model.get("pad_token"), cfg.model.get("chat_template"))
     datamodule.tokenizer = tokenizer
     datamodule.setup("fit")
-    formatter = datamodule.formatter
+    return datamodule, tokenizer, pretrained
 
-    module = CausalLMClassifier(
-        pretrained=pretrained,
-        model_cfg=_plain(cfg.model),
-        adapter_cfg=_plain(cfg.adapter),
-        optim_cfg=_plain(cfg.optim),
-        labels=formatter.labels,
-        answer_ids=formatter.answer_ids,
-        pad_token_id=datamodule.collator.pad_token_id,
-        gradient_checkpointing=cfg.model.gradient_checkpointing,
-        compile=cfg.compile,
-        prompt_opening=formatter.opening_ids,
-    )
-    stats = TrainingStats(cfg.paths.cache_dir)
+
+def build_module(cfg: DictConfig, kind, datamodule, pretrained: str):
+    """The kind's LightningModule over the settings every kind shares."""
+    common = {
+        "pretrained": pretrained,
+        "model_cfg": _plain(cfg.model),
+        "adapter_cfg": _plain(cfg.adapter),
+        "optim_cfg": _plain(cfg.optim),
+        "pad_token_id": datamodule.collator.pad_token_id,
+        "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "compile": cfg.compile,
+    }
+    return kind.module(common, datamodule)
+
+
+def build_trainer(cfg: DictConfig, datamodule, stats: TrainingStats, output_dir: Path) -> L.Trainer:
+    """The Trainer with the configured callbacks and loggers, and the run's own record of training (`RunLog`)."""
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers)) + [
         stats,
@@ -132,26 +124,88 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         logger.log_hyperparams({**loggable_config(cfg), "data/stats": datamodule.stats})
         if isinstance(logger, WandbLogger) and not logger._offline:  # W&B's own lines are silenced (core/console.py)
             log.info("W&B run: %s", logger.experiment.url)
+    return trainer
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=WEIGHTS_ONLY)
-    checkpoint = trainer.checkpoint_callback
-    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
-    log.info("evaluating %s", best or "the final weights")
-    val = best_validation(trainer, module, datamodule, best)
-    # On one process the report scores the test split anyway (every output, zero-shot and TF-IDF beside it):
-    # its evaluation of the best weights gives the test metrics, so the split is not scored twice.
-    report_is_test = bool(cfg.report.enabled) and trainer.world_size == 1 and not is_sharded(module)
+
+def test_best(cfg: DictConfig, kind, trainer: L.Trainer, module, datamodule, best: str | None):
+    """(test metrics, the module to export, whether the report is to give the test metrics). On one process the
+    report scores the test split anyway (every output, zero-shot and the baseline beside it): its evaluation of the
+    best weights gives the test metrics, so the split is not scored twice."""
+    report_is_test = bool(cfg.report.enabled) and kind.report_is_test
+    report_is_test = report_is_test and trainer.world_size == 1 and not is_sharded(module)
     if report_is_test:
         if best:
             load_trainable_weights(module, best)
         test = {}
     else:
         test = _metrics_of(trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=WEIGHTS_ONLY))
-
     if is_sharded(module):
         # FSDP shards cannot run a forward pass on rank 0 alone: export and report from an unsharded copy
         trained = module.trainable_state_dict()  # gathers the adapter on every rank
         module = module.standalone_copy(trained, trainer.strategy.root_device) if trainer.is_global_zero else module
+    return test, module, report_is_test
+
+
+def report(cfg: DictConfig, kind, trainer: L.Trainer, module, datamodule, summary: dict, report_is_test: bool):
+    """The kind's end-of-training report (rank 0), into `summary`; its rows by model, or None. Its test metrics
+    (the whole test evaluation, or what it adds to the test pass's) are logged as the test split's."""
+    if not (trainer.is_global_zero and cfg.report.enabled):
+        return None
+    run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+    output_dir = Path(cfg.paths.output_dir)
+    summary["report"], rows, test = kind.report(
+        module, datamodule, output_dir, cfg, summary["train"], trainer.precision, run
+    )
+    if kind.report_is_test and not report_is_test:
+        return rows  # the test pass measured the same (under DDP/FSDP, or with the report's scoring elsewhere)
+    summary["test"] = test if report_is_test else {**summary["test"], **test}
+    if test:
+        for logger in trainer.loggers:
+            logger.log_metrics(test, step=trainer.global_step)
+            logger.save()  # after fit: the CSV logger writes only on save
+    return rows
+
+
+def save_outputs(cfg: DictConfig, kind, trainer: L.Trainer, module, datamodule, tokenizer, summary, rows) -> None:
+    """On rank 0: the export (with its model card), the data manifest, metrics.json, the W&B summary and
+    artifacts."""
+    if not trainer.is_global_zero:
+        return
+    output_dir = Path(cfg.paths.output_dir)
+    metrics = {**summary["val"], **summary["test"]}
+    task, files = kind.export_task(datamodule.formatter, datamodule.spec)
+    card = card_inputs(kind, summary, rows, summary["test"]) if kind.name == "classify" else None
+    export = export_model(
+        module, tokenizer, datamodule.formatter, cfg, output_dir / "export", kind.name, task, files, card
+    )
+    manifest = output_dir / "data_manifest.json"
+    atomic_write(manifest, lambda f: json.dump(datamodule.stats, f, indent=1))
+    atomic_write(output_dir / "metrics.json", lambda f: json.dump(summary, f, indent=2))
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update({f"final/{k}": v for k, v in metrics.items()})
+            log_artifacts(logger.experiment, export, manifest, Path(datamodule.source.where).stem)
+    log.info("metrics: %s; export: %s", metrics, output_dir / "export")
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> tuple[dict, dict]:
+    """Fine-tune, validate and test the best checkpoint, export the adapter; returns (metrics, objects)."""
+    prepare_config(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name / "runs")
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, tokenizer, pretrained = prepare_data(cfg)
+    kind = task_kind(datamodule.task)
+    module = build_module(cfg, kind, datamodule, pretrained)
+    stats = TrainingStats(cfg.paths.cache_dir)
+    trainer = build_trainer(cfg, datamodule, stats, Path(cfg.paths.output_dir))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=WEIGHTS_ONLY)
+    checkpoint = trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    log.info("evaluating %s", best or "the final weights")
+    val = best_validation(trainer, module, datamodule, best)
+    test, module, report_is_test = test_best(cfg, kind, trainer, module, datamodule, best)
     summary = {
         "val": val,
         "test": test,
@@ -162,30 +216,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         "precision": str(trainer.precision),
         "hardware": _plain(cfg.hardware),
     }
-    report_rows = None
-    if trainer.is_global_zero and cfg.report.enabled:
-        run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
-        summary["report"], report_rows = final_report(
-            module, datamodule, output_dir, cfg.paths.cache_dir, cfg.report, summary["train"], trainer.precision, run
-        )
-        tuned = report_rows["fine-tuned"]
-        if report_is_test:
-            test = summary["test"] = {f"test/{k}": float(tuned[k]) for k in ("loss", "acc", "macro_f1")}
-            for logger in trainer.loggers:
-                logger.log_metrics(test, step=trainer.global_step)
-                logger.save()  # after fit: the CSV logger writes only on save
-    metrics = {**val, **test}
-    if trainer.is_global_zero:
-        card = card_inputs(summary, report_rows, test)
-        export = export_model(module, tokenizer, formatter, cfg, output_dir / "export", datamodule.spec, card)
-        manifest = output_dir / "data_manifest.json"
-        atomic_write(manifest, lambda f: json.dump(datamodule.stats, f, indent=1))
-        atomic_write(output_dir / "metrics.json", lambda f: json.dump(summary, f, indent=2))
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.experiment.summary.update({f"final/{k}": v for k, v in metrics.items()})
-                log_artifacts(logger.experiment, export, manifest, Path(datamodule.source.where).stem)
-        log.info("metrics: %s; export: %s", metrics, output_dir / "export")
+    rows = report(cfg, kind, trainer, module, datamodule, summary, report_is_test)
+    save_outputs(cfg, kind, trainer, module, datamodule, tokenizer, summary, rows)
+    metrics = {**val, **summary["test"]}
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "summary": summary}
 
 

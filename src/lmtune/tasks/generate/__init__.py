@@ -1,0 +1,33 @@
+"""The generate kind: free-form answers and whole conversations (`data=chat`). Validation and test measure the
+answers' loss and perplexity (every supervised token); the report has the fine-tuned and zero-shot models write the
+test split's answers (exact match, chrF, ROUGE-L, examples); the export records how a conversation is built."""
+
+from __future__ import annotations
+
+from lmtune.model.module import CausalLMModule
+
+
+class Generate:
+    name = "generate"
+
+    def module(self, common: dict, datamodule) -> CausalLMModule:
+        return CausalLMModule(**common)
+
+    report_is_test = False  # the report adds generation metrics; the test loss comes from a test pass
+
+    def report(self, module, datamodule, output_dir, cfg, train_stats: dict, precision, run):
+        """The fine-tuned and zero-shot models' answers on the test split (`report.py`)."""
+        from lmtune.tasks.generate.report import generation_report
+
+        return generation_report(module, datamodule, output_dir, cfg, train_stats, precision, run)
+
+    def export_task(self, formatter, spec) -> tuple[dict, dict]:
+        """(what formatting.json records besides the formatter's settings: the id column; no other files)."""
+        return {"id_column": spec.id if spec else "id"}, {}
+
+    def card_inputs(self, summary: dict, report_rows: dict | None, test: dict) -> dict:
+        results = {"fine-tuned": {k.removeprefix("test/"): v for k, v in test.items()}}
+        return {"results": results, "per_class": None}
+
+
+KIND = Generate()

@@ -1,0 +1,233 @@
+"""The generate kind's data: OpenAI-style conversations (or a prompt and an answer column) as supervised examples.
+
+What must hold: exactly the assistant turns (with their closers) carry loss, `train_on=last` only the last; bad rows
+are counted skips by reason, never errors that stop the run; a conversation longer than `max_length` loses whole
+early exchanges or is skipped, never has an answer cut; a run trains on such a file with only `data=chat
+data.path=<file>`, validates by answer loss and perplexity, and exports the task it trained.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from conftest import compose_train
+from lmtune.data.conversations import ConversationFormatter, ConversationTask, read_messages
+from lmtune.data.datamodule import ChatDataModule
+from lmtune.data.formatting import IGNORE_INDEX
+from lmtune.tasks.generate.evaluation import text_metrics
+
+
+def chat(i: int, turns: int = 3) -> list[dict]:
+    """A conversation of `turns` exchanges, each answer naming its row and turn."""
+    messages = [{"role": "system", "content": "Answer in a few words."}]
+    for t in range(turns):
+        messages += [
+            {"role": "user", "content": f"Question {t} of conversation {i}: what is {i} plus {t}?"},
+            {"role": "assistant", "content": f"It is {i + t}, row {i} turn {t}."},
+        ]
+    return messages
+
+
+BAD_ROWS = {
+    "messages is not a JSON list": "not json",
+    "messages is not a non-empty list": [],
+    "a message without a role of system, user or assistant": [{"role": "tool", "content": "x"}],
+    "a message with empty or non-string content": [{"role": "user", "content": " "}],
+    "roles out of order (system first, then user and assistant alternating)": [
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "Hello?"},
+    ],
+    "no assistant turn": [{"role": "user", "content": "Anyone?"}],
+}
+
+
+@pytest.mark.parametrize("reason", list(BAD_ROWS))
+def test_a_bad_conversation_gives_its_reason(reason):
+    assert read_messages(BAD_ROWS[reason]) == (None, reason)
+
+
+def test_a_conversation_is_read_from_a_json_string_and_keeps_role_and_content_only():
+    text = json.dumps(
+        [{"role": "user", "content": "Hi\r\nthere ", "name": "x"}, {"role": "assistant", "content": "Yo"}]
+    )
+    assert read_messages(text) == (
+        [{"role": "user", "content": "Hi\nthere"}, {"role": "assistant", "content": "Yo"}],
+        None,
+    )
+
+
+def supervised_texts(tokenizer, ids, labels) -> list[str]:
+    """The decoded runs of supervised tokens."""
+    runs, current = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return [tokenizer.decode(r) for r in runs + ([current] if current else [])]
+
+
+def test_too_long_a_conversation_loses_whole_early_exchanges_or_is_skipped(tiny_tokenizer):
+    task = ConversationTask(messages_column="messages")
+    full, _, _ = ConversationFormatter(tiny_tokenizer, task, 4096).fit(chat(1, 3))
+    length = len(full[0][0])
+    short = ConversationFormatter(tiny_tokenizer, task, length - 1)
+    (kept,), dropped, problem = short.fit(chat(1, 3))
+    assert (dropped, problem) == (1, None) and len(kept[0]) < length
+    eot = tiny_tokenizer.convert_ids_to_tokens(short.eot_id)
+    answers = supervised_texts(tiny_tokenizer, kept[0], _labels(*kept))
+    assert answers == [f"It is 2, row 1 turn 1.{eot}", f"It is 3, row 1 turn 2.{eot}"]  # whole turns, system kept
+    assert "Answer in a few words." in tiny_tokenizer.decode(kept[0])
+    tiny = ConversationFormatter(tiny_tokenizer, task, 20)
+    assert tiny.fit(chat(1, 3)) == ([], 2, "longer than data.max_length=20 with its last exchange alone")
+
+
+def _labels(ids, spans):
+    labels = [IGNORE_INDEX] * len(ids)
+    for s, e in spans:
+        labels[s:e] = ids[s:e]
+    return labels
+
+
+def write_chats(path, n: int = 40) -> list[dict]:
+    """`n` good conversations and one bad row of each kind, as JSONL."""
+    rows = [{"id": f"c{i}", "messages": chat(i, 1 + i % 3)} for i in range(n)]
+    rows += [{"id": f"bad{k}", "messages": value} for k, value in enumerate(BAD_ROWS.values())]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_the_data_module_supervises_the_assistant_turns_and_counts_every_skip(tmp_path, tiny_tokenizer):
+    path = tmp_path / "chats.jsonl"
+    write_chats(path)
+    dm = ChatDataModule(tiny_tokenizer, path=str(path), cache_dir=str(tmp_path / "cache"), max_length=256)
+    dm.setup("fit")
+    assert dm.stats["task"] == "generate"
+    assert {k: v for k, v in dm.stats["skipped"].items()} == dict.fromkeys(BAD_ROWS, 1)
+    eot = tiny_tokenizer.convert_ids_to_tokens(dm.formatter.eot_id)
+    batch = dm.collator(list(dm.examples["train"])[:4])
+    for ids, labels, row_id in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), batch["ids"], strict=True):
+        i = int(row_id.removeprefix("c"))
+        expected = [f"It is {i + t}, row {i} turn {t}.{eot}" for t in range(1 + i % 3)]
+        assert supervised_texts(tiny_tokenizer, ids, labels) == expected
+    assert sum(len(dm.examples[s]) for s in ("train", "val", "test")) == 40
+
+
+def test_a_csv_of_columns_gives_a_prompt_and_its_answer(tmp_path, tiny_tokenizer):
+    path = tmp_path / "pairs.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["abstract", "title"])
+        writer.writerows([[f"We study problem {i} in depth.", f"On problem {i}"] for i in range(30)])
+        writer.writerow(["", "No abstract"])
+    dm = ChatDataModule(
+        tiny_tokenizer,
+        path=str(path),
+        messages_column=None,
+        prompt={"system": "Write the title.", "user": "Abstract: {abstract}"},
+        answer="{title}",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    dm.setup("fit")
+    assert dm.stats["skipped"] == {"missing or empty 'abstract'": 1}
+    eot = tiny_tokenizer.convert_ids_to_tokens(dm.formatter.eot_id)
+    for example in dm.examples["train"]:
+        (answer,) = supervised_texts(tiny_tokenizer, example.input_ids, example.labels)
+        assert answer.startswith("On problem ") and answer.endswith(eot)
+
+
+def test_a_messages_column_and_a_prompt_are_one_setting_too_many():
+    from lmtune.core.errors import DataError
+
+    with pytest.raises(DataError, match="data.messages_column is set together with data.prompt.user"):
+        ConversationTask(user_template="{text}", answer="summary", messages_column="messages")
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory, cache_dir):
+    """`experiment=smoke data=chat data.path=<file>`, trained once for the tests below."""
+    from lmtune.training.train import train
+
+    root = tmp_path_factory.mktemp("chat-run")
+    path = root / "chats.jsonl"
+    write_chats(path)
+    cfg = compose_train(["experiment=smoke", "data=chat", f"data.path={path}", "logger=none"], root / "run", cache_dir)
+    metrics, objects = train(cfg)
+    return root, metrics, objects
+
+
+def test_a_chat_file_trains_with_only_data_chat_and_its_path(chat_run):
+    """Train, validate by answer loss and perplexity, write the test split's answers beside the zero-shot model's,
+    export the task."""
+    root, metrics, objects = chat_run
+    assert set(metrics) >= {"val/loss", "val/perplexity", "test/loss", "test/perplexity", "test/chrf", "test/rougeL"}
+    assert metrics["val/perplexity"] == pytest.approx(math.exp(metrics["val/loss"]), rel=1e-5)
+    run = root / "run"
+    answers = [json.loads(line) for line in (run / "generations" / "predictions.jsonl").read_text().splitlines()]
+    test = objects["datamodule"].splits["test"]
+    assert [a["id"] for a in answers] == [r.id for r in test] and answers
+    references = [json.loads(r.fields["messages"])[-1]["content"] for r in test]
+    assert [a["reference"] for a in answers] == references
+    report = (run / "report.md").read_text()
+    assert "| zero-shot |" in report and "| fine-tuned |" in report and "## Examples" in report
+    assert answers[0]["reference"] in report  # the examples table
+    assert metrics["test/chrf"] == pytest.approx(text_metrics([a["answer"] for a in answers], references)["chrf"])
+    formatting = json.loads((run / "export" / "formatting.json").read_text())
+    assert formatting["task"] == "generate" and formatting["messages_column"] == "messages"
+    assert not (run / "export" / "labels.json").exists()
+    manifest = json.loads((run / "data_manifest.json").read_text())
+    assert manifest["skipped"]["no assistant turn"] == 1
+    assert len(list((run / "checkpoints").glob("step*-loss*.ckpt"))) == 1
+
+
+def test_predict_answers_a_file_and_streams_one_message_as_the_report_wrote_them(chat_run, tmp_path):
+    """The export's answers from `predict.py input=` equal the report's for the same conversations (one
+    conversation at a time: the same text wherever it is written); a row that cannot be answered gets its own
+    error line; `message=` streams one answer."""
+    from helpers.cli_driver import run_commands
+
+    root, _, objects = chat_run
+    test = list(objects["datamodule"].splits["test"])
+    report = [
+        json.loads(line) for line in (root / "run" / "generations" / "predictions.jsonl").read_text().splitlines()
+    ]
+    rows = [{"id": r.id, "messages": json.loads(r.fields["messages"])} for r in test]
+    rows.append({"id": "broken", "messages": [{"role": "assistant", "content": "Hi."}]})
+    chats = tmp_path / "ask.jsonl"
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    export = str(root / "run" / "export")
+    budget = str(max(r["tokens"] for r in report))
+    results = run_commands(
+        [
+            {"script": "src/predict.py", "args": [f"ckpt={export}", f"input={chats}", f"max_new_tokens={budget}"]},
+            {"script": "src/predict.py", "args": [f"ckpt={export}", "message=What is 2 plus 2?", "format=json"]},
+            {"script": "src/predict.py", "args": [f"ckpt={export}", "row={text: hello}"]},
+            {"script": "src/eval.py", "args": [f"ckpt={export}", "logger=none", f"hydra.run.dir={tmp_path / 'eval'}"]},
+            {"script": "src/merge.py", "args": [f"ckpt={export}", f"out={tmp_path / 'merged'}"]},
+            {"script": "src/predict.py", "args": [f"ckpt={tmp_path / 'merged'}", "message=Hello?", "format=json"]},
+        ],
+        tmp_path,
+        "predict-chat",
+    )
+    file_run, message_run, row_run, eval_run, merge_run, merged_run = results
+    assert eval_run["returncode"] == 0, eval_run["stderr"][-2000:]
+    evaluated = json.loads((tmp_path / "eval" / "eval_metrics.json").read_text())["metrics"]
+    reported = json.loads((root / "run" / "generations" / "eval_metrics.json").read_text())["metrics"]
+    assert evaluated == reported  # eval.py split=test: the report's answers, so the report's numbers
+    assert merge_run["returncode"] == 0, merge_run["stderr"][-2000:]
+    assert merged_run["returncode"] == 0, merged_run["stderr"][-2000:]
+    assert json.loads(merged_run["stdout"].strip().splitlines()[-1])["tokens"] >= 1
+    assert file_run["returncode"] == 1 and "1 of " in file_run["stderr"] and "Traceback" not in file_run["stderr"]
+    written = [json.loads(line) for line in (tmp_path / "ask.answers.jsonl").read_text().splitlines()]
+    assert [w.get("answer") for w in written[:-1]] == [r["answer"] for r in report]
+    assert [w.get("reference") for w in written[:-1]] == [r["reference"] for r in report]
+    assert "roles out of order" in written[-1]["error"]
+    assert message_run["returncode"] == 0, message_run["stderr"]
+    answer = json.loads(message_run["stdout"].strip().splitlines()[-1])
+    assert answer["finish_reason"] in ("stop", "length") and answer["tokens"] >= 1
+    assert row_run["returncode"] == 1 and "message=" in row_run["stderr"] and "Traceback" not in row_run["stderr"]
