@@ -138,7 +138,9 @@ def test_best(cfg: DictConfig, kind, trainer: L.Trainer, module, datamodule, bes
             load_trainable_weights(module, best)
         test = {}
     else:
-        test = _metrics_of(trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=WEIGHTS_ONLY))
+        test = _metrics_of(
+            trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=WEIGHTS_ONLY, verbose=False)
+        )
     if is_sharded(module):
         # FSDP shards cannot run a forward pass on rank 0 alone: export and report from an unsharded copy
         trained = module.trainable_state_dict()  # gathers the adapter on every rank
