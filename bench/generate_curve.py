@@ -88,6 +88,10 @@ def main(args) -> dict:
             "precision": summary["precision"],
             **{k.removeprefix("report/"): v for k, v in report.items()},
         }
+        general = summary.get("forgetting", {})
+        for model in ("base", "fine-tuned"):
+            if model in general:
+                point[f"general_text/{model}_loss"] = general[model]["loss"]
         doc["points"].append(point)
         doc["points"].sort(key=lambda p: p["limit_train"])
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from conftest import compose_train
 from lmtune.data.conversations import ConversationFormatter, ConversationTask, read_messages
@@ -183,6 +184,9 @@ def test_a_chat_file_trains_with_only_data_chat_and_its_path(chat_run):
     manifest = json.loads((run / "data_manifest.json").read_text())
     assert manifest["skipped"]["no assistant turn"] == 1
     assert len(list((run / "checkpoints").glob("step*-loss*.ckpt"))) == 1
+    general = json.loads((run / "metrics.json").read_text())["forgetting"]
+    assert general["base"]["tokens"] > 0 and "test rows as plain text" in general["source"]
+    assert "## What the adapter cost: general text" in report
 
 
 def test_predict_answers_a_file_and_streams_one_message_as_the_report_wrote_them(chat_run, tmp_path):
@@ -231,3 +235,165 @@ def test_predict_answers_a_file_and_streams_one_message_as_the_report_wrote_them
     answer = json.loads(message_run["stdout"].strip().splitlines()[-1])
     assert answer["finish_reason"] in ("stop", "length") and answer["tokens"] >= 1
     assert row_run["returncode"] == 1 and "message=" in row_run["stderr"] and "Traceback" not in row_run["stderr"]
+
+
+def test_the_openai_client_chats_with_the_server_streamed_or_not(chat_run, tmp_path):
+    """`serve.py` on a generate export speaks the OpenAI chat API: the official client gets the report's answer for
+    a test conversation (greedy, one conversation at a time), the same text streamed, from concurrent clients too;
+    every bad request gets a 4xx with one line, never a 500."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from helpers.server import KEY, Server
+
+    root, _, objects = chat_run
+    report = [
+        json.loads(line) for line in (root / "run" / "generations" / "predictions.jsonl").read_text().splitlines()
+    ]
+    conversations = [json.loads(r.fields["messages"])[:-1] for r in objects["datamodule"].splits["test"]]
+    budget = max(r["tokens"] for r in report)
+    server = Server(tmp_path, f"ckpt={root / 'run' / 'export'}")
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY, max_retries=0)
+
+        def ask(messages):
+            answer = client.chat.completions.create(model="lmtune", messages=messages, max_tokens=budget)
+            return answer.choices[0].message.content
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(ask, conversations))
+        assert answers == [r["answer"] for r in report]
+        chunks = client.chat.completions.create(
+            model="lmtune", messages=conversations[0], max_tokens=budget, stream=True
+        )
+        pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+        assert "".join(pieces) == report[0]["answer"] and len([p for p in pieces if p]) >= 1
+        usage = client.chat.completions.create(model="lmtune", messages=conversations[0], max_tokens=2).usage
+        assert usage.prompt_tokens > 10 and 0 <= usage.completion_tokens <= 2
+        with pytest.raises(openai.UnprocessableEntityError, match="the last message must be the user's"):
+            client.chat.completions.create(model="lmtune", messages=[{"role": "assistant", "content": "Hi."}])
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).chat.completions.create(
+                model="lmtune", messages=conversations[0]
+            )
+
+        user = [{"role": "user", "content": "Hello?"}]
+        bad = {
+            "not JSON": (b"{", 400),
+            "no messages": (json.dumps({"model": "x"}).encode(), 422),
+            "a tool turn": (json.dumps({"messages": [{"role": "tool", "content": "x"}, *user]}).encode(), 422),
+            "an image part": (
+                json.dumps(
+                    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
+                ).encode(),
+                422,
+            ),
+            "n=2": (json.dumps({"messages": user, "n": 2}).encode(), 422),
+            "max_tokens=0": (json.dumps({"messages": user, "max_tokens": 0}).encode(), 422),
+            "max_tokens over the limit": (json.dumps({"messages": user, "max_tokens": 10**6}).encode(), 422),
+            "temperature=-1": (json.dumps({"messages": user, "temperature": -1}).encode(), 422),
+            "stop strings": (json.dumps({"messages": user, "stop": ["x"]}).encode(), 422),
+            "tools": (json.dumps({"messages": user, "tools": [{"type": "function"}]}).encode(), 422),
+            "too long a message": (json.dumps({"messages": [{"role": "user", "content": "x" * 30000}]}).encode(), 422),
+            "a last turn over max_length": (
+                json.dumps({"messages": [{"role": "user", "content": "word " * 3000}]}).encode(),
+                422,
+            ),
+            "nested too deep": (json.dumps({"messages": user, "metadata": [[[[[[[[[1]]]]]]]]]}).encode(), 400),
+        }
+        for name, (body, status) in bad.items():
+            got, answer = server.request("POST", "/v1/chat/completions", body)
+            assert got == status and isinstance(answer.get("error"), str), (name, got, answer)
+        assert (
+            server.request("POST", "/v1/chat/completions", json.dumps({"messages": user}).encode(), key=None)[0] == 401
+        )
+        assert ask(conversations[0]) == report[0]["answer"]  # still answering after all of that
+    finally:
+        assert server.stop() == 0, server.log.read_text()[-3000:]
+    assert "Traceback" not in server.log.read_text()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_rows_give_the_unpacked_loss_and_gradients(tmp_path, tiny_dir, tiny_tokenizer, attention):
+    """The same batch packed (several conversations per row, attention kept inside each, positions from 0) and
+    unpacked (one per row, padded): the same summed loss, the same supervised token count, the same gradients."""
+    from lmtune.data.batching import PackingCollator, PaddingCollator
+    from lmtune.model.module import CausalLMModule
+
+    path = tmp_path / "chats.jsonl"
+    write_chats(path, 16)
+    dm = ChatDataModule(tiny_tokenizer, path=str(path), cache_dir=str(tmp_path / "cache"), val_fraction=0.1)
+    dm.setup("fit")
+    examples = list(dm.examples["train"])[:8]
+    lengths = sorted(len(e.input_ids) for e in examples)
+    pack_length = lengths[-1] + lengths[0]  # the longest row holds two conversations
+    pad = tiny_tokenizer.pad_token_id
+    unpacked, packed = PaddingCollator(pad, 8)(examples), PackingCollator(pad, pack_length, 8)(examples)
+    assert packed["input_ids"].shape[0] < len(examples)
+    assert int(packed["attention_mask"].sum()) == int(unpacked["attention_mask"].sum())
+    lora = {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    module = CausalLMModule(tiny_dir, {"dtype": "float32", "attn_implementation": attention}, lora, {}, pad)
+    module.configure_model(torch.device("cpu"))
+    for name, p in module.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+
+    def loss_and_grads(batch):
+        module.zero_grad()
+        loss_sum, n = module.supervised_loss(batch)
+        loss_sum.backward()
+        return float(loss_sum), int(n), {k: p.grad.clone() for k, p in module.named_parameters() if p.requires_grad}
+
+    loss, n, grads = loss_and_grads(unpacked)
+    packed_loss, packed_n, packed_grads = loss_and_grads(packed)
+    assert packed_n == n and packed_loss == pytest.approx(loss, rel=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packing_trains_with_less_padding(tmp_path, cache_dir):
+    """`data.packing=true` through the CLI's train(): it trains, and its rows carry less padding."""
+    from lmtune.training.train import train
+
+    path = tmp_path / "chats.jsonl"
+    write_chats(path, 60)
+    runs = {}
+    for packing in (False, True):
+        overrides = ["experiment=smoke", "data=chat", f"data.path={path}", "logger=none", "report.enabled=false"]
+        cfg = compose_train([*overrides, f"data.packing={packing}"], tmp_path / str(packing), cache_dir)
+        runs[packing] = train(cfg)[1]["summary"]["train"]
+    assert runs[True]["padding_fraction"] < runs[False]["padding_fraction"]
+    assert runs[True]["tokens"] == runs[False]["tokens"]  # the same examples, every step
+
+
+def test_general_text_loss_shows_what_the_adapter_changed(tmp_path, tiny_dir, tiny_tokenizer):
+    """An adapter that changes nothing (LoRA B = 0) costs exactly nothing on general text; a changed one shows its
+    change; a user's file is read as one document per line (.txt) or a `text` field (.jsonl)."""
+    from lmtune.core.errors import DataError
+    from lmtune.evaluation.forgetting import forgetting, read_texts, text_loss
+    from lmtune.model.module import CausalLMModule
+
+    (tmp_path / "general.txt").write_text("The cat sat on the mat.\n\nRivers flow to the sea.\n")
+    (tmp_path / "general.jsonl").write_text(
+        '{"text": "The cat sat on the mat."}\n{"text": "Rivers flow to the sea."}\n'
+    )
+    texts = read_texts(tmp_path / "general.txt", 100)
+    assert (
+        texts == read_texts(tmp_path / "general.jsonl", 100) == ["The cat sat on the mat.", "Rivers flow to the sea."]
+    )
+    with pytest.raises(DataError, match="report.forgetting.path=.*not found"):
+        read_texts(tmp_path / "missing.txt", 10)
+    lora = {"kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    module = CausalLMModule(tiny_dir, {"dtype": "float32"}, lora, {}, tiny_tokenizer.pad_token_id)
+    module.configure_model(torch.device("cpu"))
+    unchanged = forgetting(module, tiny_tokenizer, texts, 64, "32-true", "general.txt")
+    assert unchanged["loss_change"] == 0.0 and unchanged["base"]["tokens"] > 10
+    for name, p in module.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    changed = forgetting(module, tiny_tokenizer, texts, 64, "32-true", "general.txt")
+    assert changed["base"] == unchanged["base"] and changed["loss_change"] != 0.0
+    assert changed["fine-tuned"]["loss"] == pytest.approx(
+        text_loss(module.causal_lm, tiny_tokenizer, texts, 64)["loss"]
+    )

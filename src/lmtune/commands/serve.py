@@ -22,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmtune.artifacts.export import load_formatter, read_export
 from lmtune.arxiv.lookup import fetchable
+from lmtune.commands.serve_chat import ChatAPI, ChatCheck
 from lmtune.commands.serve_limits import LimitLog, ServeLimits, guarded_protocol
-from lmtune.commands.serve_requests import MAX_ID_CHARS, RequestCheck
+from lmtune.commands.serve_requests import MAX_ID_CHARS, RequestCheck, RowCheck
 from lmtune.core.errors import DataError, UserError, first_line
 from lmtune.data.formatting import template_columns
 from lmtune.evaluation.predictor import Prediction, Predictor, Row, pick_device
@@ -159,12 +160,8 @@ def build_server(cfg: DictConfig) -> tuple[ls.LitServer, dict]:
     """The LitServer for `cfg.ckpt` and the uvicorn settings it runs with: the export and every setting are
     checked here, before any process starts."""
     export = read_export(cfg.ckpt)
-    columns = list(template_columns(export.formatting["user_template"], "data.prompt.user"))
     limits = ServeLimits.of(OmegaConf.to_container(cfg.serve, resolve=True))
     limits.check_open_files()
-    lookup = OmegaConf.to_container(cfg.arxiv, resolve=True) if fetchable(columns) else None
-    if lookup is not None:  # a server waits at most serve.lookup.timeout: no long retries behind it
-        lookup |= {"timeout": min(float(lookup["timeout"]), limits.lookup_timeout), "max_retries": 2}
     api_key = os.environ.get(API_KEY_VARIABLE) or None
     if api_key is None and str(cfg.host) not in LOOPBACK:
         log.warning(
@@ -173,24 +170,23 @@ def build_server(cfg: DictConfig) -> tuple[ls.LitServer, dict]:
             API_KEY_VARIABLE,
             API_KEY_VARIABLE,
         )
-    api = ClassifierAPI(
-        str(export.path),
-        cfg.get("base"),
-        str(cfg.paths.cache_dir),
-        cfg.device,
-        None if cfg.precision == "auto" else cfg.precision,
-        max_batch_size=limits.max_batch_size,
-        batch_timeout=float(limits.batch_timeout),
-    )
-    accelerator = "cuda" if pick_device(cfg.device).type == "cuda" else "cpu"
+    model = (str(export.path), cfg.get("base"), str(cfg.paths.cache_dir), cfg.device)
+    precision = None if cfg.precision == "auto" else cfg.precision
     limit_log = LimitLog()
-    check = {
-        "formatter_factory": lambda: load_formatter(export),
-        "limits": limits,
-        "api_key": api_key,
-        "lookup_settings": lookup,
-        "limit_log": limit_log,
-    }
+    if export.kind == "generate":
+        api, schema = ChatAPI(*model, precision), None  # FastAPI describes the OpenAI spec's request model
+        checker = lambda: ChatCheck(load_formatter(export), limits)  # noqa: E731
+    else:
+        columns = list(template_columns(export.formatting["user_template"], "data.prompt.user"))
+        lookup = OmegaConf.to_container(cfg.arxiv, resolve=True) if fetchable(columns) else None
+        if lookup is not None:  # a server waits at most serve.lookup.timeout: no long retries behind it
+            lookup |= {"timeout": min(float(lookup["timeout"]), limits.lookup_timeout), "max_retries": 2}
+        batching = {"max_batch_size": limits.max_batch_size, "batch_timeout": float(limits.batch_timeout)}
+        api = ClassifierAPI(*model, precision, **batching)
+        schema = openapi_schema(columns, limits, lookup is not None)
+        checker = lambda: RowCheck(load_formatter(export), limits, lookup, limit_log)  # noqa: E731
+    accelerator = "cuda" if pick_device(cfg.device).type == "cuda" else "cpu"
+    check = {"checker_factory": checker, "limits": limits, "api_key": api_key, "limit_log": limit_log}
     server = ls.LitServer(
         api,
         accelerator=accelerator,
@@ -199,8 +195,8 @@ def build_server(cfg: DictConfig) -> tuple[ls.LitServer, dict]:
         middlewares=[(RequestCheck, check)],
         track_requests=False,
     )
-    schema = openapi_schema(columns, limits, lookup is not None)
-    server.app.openapi = lambda: schema  # FastAPI's own would describe /predict as taking anything
+    if schema is not None:
+        server.app.openapi = lambda: schema  # FastAPI's own would describe /predict as taking anything
     uvicorn = {"http": guarded_protocol(limits, limit_log), "timeout_keep_alive": limits.keep_alive}
     return server, uvicorn
 
@@ -222,7 +218,8 @@ def serve(cfg: DictConfig) -> None:
     """Run until SIGTERM or Ctrl+C; either stops taking requests, answers those in flight, then exits."""
     check_address(cfg.host, cfg.port)
     server, uvicorn = build_server(cfg)
-    log.info("serving %s on http://%s:%d/predict (health: /health)", cfg.ckpt, cfg.host, cfg.port)
+    route = "/v1/chat/completions" if read_export(cfg.ckpt).kind == "generate" else "/predict"
+    log.info("serving %s on http://%s:%d%s (health: /health)", cfg.ckpt, cfg.host, cfg.port, route)
     main = os.getpid()
 
     def stop(signum, frame):  # LitServe shuts down gracefully on KeyboardInterrupt, in its main process only

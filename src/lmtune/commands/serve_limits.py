@@ -32,6 +32,7 @@ class ServeLimits:
     timeout: float  # s a request may wait for the model (504 after)
     max_body_bytes: int
     max_field_chars: int
+    max_new_tokens: int  # the longest answer a chat request may ask for (generate exports)
     max_connections: int
     max_queue: int
     header_timeout: float

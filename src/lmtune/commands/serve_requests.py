@@ -110,21 +110,14 @@ def _encodable(name: str, text: str) -> None:
         raise Refusal(422, f"{name}: not text (an unpaired surrogate \\u{ord(e.object[e.start]):04x})") from None
 
 
-class RequestCheck:
-    """ASGI middleware in front of LitServe's app (see the module's docstring). Built in each HTTP worker process
-    when it starts, so the tokenizer and the lookup thread belong to that process."""
+class RowCheck:
+    """A classifier's request (`POST /predict`): one row of the task's columns (or an arXiv id, looked up), fitted to
+    the model's `max_length` as the worker will fit it."""
 
-    def __init__(
-        self,
-        app,
-        formatter_factory,
-        limits: ServeLimits,
-        api_key: str | None,
-        lookup_settings: dict | None,
-        limit_log: LimitLog,
-    ):
-        self.app, self.limits, self.api_key, self.limit_log = app, limits, api_key, limit_log
-        self.formatter = formatter_factory()  # the export's tokenizer and prompts: the row is fitted as the worker will
+    path = "/predict"
+
+    def __init__(self, formatter, limits: ServeLimits, lookup_settings: dict | None, limit_log: LimitLog):
+        self.formatter, self.limits, self.limit_log = formatter, limits, limit_log
         self.columns = list(self.formatter.columns)
         self.example = json.dumps({c: "..." for c in self.columns})
         self.lookup = None
@@ -132,23 +125,85 @@ class RequestCheck:
             self.lookup = PaperLookup(
                 lookup_settings, limits.lookup_max_pending, limits.lookup_cache_size, limits.lookup_cache_ttl
             )
+
+    async def check(self, body: bytes) -> dict:
+        """The request as the model's worker takes it (`{"fields", "id"}`), or a `Refusal`."""
+        request = parse_request(body, self.columns, self.limits.max_field_chars, self.example)
+        if "arxiv_id" in request:
+            if self.lookup is None:
+                raise Refusal(422, f"this model's prompt reads {', '.join(self.columns)}: send them, not an arxiv_id")
+            fields = await self.look_up(request["arxiv_id"])
+            request = {"fields": {c: clean_text(fields[c]) for c in self.columns}, "id": request["arxiv_id"]}
+        try:
+            self.formatter.fit_prompts([request["fields"]])
+        except DataError:
+            cut = self.formatter.truncate_column or "its longest column"
+            raise Refusal(
+                422,
+                f"the row does not fit this model's max_length ({self.formatter.max_length} tokens) even with {cut} "
+                "shortened; shorten the other column(s)",
+            ) from None
+        return request
+
+    async def look_up(self, paper_id: str) -> dict:
+        timeout = self.limits.lookup_timeout
+        try:
+            future = self.lookup.submit(paper_id)
+        except LookupBusy:
+            pending = self.limits.lookup_max_pending
+            self.limit_log.hit("serve.lookup.max_pending", f"{pending} arXiv lookups waiting: new ones get 503")
+            raise Refusal(
+                503, f"{pending} arXiv lookups are waiting (serve.lookup.max_pending); retry soon, or send the text", 5
+            ) from None
+        answer = asyncio.wrap_future(future)  # shared by every request waiting for this id
+        answer.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, even when nobody waits any more
+        try:
+            texts = await asyncio.wait_for(asyncio.shield(answer), timeout)
+        except asyncio.TimeoutError:
+            self.limit_log.hit("serve.lookup.timeout", f"arXiv lookups that took over {timeout} s")
+            raise Refusal(
+                504, f"arXiv did not answer within {timeout} s (serve.lookup.timeout); send the text"
+            ) from None
+        except ArxivApiError as e:
+            self.limit_log.hit("arxiv", f"arXiv lookups failing: {first_line(e, 300)}")  # the upstream URL stays here
+            raise Refusal(502, "the arXiv API did not answer; retry later, or send the text instead") from None
+        if texts is None:
+            raise Refusal(404, f"arXiv has no paper with id {paper_id}")
+        return texts
+
+
+class RequestCheck:
+    """ASGI middleware in front of LitServe's app (see the module's docstring): the key on every route but /health,
+    then the checker's route's requests checked whole (`RowCheck`, `ChatCheck`). Built in each HTTP worker process
+    when it starts, so the tokenizer and the lookup thread belong to that process."""
+
+    def __init__(self, app, checker_factory, limits: ServeLimits, api_key: str | None, limit_log: LimitLog):
+        self.app, self.limits, self.api_key, self.limit_log = app, limits, api_key, limit_log
+        self.checker = checker_factory()
         self.queued = 0  # requests passed on to the model and not answered yet
+
+    def _key_ok(self, headers: dict) -> bool:
+        """`X-API-Key: <key>`, or `Authorization: Bearer <key>` (what the OpenAI client sends)."""
+        key = headers.get(b"x-api-key", b"")
+        bearer = headers.get(b"authorization", b"")
+        if bearer[:7].lower() == b"bearer ":
+            key = key or bearer[7:].strip()
+        return hmac.compare_digest(key, self.api_key.encode())
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         app_send = _errors_as_one_line(send)
         received = dict(scope["headers"])
-        key = received.get(b"x-api-key", b"")
-        if self.api_key and scope["path"] not in OPEN and not hmac.compare_digest(key, self.api_key.encode()):
-            return await _error(send, Refusal(401, "missing or wrong X-API-Key header"))
-        if scope["method"] != "POST" or scope["path"] != "/predict":
+        if self.api_key and scope["path"] not in OPEN and not self._key_ok(received):
+            return await _error(send, Refusal(401, "missing or wrong X-API-Key header (or Authorization: Bearer)"))
+        if scope["method"] != "POST" or scope["path"] != self.checker.path:
             return await self.app(scope, receive, app_send)
         try:
             body = await self.read_body(received.get(b"content-length"), receive)
             if body is None:
                 return None  # the client went away
-            payload = await self.check(body)
+            payload = await self.checker.check(body)
             if self.queued >= self.limits.max_queue:  # checked last: nothing awaits between it and `queued += 1`
                 self.limit_log.hit(
                     "serve.max_queue",
@@ -200,51 +255,6 @@ class RequestCheck:
             self.limit_log.hit("serve.body_timeout", f"requests whose body took over {self.limits.body_timeout} s")
             message = f"the body did not arrive within {self.limits.body_timeout} s (serve.body_timeout)"
             raise Refusal(408, message) from None
-
-    async def check(self, body: bytes) -> dict:
-        """The request as the model's worker takes it (`{"fields", "id"}`), or a `Refusal`."""
-        request = parse_request(body, self.columns, self.limits.max_field_chars, self.example)
-        if "arxiv_id" in request:
-            if self.lookup is None:
-                raise Refusal(422, f"this model's prompt reads {', '.join(self.columns)}: send them, not an arxiv_id")
-            fields = await self.look_up(request["arxiv_id"])
-            request = {"fields": {c: clean_text(fields[c]) for c in self.columns}, "id": request["arxiv_id"]}
-        try:
-            self.formatter.fit_prompts([request["fields"]])
-        except DataError:
-            cut = self.formatter.truncate_column or "its longest column"
-            raise Refusal(
-                422,
-                f"the row does not fit this model's max_length ({self.formatter.max_length} tokens) even with {cut} "
-                "shortened; shorten the other column(s)",
-            ) from None
-        return request
-
-    async def look_up(self, paper_id: str) -> dict:
-        timeout = self.limits.lookup_timeout
-        try:
-            future = self.lookup.submit(paper_id)
-        except LookupBusy:
-            pending = self.limits.lookup_max_pending
-            self.limit_log.hit("serve.lookup.max_pending", f"{pending} arXiv lookups waiting: new ones get 503")
-            raise Refusal(
-                503, f"{pending} arXiv lookups are waiting (serve.lookup.max_pending); retry soon, or send the text", 5
-            ) from None
-        answer = asyncio.wrap_future(future)  # shared by every request waiting for this id
-        answer.add_done_callback(lambda f: f.cancelled() or f.exception())  # read, even when nobody waits any more
-        try:
-            texts = await asyncio.wait_for(asyncio.shield(answer), timeout)
-        except asyncio.TimeoutError:
-            self.limit_log.hit("serve.lookup.timeout", f"arXiv lookups that took over {timeout} s")
-            raise Refusal(
-                504, f"arXiv did not answer within {timeout} s (serve.lookup.timeout); send the text"
-            ) from None
-        except ArxivApiError as e:
-            self.limit_log.hit("arxiv", f"arXiv lookups failing: {first_line(e, 300)}")  # the upstream URL stays here
-            raise Refusal(502, "the arXiv API did not answer; retry later, or send the text instead") from None
-        if texts is None:
-            raise Refusal(404, f"arXiv has no paper with id {paper_id}")
-        return texts
 
 
 def _errors_as_one_line(send):

@@ -1,4 +1,4 @@
-"""Dynamic padding, length-grouped sampling, and the split of both across DDP/FSDP processes.
+"""Dynamic padding (or packing), length-grouped sampling, and the split of both across DDP/FSDP processes.
 
 Padding is to the longest example in the batch (optionally rounded up to a multiple of 8), so a batch of
 short texts does not pay for the longest one in the data set. Padded positions get attention 0 and
@@ -57,6 +57,74 @@ class PaddingCollator:
             "real": torch.tensor([not e.padding for e in examples]),
             "ids": [e.id for e in examples],
         }
+
+
+class PackingCollator(PaddingCollator):
+    """Packs a batch's examples into as few rows of at most `pack_length` tokens as fit (first fit, longest first),
+    then pads the rows: several examples per row, attention kept inside each (`segments`: which example each
+    position holds, -1 for padding; `position_ids` restart at 0 for each). The batch holds the same examples as
+    unpacked, so a step's loss and gradients are the same; only the padding between them is gone.
+
+    >>> batch = PackingCollator(pad_token_id=0, pack_length=6)([
+    ...     Example("a", [5, 6, 7], [-100, 6, 7], 1, 0), Example("b", [5, 8], [-100, 8], 1, 1)])
+    >>> batch["input_ids"].tolist(), batch["segments"].tolist(), batch["position_ids"].tolist()
+    ([[5, 6, 7, 5, 8]], [[0, 0, 0, 1, 1]], [[0, 1, 2, 0, 1]])
+    """
+
+    def __init__(self, pad_token_id: int, pack_length: int, pad_to_multiple_of: int | None = None):
+        super().__init__(pad_token_id, pad_to_multiple_of)
+        self.pack_length = pack_length
+
+    def __call__(self, examples: Sequence[Example]) -> dict:
+        capacity = max(self.pack_length, max(len(e.input_ids) for e in examples))
+        rows: list[list[int]] = []  # example positions per row
+        room: list[int] = []
+        for i in sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids)):
+            n = len(examples[i].input_ids)
+            row = next((r for r, free in enumerate(room) if free >= n), None)
+            if row is None:
+                rows.append([])
+                room.append(capacity)
+                row = len(rows) - 1
+            rows[row].append(i)
+            room[row] -= n
+        length = max(capacity - free for free in room)
+        if self.pad_to_multiple_of:
+            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        segments = torch.full((len(rows), length), -1, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+        for r, members in enumerate(rows):
+            start = 0
+            for k, i in enumerate(members):
+                e, n = examples[i], len(examples[i].input_ids)
+                input_ids[r, start : start + n] = torch.tensor(e.input_ids)
+                labels[r, start : start + n] = torch.tensor(e.labels)
+                attention_mask[r, start : start + n] = 1
+                segments[r, start : start + n] = k
+                position_ids[r, start : start + n] = torch.arange(n)
+                start += n
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "segments": segments,
+            "position_ids": position_ids,
+            "real": torch.tensor([not e.padding for e in examples]),
+            "ids": [e.id for e in examples],
+        }
+
+
+def packed_attention(segments: torch.Tensor) -> torch.Tensor:
+    """The boolean 4D mask (rows x 1 x T x T, True = attend) of packed rows: causal inside each example, nothing
+    across them; a padding position attends to itself only (a query with no key would give NaN in attention)."""
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool, device=segments.device).tril()
+    allowed = same & causal & (segments[:, None, :] >= 0)
+    allowed |= torch.eye(segments.shape[1], dtype=torch.bool, device=segments.device) & (segments[:, :, None] < 0)
+    return allowed[:, None]
 
 
 class LengthGroupedSampler(Sampler[int]):

@@ -214,6 +214,23 @@ class ConversationFormatter(ChatEncoder):
         messages = self._fold_system(messages)
         return self._encode_rendered([self._render(messages, True)], [messages])[0]
 
+    def fit_prompt(self, messages: list[dict], room: int = 1) -> tuple[list[int], int]:
+        """(prompt ids, early exchanges dropped) of a conversation that ends with a user turn: whole early exchanges
+        are dropped, as in training, until the prompt leaves `room` tokens of `max_length` for the answer."""
+        dropped = 0
+        while True:
+            ids = self.prompt_ids(messages)
+            if len(ids) <= self.max_length - room:
+                return ids, dropped
+            start = 1 if messages[0]["role"] == "system" else 0
+            if len(messages) - start <= 1:
+                raise DataError(
+                    f"the conversation's last user turn alone is {len(ids)} tokens, more than this model's "
+                    f"max_length={self.max_length} leaves for an answer; shorten it."
+                )
+            messages = messages[:start] + messages[start + 2 :]
+            dropped += 1
+
     def encode(self, messages: list[dict]) -> tuple[list[tuple[list[int], list[tuple[int, int]]]], str | None]:
         """([(ids, supervised spans)], None), or ([], why the conversation cannot be used)."""
         messages = self._fold_system(messages)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lmtune.core.errors import DataError
-from lmtune.data.batching import LengthGroupedSampler, PaddingCollator, shard_for_eval
+from lmtune.data.batching import LengthGroupedSampler, PackingCollator, PaddingCollator, shard_for_eval
 from lmtune.data.conversations import ConversationFormatter, ConversationTask
 from lmtune.data.formatting import ChatFormatter, template_columns
 from lmtune.data.prepared import (
@@ -30,7 +30,8 @@ class TextDataModule(L.LightningDataModule):
     """Records from a source (a local file, a HF dataset, or a plug-in source such as arXiv's; see `sources.py`) as
     supervised chat examples: what every task kind shares. Splits are by a hash of the id (`id_column`, else a
     hash of the row's text), so a row never changes split when the file grows; `limit_*` take a reproducible
-    sample of a split; `overfit=N` uses the first N training examples as train, val and test (a sanity check).
+    sample of a split; `overfit=N` uses the first N training examples as train, val and test (a sanity check);
+    `packing` packs each training batch's examples into rows of `max_length` (`batching.PackingCollator`).
     Subclasses say what a record is (`spec`), which records are kept (`_positions`) and how they are formatted
     (`_make_formatter`, `_format`)."""
 
@@ -60,6 +61,7 @@ class TextDataModule(L.LightningDataModule):
         max_length: int = 512,
         pad_to_multiple_of: int | None = 8,
         group_by_length: bool = True,
+        packing: bool = False,
         batch_size: int = 8,
         eval_batch_size: int = 16,
         num_workers: int = 0,
@@ -87,7 +89,7 @@ class TextDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.num_proc, self.cache_dir = num_proc, cache_dir
-        self.group_by_length, self.seed = group_by_length, seed
+        self.group_by_length, self.packing, self.seed = group_by_length, packing, seed
         self.chat_settings = {"eot_token": eot_token, "chat_template_kwargs": chat_template_kwargs}
         self.pad_to_multiple_of = pad_to_multiple_of
         self.collator: PaddingCollator | None = None
@@ -196,7 +198,10 @@ class TextDataModule(L.LightningDataModule):
         if self._resume_skip:
             sampler.skip_batches(*self._resume_skip)
             self._resume_skip = None
-        return self._loader(examples, self.batch_size, sampler=sampler)
+        collator = self.collator
+        if self.packing:  # each batch's examples in as few rows of max_length as fit
+            collator = PackingCollator(self.collator.pad_token_id, self.max_length, self.pad_to_multiple_of)
+        return self._loader(examples, self.batch_size, sampler=sampler, collate_fn=collator)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(shard_for_eval(self.examples["val"], *self._shard()), self.eval_batch_size)
@@ -207,10 +212,10 @@ class TextDataModule(L.LightningDataModule):
     def _loader(self, examples, batch_size, **kwargs) -> DataLoader:
         # an own generator: creating an iterator must not draw from the global RNG that dropout uses,
         # or a resumed run would see different dropout masks than an uninterrupted one
+        kwargs.setdefault("collate_fn", self.collator)
         return DataLoader(
             examples,
             batch_size=batch_size,
-            collate_fn=self.collator,
             num_workers=self.num_workers,
             generator=torch.Generator().manual_seed(self.seed),
             **kwargs,

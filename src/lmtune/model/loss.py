@@ -36,7 +36,8 @@ def masked_lm_loss_sum_via_forward(causal_lm, batch: dict) -> tuple[torch.Tensor
     """
     mask, targets = supervised_positions(batch["labels"])
     keep = mask.any(0).nonzero().squeeze(1)
-    logits = causal_lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = causal_lm(**inputs, logits_to_keep=keep).logits
     return F.cross_entropy(logits[mask[:, keep]].float(), targets, reduction="sum"), mask.sum()
 
 

@@ -31,11 +31,12 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import get_cosine_schedule_with_warmup
 
 from lmtune.core.errors import UserError
+from lmtune.data.batching import packed_attention
 from lmtune.model.architecture import compile_decoder_layers, head_logits
 from lmtune.model.loading import load_model
 from lmtune.model.loss import masked_lm_loss_sum, masked_lm_loss_sum_via_forward
 from lmtune.model.parallel import full_tensor, shard_decoder
-from lmtune.model.scoring import SharedPrefix, rank_scores
+from lmtune.model.scoring import SharedPrefix, as_attention_mask, rank_scores
 from lmtune.model.weights import check_weights_fit
 
 log = logging.getLogger(__name__)
@@ -145,11 +146,13 @@ class CausalLMModule(L.LightningModule):
     def supervised_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed cross-entropy over the answer tokens and their count."""
         lm = self.causal_lm
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if "segments" in batch:  # packed rows (data.packing): attention inside each example, positions from 0
+            mask = as_attention_mask(lm, packed_attention(batch["segments"]))
+            inputs.update(attention_mask=mask, position_ids=batch["position_ids"])
         if self._device_mesh is not None:  # FSDP: the head's weights are gathered only in lm.forward
-            return masked_lm_loss_sum_via_forward(lm, batch)
-        hidden = lm.get_decoder()(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).last_hidden_state
+            return masked_lm_loss_sum_via_forward(lm, {**batch, **inputs})
+        hidden = lm.get_decoder()(**inputs).last_hidden_state
         return masked_lm_loss_sum(hidden, batch["labels"], functools.partial(head_logits, lm))
 
     # --- steps -----------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def _prompt_scores(
     logits = (
         causal_lm(
             input_ids=torch.tensor([prompt[start:] + tree.tokens], device=device),
-            attention_mask=_as_attention_mask(causal_lm, allowed[None, None].to(device)),
+            attention_mask=as_attention_mask(causal_lm, allowed[None, None].to(device)),
             position_ids=torch.tensor([positions], device=device),
             past_key_values=shared.cache_copy() if shared else None,
             use_cache=shared is not None,
@@ -200,7 +200,7 @@ class PrefixTree:
         self.node, self.target, self.owner = torch.tensor(node), torch.tensor(target), torch.tensor(owner)
 
 
-def _as_attention_mask(causal_lm, allowed: torch.Tensor) -> torch.Tensor:
+def as_attention_mask(causal_lm, allowed: torch.Tensor) -> torch.Tensor:
     """A custom 4D mask as the attention implementation wants it: boolean (True = attend) for sdpa/flex,
     additive floats for eager attention."""
     if getattr(causal_lm.config, "_attn_implementation", "sdpa") != "eager":

@@ -45,6 +45,12 @@ def config_problems(cfg: DictConfig) -> list[str]:
             f"model.gradient_checkpointing={model.gradient_checkpointing!r}: use false, true (whole decoder layers) "
             f"or mlp (only the MLP blocks: most of the memory for less recomputation)."
         )
+    general = OmegaConf.select(cfg, "report.forgetting.path", default=None)
+    if general and not Path(str(general)).is_file():
+        problems.append(
+            f"report.forgetting.path={general}: not found; give a .txt (a document per line) or .jsonl (a `text` "
+            "field), or null for the run's own test rows as plain text."
+        )
     if cfg.get("compile", False) not in (AUTO, True, False):
         problems.append(f"compile={cfg.compile!r}: use auto, true or false.")
     if adapter.kind == "lora":

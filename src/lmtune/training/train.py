@@ -19,6 +19,7 @@ from lmtune.artifacts.checkpoints import WEIGHTS_ONLY, read_checkpoint, resolve_
 from lmtune.artifacts.export import export_model
 from lmtune.core.console import single_lightning_handler
 from lmtune.core.files import atomic_write
+from lmtune.evaluation.forgetting import forgetting, forgetting_markdown, read_texts, record_texts
 from lmtune.model.loading import load_tokenizer, resolve_pretrained
 from lmtune.model.module import parameter_counts
 from lmtune.model.parallel import is_sharded
@@ -158,6 +159,7 @@ def report(cfg: DictConfig, kind, trainer: L.Trainer, module, datamodule, summar
     summary["report"], rows, test = kind.report(
         module, datamodule, output_dir, cfg, summary["train"], trainer.precision, run
     )
+    general_text(cfg, module, datamodule, summary, run, trainer.precision)
     if kind.report_is_test and not report_is_test:
         return rows  # the test pass measured the same (under DDP/FSDP, or with the report's scoring elsewhere)
     summary["test"] = test if report_is_test else {**summary["test"], **test}
@@ -166,6 +168,32 @@ def report(cfg: DictConfig, kind, trainer: L.Trainer, module, datamodule, summar
             logger.log_metrics(test, step=trainer.global_step)
             logger.save()  # after fit: the CSV logger writes only on save
     return rows
+
+
+def general_text(cfg: DictConfig, module, datamodule, summary: dict, run, precision) -> None:
+    """What the adapter cost (`evaluation/forgetting.py`): the base and the fine-tuned model's loss on plain text
+    outside the task, into `summary`, report.md and W&B."""
+    settings = cfg.report.get("forgetting") or {}
+    if not settings.get("enabled", True):
+        return
+    limit = int(settings.get("max_texts") or 100)
+    if settings.get("path"):
+        texts, source = read_texts(settings.path, limit), Path(settings.path).name
+    else:
+        texts = record_texts(datamodule.splits["test"], limit)
+        source = f"{len(texts)} test rows as plain text, which the run never trained on"
+    result = forgetting(module, datamodule.tokenizer, texts, datamodule.max_length, precision, source)
+    summary["forgetting"] = result
+    report_md = Path(cfg.paths.output_dir) / "report.md"
+    if report_md.is_file():
+        report_md.write_text(report_md.read_text() + forgetting_markdown(result))
+    if run is not None and "base" in result:
+        run.summary.update(
+            {
+                "report/general_text/base_loss": result["base"]["loss"],
+                "report/general_text/fine_tuned_loss": result["fine-tuned"]["loss"],
+            }
+        )
 
 
 def save_outputs(cfg: DictConfig, kind, trainer: L.Trainer, module, datamodule, tokenizer, summary, rows) -> None:

@@ -81,24 +81,6 @@ class ChatPredictor:
         log.info("zero-shot: base model %s (%s, %s) on %s", pretrained, dtype, precision, device)
         return cls(model, formatter, source=f"zero-shot {pretrained}", precision=precision, **kwargs)
 
-    def prompt(self, messages: list[dict], room: int = 1) -> tuple[list[int], int]:
-        """(prompt ids, early exchanges dropped) for a conversation that ends with a user turn: whole early exchanges
-        are dropped until the prompt leaves `room` tokens of `max_length` for the answer."""
-        budget = self.formatter.max_length - room
-        dropped = 0
-        while True:
-            ids = self.formatter.prompt_ids(messages)
-            if len(ids) <= budget:
-                return ids, dropped
-            start = 1 if messages[0]["role"] == "system" else 0
-            if len(messages) - start <= 1:
-                raise UserError(
-                    f"the conversation's last user turn alone is {len(ids)} tokens, more than this model's "
-                    f"max_length={self.formatter.max_length} leaves for an answer; shorten it."
-                )
-            messages = messages[:start] + messages[start + 2 :]
-            dropped += 1
-
     def stream(
         self,
         messages: list[dict],
@@ -108,7 +90,7 @@ class ChatPredictor:
     ) -> Iterator[str | Answer]:
         """The answer's text as it is written (pieces that join to `Answer.text`; the template's leading space
         dropped), then the `Answer`."""
-        prompt, dropped = self.prompt(messages)
+        prompt, dropped = self.formatter.fit_prompt(messages)  # a DataError if the last user turn cannot fit
         max_new_tokens = max(1, min(max_new_tokens, self.formatter.max_length - len(prompt)))
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         eot = self.formatter.eot_id
