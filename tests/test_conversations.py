@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import compose_train
+from helpers.wandb_files import read_run
 from lmtune.data.conversations import ConversationFormatter, ConversationTask, read_messages
 from lmtune.data.datamodule import ChatDataModule
 from lmtune.data.formatting import IGNORE_INDEX
@@ -157,7 +158,7 @@ def chat_run(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("chat-run")
     path = root / "chats.jsonl"
     write_chats(path)
-    cfg = compose_train(["experiment=smoke", "data=chat", f"data.path={path}", "logger=none"], root / "run", cache_dir)
+    cfg = compose_train(["experiment=smoke", "data=chat", f"data.path={path}"], root / "run", cache_dir)  # W&B offline
     metrics, objects = train(cfg)
     return root, metrics, objects
 
@@ -187,6 +188,13 @@ def test_a_chat_file_trains_with_only_data_chat_and_its_path(chat_run):
     general = json.loads((run / "metrics.json").read_text())["forgetting"]
     assert general["base"]["tokens"] > 0 and "test rows as plain text" in general["source"]
     assert "## What the adapter cost: general text" in report
+    (wandb_run,) = (run / "wandb").glob("offline-run-*")
+    logged = read_run(wandb_run)
+    assert logged["summary"]["report/fine_tuned/chrf"] == pytest.approx(metrics["test/chrf"])
+    assert logged["summary"]["final/val/perplexity"] == pytest.approx(metrics["val/perplexity"])
+    tables = [h["report/examples"] for h in logged["history"] if "report/examples" in h]
+    assert tables and tables[0]["_type"] == "table-file" and tables[0]["nrows"] == min(8, len(test))
+    assert {a["type"] for a in logged["artifacts"]} >= {"model"}
 
 
 def test_predict_answers_a_file_and_streams_one_message_as_the_report_wrote_them(chat_run, tmp_path):
@@ -397,3 +405,19 @@ def test_general_text_loss_shows_what_the_adapter_changed(tmp_path, tiny_dir, ti
     assert changed["fine-tuned"]["loss"] == pytest.approx(
         text_loss(module.causal_lm, tiny_tokenizer, texts, 64)["loss"]
     )
+
+
+def test_the_chat_card_reports_the_answers_and_its_command_and_code_write_the_same_text(chat_run):
+    """The export's model card: the report's rows; its predict.py line and its transformers code (greedy, fp32)
+    write the same answer to its example conversation."""
+    from helpers.card import run_card_code, run_card_command
+
+    root, metrics, _ = chat_run
+    export = root / "run" / "export"
+    card = (export / "README.md").read_text()
+    assert "# A chat model fine-tuned from" in card and "| zero-shot |" in card
+    assert f"| fine-tuned | {metrics['test/exact_match']:.3f} | {metrics['test/chrf']:.1f} |" in card
+    assert str(root) not in card  # no path of the training machine
+    command = run_card_command(export, "precision=32-true", "max_new_tokens=64", f"hydra.run.dir={root / 'card'}")
+    assert command.returncode == 0, command.stderr[-2000:]
+    assert command.stdout.strip() == run_card_code(export).strip() != ""

@@ -47,6 +47,11 @@ def api_query(**overrides) -> dict:
     return {"categories": SAMPLE_LABELS, "max_results": 50, "page_size": 20, **overrides}
 
 
+def arxiv_fetch(client: dict, **query) -> dict:
+    """`data.fetch` for the arXiv source plug-in (conf/data/arxiv.yaml), against a local server."""
+    return {"source": "arxiv_api", "client": client, "query": api_query(**query)}
+
+
 # ------------------------------------------------------------------------------------- per-category fetch
 
 
@@ -102,27 +107,25 @@ def test_api_source_gives_the_same_examples_as_the_file_and_is_cached_per_query(
     settings = api_settings(arxiv_server.url)
     from_file = datamodule(tiny_tokenizer, path=str(SAMPLE))
 
-    from_api = datamodule(tiny_tokenizer, arxiv_query=api_query(), arxiv=settings, cache_dir=str(tmp_path))
+    from_api = datamodule(tiny_tokenizer, fetch=arxiv_fetch(settings), cache_dir=str(tmp_path))
     assert from_api.source.kind == "arxiv_api"  # source=auto without a path
     assert from_api.labels == SAMPLE_LABELS  # the queried categories are the label set
     assert examples_by_split(from_api) == examples_by_split(from_file)
     assert len(arxiv_server.requests) == 6  # 2 pages of 20 per category (32 papers each)
 
-    again = datamodule(tiny_tokenizer, arxiv_query=api_query(), arxiv=settings, cache_dir=str(tmp_path))
+    again = datamodule(tiny_tokenizer, fetch=arxiv_fetch(settings), cache_dir=str(tmp_path))
     assert len(arxiv_server.requests) == 6  # same query: read from the cache, nothing fetched
     assert examples_by_split(again) == examples_by_split(from_file)
 
-    datamodule(tiny_tokenizer, arxiv_query=api_query(refresh=True), arxiv=settings, cache_dir=str(tmp_path))
+    datamodule(tiny_tokenizer, fetch=arxiv_fetch(settings, refresh=True), cache_dir=str(tmp_path))
     assert len(arxiv_server.requests) == 12
-    datamodule(tiny_tokenizer, arxiv_query=api_query(max_results=40), arxiv=settings, cache_dir=str(tmp_path))
+    datamodule(tiny_tokenizer, fetch=arxiv_fetch(settings, max_results=40), cache_dir=str(tmp_path))
     assert len(arxiv_server.requests) == 18  # another query, another cache file
     assert len(list((tmp_path / "arxiv").glob("arxiv-*.jsonl"))) == 2
 
 
 def test_api_source_without_network_fails_at_once_naming_data_path(tiny_tokenizer, tmp_path):
-    dm = arxiv_datamodule(
-        tiny_tokenizer, arxiv_query=api_query(), arxiv=api_settings(closed_port_url()), cache_dir=str(tmp_path)
-    )
+    dm = arxiv_datamodule(tiny_tokenizer, fetch=arxiv_fetch(api_settings(closed_port_url())), cache_dir=str(tmp_path))
     started = time.monotonic()
     with pytest.raises(DataError) as err:
         dm.prepare_data()
@@ -158,7 +161,7 @@ def test_training_from_the_api_end_to_end(arxiv_server, tmp_path, cache_dir):
             "experiment=smoke",
             "logger=none",
             "data.path=null",
-            f"data.arxiv_query.categories=[{','.join(SAMPLE_LABELS)}]",
+            f"data.fetch.query.categories=[{','.join(SAMPLE_LABELS)}]",
             f"arxiv.base_url={arxiv_server.url}",
             "arxiv.min_interval=0",
             "trainer.max_steps=2",
@@ -198,7 +201,7 @@ def test_source_settings_that_cannot_work_are_named(tiny_tokenizer):
         arxiv_datamodule(tiny_tokenizer, source="file")
     with pytest.raises(DataError, match="data.source=hf needs `data.hf_name=`"):
         arxiv_datamodule(tiny_tokenizer, source="hf")
-    with pytest.raises(DataError, match="data.source='web': use one of auto, file, arxiv_api, hf"):
+    with pytest.raises(DataError, match="data.source='web': use one of auto, file, hf, arxiv_api"):
         arxiv_datamodule(tiny_tokenizer, source="web", path="x.jsonl")
 
 
@@ -219,9 +222,10 @@ def test_paths_are_not_shared_between_query_cache_files(tmp_path):
     from lmtune.data.sources import RecordSource
 
     spec, query = arxiv_spec(), {"categories": ["cs.CL"]}
-    a = RecordSource(spec, arxiv_query=query, arxiv={"base_url": "http://a"}, cache_dir=tmp_path)
-    b = RecordSource(spec, arxiv_query=query, arxiv={"base_url": "http://b"}, cache_dir=tmp_path)
-    c = RecordSource(spec, arxiv_query={**query, "date_to": "2024-12-31"}, cache_dir=tmp_path)
+    fetch = lambda query, client: {"source": "arxiv_api", "query": query, "client": client}  # noqa: E731
+    a = RecordSource(spec, fetch=fetch(query, {"base_url": "http://a"}), cache_dir=tmp_path)
+    b = RecordSource(spec, fetch=fetch(query, {"base_url": "http://b"}), cache_dir=tmp_path)
+    c = RecordSource(spec, fetch=fetch({**query, "date_to": "2024-12-31"}, {}), cache_dir=tmp_path)
     assert len({a.path, b.path, c.path}) == 3 and a.path.parent == Path(tmp_path) / "arxiv"
 
 

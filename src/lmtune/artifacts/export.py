@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lmtune.artifacts.model_card import model_card
+from lmtune.artifacts.model_card import chat_model_card, model_card
 from lmtune.core.errors import UserError, first_line
 from lmtune.core.files import write_folder
 from lmtune.core.secrets import redact_secrets
@@ -129,6 +129,19 @@ def export_model(
 def write_card(folder: Path, formatting: dict, cfg: DictConfig, merged: dict | None = None) -> None:
     """README.md, the model card, from the export's settings and `card.json` (data, training and results)."""
     card = read_json(folder / CARD_INPUTS)
+    if formatting.get("task") == "generate":
+        text = chat_model_card(
+            base_model=formatting["base_model"],
+            base_local=formatting.get("base_model_local"),
+            model_cfg=OmegaConf.to_container(cfg.model),
+            adapter_cfg=OmegaConf.to_container(cfg.adapter),
+            task=formatting,
+            max_length=formatting["max_length"],
+            merged=merged,
+            **card,
+        )
+        (folder / "README.md").write_text(text)
+        return
     text = model_card(
         base_model=formatting["base_model"],
         base_local=formatting.get("base_model_local"),
@@ -398,16 +411,19 @@ def load_export_model(export: Export, cache_dir, device: torch.device, quantized
 
 
 def task_data_config(data_cfg: DictConfig, formatting: dict) -> DictConfig:
-    """The run's `data` config in today's form: an export from before configurable tasks names
-    `ArxivDataModule` and keeps its prompts in formatting.json only."""
-    if not str(data_cfg.get("_target_", "")).endswith("ArxivDataModule"):
-        return data_cfg
+    """The run's `data` config in today's form: an export from before configurable tasks names `ArxivDataModule` and
+    keeps its prompts in formatting.json only; one from before source plug-ins (2026-12) has `arxiv_query` and
+    `arxiv` where `fetch` is now."""
     data = OmegaConf.to_container(data_cfg)
-    data.update(
-        _target_="lmtune.data.datamodule.TextClassificationDataModule",
-        prompt={"system": formatting["system_prompt"], "user": formatting["user_template"]},
-        label_column=formatting["label_column"],
-        label_is_list=formatting["label_is_list"],
-        truncate_column=formatting["truncate_column"],
-    )
+    if "arxiv_query" in data or "arxiv" in data:
+        query, client = data.pop("arxiv_query", None), data.pop("arxiv", None)
+        data["fetch"] = {"source": "arxiv_api", "query": query, "client": client} if query else None
+    if str(data.get("_target_", "")).endswith("ArxivDataModule"):
+        data.update(
+            _target_="lmtune.data.datamodule.TextClassificationDataModule",
+            prompt={"system": formatting["system_prompt"], "user": formatting["user_template"]},
+            label_column=formatting["label_column"],
+            label_is_list=formatting["label_is_list"],
+            truncate_column=formatting["truncate_column"],
+        )
     return OmegaConf.create(data)

@@ -6,6 +6,7 @@ the Hugging Face hub's (base_model, library_name, pipeline_tag, tags, metrics), 
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import yaml
@@ -225,3 +226,156 @@ def _skipped(data: dict) -> str:
 
 def _fmt(value, pattern: str) -> str:
     return pattern.format(value) if isinstance(value, int | float) else "not measured"
+
+
+EXAMPLE_MESSAGE = "Hello! What can you do?"  # the user turn the chat card's examples send
+
+
+def chat_model_card(
+    *,
+    base_model: str,
+    base_local: str | None,
+    model_cfg: dict,
+    adapter_cfg: dict,
+    task: dict,
+    max_length: int,
+    data: dict,
+    training: dict,
+    results: dict[str, dict],
+    merged: dict | None = None,
+    system_in_user: bool = False,
+    **_,
+) -> str:
+    """The card of a generate export: what it was taught (its conversations), on what data, how it was trained,
+    how its written answers score beside the zero-shot model's, and how to use it (predict, the OpenAI-compatible
+    server, transformers alone). Like the classifier's card, it names no path of the training machine."""
+    hub_id = base_model if base_model != base_local else None
+    base_name = hub_id or f"a local model (folder `{Path(base_model).name}`)"
+    meta = front_matter(hub_id, merged is not None, model_cfg.get("license"), hub_dataset(data.get("source")))
+    meta.update(tags=["lmtune", "text-generation", "chat", "merged" if merged else "lora"])
+    meta["metrics"] = ["exact_match", "chrf", "rouge"]
+    meta = yaml.safe_dump(meta, sort_keys=False).strip()
+    if task.get("messages_column"):
+        taught = (
+            f"conversations of the `{task['messages_column']}` column (OpenAI chat format), "
+            + ("every assistant turn" if task.get("train_on") != "last" else "the last assistant turn")
+            + " carrying loss"
+        )
+        prompt_lines = [f"- conversations: the `{task['messages_column']}` column, as OpenAI-style messages"]
+        example_user = EXAMPLE_MESSAGE
+    else:
+        columns = ", ".join(f"`{c}`" for c in _columns(task["user_template"]))
+        taught = f"to answer {task['answer']!r} from {columns}"
+        prompt_lines = [
+            f"- system prompt: {task.get('system_prompt')!r}",
+            f"- user turn: {task['user_template']!r}",
+            f"- the answer: {task['answer']!r}, then the end-of-turn token",
+            *(f"- then the user: {t['user']!r}; the answer: {t['answer']!r}" for t in task.get("turns") or []),
+        ]
+        example_user = task["user_template"].format(**dict.fromkeys(_columns(task["user_template"]), EXAMPLE_TEXT))
+    lines = [
+        "---",
+        meta,
+        "---",
+        "",
+        f"# A chat model fine-tuned from {base_name}",
+        "",
+        f"Taught {taught}. It writes its answer after the conversation so far, up to its end-of-turn token.",
+        "",
+        "## Task and prompt",
+        "",
+        *prompt_lines,
+        f"- conversations longer than {max_length} tokens lose whole early exchanges",
+        "",
+        "## Data",
+        "",
+        f"- source: {source_name(data.get('source'))}, {data.get('records')} records; skipped: {_skipped(data)}",
+        f"- split by a hash of the id: train / val / test = {data.get('train_examples')} / "
+        f"{data.get('val_examples')} / {data.get('test_examples')}",
+        "",
+        "## Training",
+        "",
+        f"- base model: {base_name}",
+        f"- adapter: {adapter_cfg.get('kind')} (r={adapter_cfg.get('r')}, alpha={adapter_cfg.get('alpha')})"
+        + (f"; merged into the base: {merged['into']}" if merged else ""),
+        f"- {training.get('steps')} steps, precision {training.get('precision')}, "
+        f"{_fmt(training.get('train_seconds'), '{:.0f}')} s in training steps, on {training.get('hardware')}",
+        "",
+        f"## Results (test split, {data.get('test_examples')} conversations: the last answer, written greedily)",
+        "",
+        "| model | exact match | chrF | ROUGE-L | answer words |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {name} | {_fmt(m.get('exact_match'), '{:.3f}')} | {_fmt(m.get('chrf'), '{:.1f}')} | "
+            f"{_fmt(m.get('rougeL'), '{:.3f}')} | {_fmt(m.get('answer_words'), '{:.1f}')} |"
+            for name, m in results.items()
+        ),
+        "",
+        "## Use",
+        "",
+        *_chat_use(example_user, merged is not None, system_in_user, task),
+        "",
+        "## Limitations",
+        "",
+        f"- Trained on {data.get('train_examples')} examples from one source: conversations unlike them get answers "
+        "of the kind it was taught, or worse.",
+        "- chrF and ROUGE-L compare characters and words with one reference; a good answer worded otherwise scores "
+        "low.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _chat_use(user: str, merged: bool, system_in_user: bool, task: dict) -> list[str]:
+    """The chat card's ways to use the model: predict.py, the OpenAI-compatible server, transformers alone (the
+    same prompt through the tokenizer's chat template, greedy, stopped at the turn closer)."""
+    system = task.get("system_prompt") if not task.get("messages_column") else None
+    if system and system_in_user:
+        messages = f"messages = [{{'role': 'user', 'content': {system + chr(10) * 2 + user!r}}}]"
+    elif system:
+        messages = f"messages = [{{'role': 'system', 'content': {system!r}}}, {{'role': 'user', 'content': {user!r}}}]"
+    else:
+        messages = f"messages = [{{'role': 'user', 'content': {user!r}}}]"
+    setting = f"message={user!r}" if task.get("messages_column") else None
+    if setting is None:
+        row = ", ".join(f'{c}: "{EXAMPLE_TEXT}"' for c in _columns(task["user_template"]))
+        setting = f"row={{{row}}}"
+    load = (
+        "model = AutoModelForCausalLM.from_pretrained(folder).eval()"
+        if merged
+        else 'base = AutoModelForCausalLM.from_pretrained(formatting["base_model"])  # or a local copy of it\n'
+        "model = PeftModel.from_pretrained(base, folder).eval()"
+    )
+    return [
+        "With the project that trained it (the answer is streamed; `base=<folder>` where the base model is a local "
+        "copy), or served as an OpenAI-compatible `POST /v1/chat/completions` (`python src/serve.py ckpt=<this "
+        "folder>`, then any OpenAI client with `base_url=http://127.0.0.1:8000/v1`):",
+        "",
+        "```bash",
+        f"python src/predict.py ckpt=<this folder> {shlex.quote(setting)}",
+        "```",
+        "",
+        "With transformers" + ("" if merged else " and peft") + " alone:",
+        "",
+        "```python",
+        "import json",
+        "",
+        *([] if merged else ["from peft import PeftModel"]),
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'folder = "."  # this folder',
+        'formatting = json.load(open(f"{folder}/formatting.json"))',
+        "tokenizer = AutoTokenizer.from_pretrained(folder)",
+        *load.split("\n"),
+        "",
+        messages,
+        "text = tokenizer.apply_chat_template(",
+        '    messages, tokenize=False, add_generation_prompt=True, **formatting["chat_template_kwargs"]',
+        ")",
+        'prompt = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]',
+        'closer = tokenizer.convert_tokens_to_ids(formatting["eot_token"])',
+        "output = model.generate(prompt, max_new_tokens=64, do_sample=False, eos_token_id=closer)",
+        "answer = output[0, prompt.shape[1] :]",
+        "print(tokenizer.decode(answer, skip_special_tokens=True).strip())",
+        "```",
+    ]

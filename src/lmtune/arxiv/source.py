@@ -1,6 +1,6 @@
-"""The arXiv API as a source of training records (`data.source=arxiv_api`): one fetch per query into a cache
-file named by a hash of the query; a later run with the same query reads that file (`refresh=true` fetches
-again)."""
+"""The arXiv API as a source plug-in of training records (`data.fetch.source=arxiv_api`, the entry point
+`lmtune.sources: arxiv_api`): one fetch per query into a cache file named by a hash of the query; a later run with the
+same query reads that file (`data.fetch.query.refresh=true` fetches again)."""
 
 from __future__ import annotations
 
@@ -21,13 +21,14 @@ log = logging.getLogger(__name__)
 
 
 class ArxivSource:
-    """One arXiv query (`data.arxiv_query`) fetched with the client settings `arxiv` into `cache_dir/arxiv/`."""
+    """One arXiv query (`data.fetch.query`) fetched with the client settings (`data.fetch.client`, the `arxiv`
+    config group) into `cache_dir/arxiv/`."""
 
-    def __init__(self, query: Mapping, client_settings: Mapping, columns, cache_dir: Path):
-        self.query = dict(query or {})
-        self.client_settings = dict(client_settings or {})
+    def __init__(self, options: Mapping, columns, cache_dir: Path):
+        self.query = dict(options.get("query") or {})
+        self.client_settings = dict(options.get("client") or {})
         if not self.query.get("categories"):
-            raise DataError("data.source=arxiv_api needs data.arxiv_query.categories, e.g. [cs.CL,cs.CV].")
+            raise DataError("data.source=arxiv_api needs data.fetch.query.categories, e.g. [cs.CL,cs.CV].")
         if not set(columns) <= set(COLUMNS):
             raise DataError(
                 f"data.source=arxiv_api gives papers' title and abstract, but data.prompt.user reads "
@@ -36,7 +37,7 @@ class ArxivSource:
         self.path = self.cached_path(cache_dir)
 
     @property
-    def categories(self) -> list[str]:
+    def labels(self) -> list[str]:
         """The categories asked of the API: the natural label set of this source."""
         return list(self.query["categories"])
 

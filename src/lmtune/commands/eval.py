@@ -94,13 +94,17 @@ def eval_answers(cfg: DictConfig) -> dict:
         if ckpt is not None:
             load_checkpoint_weights(predictor.causal_lm, ckpt, device)
             predictor.source = str(ckpt)
-        data_cfg = export.cfg.data
+        data_cfg = task_data_config(export.cfg.data, export.formatting)
         if cfg.data.get("path"):
             with open_dict(data_cfg):
                 data_cfg.path, data_cfg.source = cfg.data.path, "file"
         dm = _loaded_datamodule(data_cfg)
         max_new = OmegaConf.select(export.cfg, "report.max_new_tokens", default=None)
-    records = dm.splits[cfg.split][: cfg.eval.limit or None]
+    # the conversations training kept (one whose last exchange alone cannot fit max_length is skipped), as the report
+    dm.tokenizer = predictor.formatter.tokenizer
+    dm.setup()
+    kept = {e.id for e in dm.examples[cfg.split]}
+    records = [r for r in dm.splits[cfg.split] if r.id in kept][: cfg.eval.limit or None]
     if not records:
         raise UserError(f"the {cfg.split} split of {dm.source.where} is empty; check data.*_fraction and limits.")
     metrics, _ = evaluate_generation(predictor, records, Path(cfg.paths.output_dir), max_new)

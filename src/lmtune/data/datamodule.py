@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 class TextDataModule(L.LightningDataModule):
-    """Records from a source (a local file, a HF dataset, or a plug-in source such as arXiv's; see `sources.py`) as
+    """Records from a source (a local file, a HF dataset, or a source plug-in that fetches them, `fetch`; see
+    `sources.py`) as
     supervised chat examples: what every task kind shares. Splits are by a hash of the id (`id_column`, else a
     hash of the row's text), so a row never changes split when the file grows; `limit_*` take a reproducible
     sample of a split; `overfit=N` uses the first N training examples as train, val and test (a sanity check);
@@ -44,8 +45,7 @@ class TextDataModule(L.LightningDataModule):
         source: str = "auto",
         id_column: str = "id",
         columns: dict | None = None,
-        arxiv_query: dict | None = None,
-        arxiv: dict | None = None,
+        fetch: dict | None = None,
         hf_name: str | None = None,
         hf_config: str | None = None,
         hf_split: str = "train",
@@ -80,9 +80,7 @@ class TextDataModule(L.LightningDataModule):
             )
         self.tokenizer = tokenizer
         self.spec = spec
-        self.source = RecordSource(
-            self.spec, source, path, arxiv_query, arxiv, hf_name, hf_config, hf_split, hf_revision, cache_dir
-        )
+        self.source = RecordSource(self.spec, source, path, fetch, hf_name, hf_config, hf_split, hf_revision, cache_dir)
         self.val_fraction, self.test_fraction, self.split_salt = val_fraction, test_fraction, split_salt
         self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
         self.overfit = overfit
@@ -239,7 +237,7 @@ class TextClassificationDataModule(TextDataModule):
 
     `prompt.user` names the columns the model reads (`"Subject: {subject}\n\n{body}"`), `prompt.system` may list
     the labels (`{labels}`), `label_column` holds the class. The label set is `labels` if given, else the labels
-    the source itself names (the arXiv API source), else the `top_k` most frequent labels; other records are
+    the source itself names (a fetched source's query), else the `top_k` most frequent labels; other records are
     dropped and counted.
     """
 

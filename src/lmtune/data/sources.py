@@ -1,9 +1,15 @@
-"""Where training records come from: a local file, a Hugging Face dataset, or the arXiv API (`arxiv.source`).
+"""Where training records come from: a local file, a Hugging Face dataset, or a source plug-in that fetches them
+(`data.fetch`; the arXiv API is one: `lmtune.arxiv.source`).
 
-`data.source=auto` (the default) picks `file` when `data.path` is set, `hf` when `data.hf_name` is set,
-and otherwise `arxiv_api` when the task has an arXiv query (`data=arxiv`), so
-`python src/train.py experiment=qlora_arxiv` works from nothing on a machine with network. Downloading happens
-in `prepare()` (Lightning's `prepare_data`), reading in `rows()`.
+`data.source=auto` (the default) picks `file` when `data.path` is set, `hf` when `data.hf_name` is set, and
+otherwise the plug-in `data.fetch.source` names (`data=arxiv`: arxiv_api), so `python src/train.py
+experiment=qlora_arxiv` works from nothing on a machine with network. Downloading happens in `prepare()`
+(Lightning's `prepare_data`), reading in `rows()`.
+
+A source plug-in is a class registered under the entry-point group `lmtune.sources` (`arxiv_api =
+"lmtune.arxiv.source:ArxivSource"` in pyproject.toml), built as `cls(options, columns, cache_dir)` with the
+`data.fetch` options; it has `path` (the file it fetches into), `labels` (the label set it was asked for, or None),
+`prepare()` and `wait_until_prepared(timeout, poll)`. This module imports none of them.
 """
 
 from __future__ import annotations
@@ -11,25 +17,33 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from lmtune.arxiv.source import ArxivSource
 from lmtune.core.errors import DataError
 from lmtune.data.records import RecordSpec, existing_file, reader_for
 
-SOURCES = ("auto", "file", "arxiv_api", "hf")
+SOURCES = ("auto", "file", "hf")  # and every installed source plug-in (`plugin_sources`)
+PLUGIN_GROUP = "lmtune.sources"
 
 
-def resolve_source(source: str, path: str | None, hf_name: str | None, arxiv_query: Mapping | None = None) -> str:
-    """The concrete source for `auto`: a given file, else a given HF dataset, else the arXiv API (arXiv tasks)."""
-    if source not in SOURCES:
-        raise DataError(f"data.source={source!r}: use one of {', '.join(SOURCES)}.")
+def plugin_sources() -> dict:
+    """Installed source plug-ins by name (entry points of `lmtune.sources`)."""
+    from importlib.metadata import entry_points
+
+    return {point.name: point for point in entry_points(group=PLUGIN_GROUP)}
+
+
+def resolve_source(source: str, path: str | None, hf_name: str | None, fetch: Mapping | None = None) -> str:
+    """The concrete source for `auto`: a given file, else a given HF dataset, else the plug-in `fetch` names."""
+    if source not in SOURCES and source not in plugin_sources():
+        known = [*SOURCES, *plugin_sources()]
+        raise DataError(f"data.source={source!r}: use one of {', '.join(known)}.")
     if source != "auto":
         return source
-    if not (path or hf_name or arxiv_query):
+    if not (path or hf_name or (fetch and fetch.get("source"))):
         raise DataError(
             "no data: set `data.path=` (a JSONL, CSV or Parquet file, optionally .gz) or `data.hf_name=` "
             "(a Hugging Face dataset)."
         )
-    return "file" if path else "hf" if hf_name else "arxiv_api"
+    return "file" if path else "hf" if hf_name else fetch["source"]
 
 
 class RecordSource:
@@ -40,25 +54,26 @@ class RecordSource:
         spec: RecordSpec,
         source: str = "auto",
         path: str | None = None,
-        arxiv_query: Mapping | None = None,
-        arxiv: Mapping | None = None,
+        fetch: Mapping | None = None,
         hf_name: str | None = None,
         hf_config: str | None = None,
         hf_split: str = "train",
         hf_revision: str | None = None,
         cache_dir: str | Path | None = None,
     ):
-        self.kind = resolve_source(source, path, hf_name, arxiv_query)
+        self.kind = resolve_source(source, path, hf_name, fetch)
         self.path = Path(path) if path else None
         self.spec = spec
         self.hf = {"name": hf_name, "config": hf_config, "split": hf_split, "revision": hf_revision}
-        self.download: ArxivSource | None = None  # a source fetched before it is read
+        self.download = None  # a source plug-in: fetched before it is read
         if self.kind == "file" and self.path is None:
             raise DataError("data.source=file needs `data.path=` (a JSONL, CSV or Parquet file, optionally .gz).")
         if self.kind == "hf" and not hf_name:
             raise DataError("data.source=hf needs `data.hf_name=` (a hub dataset id or a local dataset folder).")
-        if self.kind == "arxiv_api":
-            self.download = ArxivSource(arxiv_query, arxiv, spec.text, Path(cache_dir or ".cache"))
+        if self.kind not in SOURCES:
+            options = {k: v for k, v in (fetch or {}).items() if k != "source"}
+            plugin = plugin_sources()[self.kind].load()
+            self.download = plugin(options, spec.text, Path(cache_dir or ".cache"))
             self.path = self.download.path
 
     @property
@@ -70,7 +85,7 @@ class RecordSource:
     @property
     def natural_labels(self) -> list[str] | None:
         """The label set the source itself names (what a downloaded source was asked for), if it names one."""
-        return self.download.categories if self.download else None
+        return self.download.labels if self.download else None
 
     def prepare(self) -> None:
         """Download what a downloaded source needs unless it is cached; other sources need no download step."""

@@ -204,7 +204,7 @@ def save_outputs(cfg: DictConfig, kind, trainer: L.Trainer, module, datamodule, 
     output_dir = Path(cfg.paths.output_dir)
     metrics = {**summary["val"], **summary["test"]}
     task, files = kind.export_task(datamodule.formatter, datamodule.spec)
-    card = card_inputs(kind, summary, rows, summary["test"]) if kind.name == "classify" else None
+    card = card_inputs(kind, summary, rows, summary["test"])
     export = export_model(
         module, tokenizer, datamodule.formatter, cfg, output_dir / "export", kind.name, task, files, card
     )

@@ -26,8 +26,12 @@ class Generate:
         return {"id_column": spec.id if spec else "id"}, {}
 
     def card_inputs(self, summary: dict, report_rows: dict | None, test: dict) -> dict:
-        results = {"fine-tuned": {k.removeprefix("test/"): v for k, v in test.items()}}
-        return {"results": results, "per_class": None}
+        """The model card's results: the report's models beside each other, else the test metrics alone."""
+        if report_rows:
+            results = {name: dict(m) for name, m in reversed(report_rows.items())}  # fine-tuned first
+        else:
+            results = {"fine-tuned": {k.removeprefix("test/"): v for k, v in test.items()}}
+        return {"results": results}
 
 
 KIND = Generate()

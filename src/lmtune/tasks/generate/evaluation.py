@@ -10,6 +10,7 @@ import json
 import logging
 from pathlib import Path
 
+from lmtune.core.errors import DataError, first_line
 from lmtune.core.files import atomic_write
 from lmtune.core.progress import Progress
 from lmtune.tasks.generate.predictor import ChatPredictor, prompt_and_reference
@@ -50,10 +51,15 @@ def evaluate_generation(
     conversations = [prompt_and_reference(predictor.formatter.task.messages(r.fields)) for r in records]
     references = [reference for _, reference in conversations]
     limit = max_new_tokens or default_max_new_tokens(predictor, references)
-    rows = []
+    rows, skipped = [], []
     with Progress(len(records), f"writing answers ({predictor.source})") as progress:
         for record, (messages, reference) in zip(records, conversations, strict=True):
-            answer = predictor.answer(messages, max_new_tokens=limit)
+            try:
+                answer = predictor.answer(messages, max_new_tokens=limit)
+            except DataError as e:  # its last user turn cannot fit max_length (training skipped it too)
+                skipped.append({"id": record.id, "skipped": first_line(e, 300)})
+                progress.advance(1)
+                continue
             rows.append(
                 {
                     "id": record.id,
@@ -65,13 +71,16 @@ def evaluate_generation(
                 }
             )
             progress.advance(1)
+    if skipped:
+        log.info("%d conversations skipped: their last user turn cannot fit max_length", len(skipped))
     metrics = {
-        **text_metrics([r["answer"] for r in rows], references),
+        **text_metrics([r["answer"] for r in rows], [r["reference"] for r in rows]),
         "examples": len(rows),
+        "skipped": len(skipped),
         "cut_at_max_new_tokens": sum(r["finish_reason"] == "length" for r in rows),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "predictions.jsonl", lambda f: f.writelines(json.dumps(r) + "\n" for r in rows))
+    atomic_write(out_dir / "predictions.jsonl", lambda f: f.writelines(json.dumps(r) + "\n" for r in rows + skipped))
     info = {"source": predictor.source, "precision": predictor.precision, "max_new_tokens": limit, "metrics": metrics}
     atomic_write(out_dir / "eval_metrics.json", lambda f: json.dump(info, f, indent=1))
     log.info(

@@ -82,12 +82,15 @@ def zero_shot_answers(module, formatter, records, cache_dir: Path, out_dir: Path
     shutil.copytree(cached, out_dir, dirs_exist_ok=True)
     metrics = json.loads((cached / "eval_metrics.json").read_text())["metrics"]
     rows = [json.loads(line) for line in (cached / "predictions.jsonl").read_text().splitlines()]
-    return metrics, rows
+    return metrics, [r for r in rows if "answer" in r]
 
 
 def generation_report(module, datamodule, output_dir: Path, cfg, train_stats: dict, precision, run=None):
     """(the summary's report/* numbers, the metrics by model, the fine-tuned model's test/* generation metrics)."""
-    formatter, records = datamodule.formatter, datamodule.splits["test"]
+    formatter = datamodule.formatter
+    # the conversations the test loss was measured on: those training's formatting kept (one too long is skipped)
+    kept = {e.id for e in datamodule.examples["test"]}
+    records = [r for r in datamodule.splits["test"] if r.id in kept]
     max_new = cfg.report.get("max_new_tokens")
     module.eval()
     tuned = ChatPredictor(module.causal_lm, formatter, source="fine-tuned (best checkpoint)", precision=precision)
