@@ -193,10 +193,12 @@ class RequestCheck:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        app_send = _errors_as_one_line(send)
+        openai = scope["path"].startswith("/v1/")  # the OpenAI-compatible routes answer errors in its shape
+        app_send = _errors_as_one_line(send, openai)
         received = dict(scope["headers"])
         if self.api_key and scope["path"] not in OPEN and not self._key_ok(received):
-            return await _error(send, Refusal(401, "missing or wrong X-API-Key header (or Authorization: Bearer)"))
+            refusal = Refusal(401, "missing or wrong X-API-Key header (or Authorization: Bearer)")
+            return await _error(send, refusal, openai=openai)
         if scope["method"] != "POST" or scope["path"] != self.checker.path:
             return await self.app(scope, receive, app_send)
         try:
@@ -211,7 +213,7 @@ class RequestCheck:
                 )
                 raise Refusal(503, f"{self.limits.max_queue} requests are waiting (serve.max_queue); retry soon", 1)
         except Refusal as refusal:
-            return await _error(send, refusal)
+            return await _error(send, refusal, openai=openai)
         forwarded = json.dumps(payload).encode()
         sent = False
 
@@ -257,7 +259,7 @@ class RequestCheck:
             raise Refusal(408, message) from None
 
 
-def _errors_as_one_line(send):
+def _errors_as_one_line(send, openai: bool = False):
     """`send` for the app's answers: any 4xx or 5xx body becomes `{"error": "<one line>"}` (FastAPI and LitServe
     answer `{"detail": ...}`, sometimes a list)."""
     held = {}
@@ -274,7 +276,8 @@ def _errors_as_one_line(send):
         start = held.pop("start")
         status = start["status"]
         kept = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
-        return await _error(send, Refusal(status, _error_text(held.pop("body"), status)), kept)  # Allow, Retry-After
+        refusal = Refusal(status, _error_text(held.pop("body"), status))
+        return await _error(send, refusal, kept, openai)  # Allow, Retry-After kept
 
     return wrapped
 
@@ -294,8 +297,15 @@ def _error_text(body: bytes, status: int) -> str:
     return " ".join(str(detail or status).split())[:300]
 
 
-async def _error(send, refusal: Refusal, extra_headers=()) -> None:
-    body = json.dumps({"error": " ".join(refusal.message.split())}).encode()
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 422: "invalid_request_error"}
+
+
+async def _error(send, refusal: Refusal, extra_headers=(), openai: bool = False) -> None:
+    """The one-line error: `{"error": "..."}`, or on the OpenAI-compatible routes the OpenAI API's shape
+    (`{"error": {"message", "type", "code"}}`), which its clients read the message from."""
+    message = " ".join(refusal.message.split())
+    error = {"message": message, "type": ERROR_TYPES.get(refusal.status, "server_error"), "code": None}
+    body = json.dumps({"error": error if openai else message}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if refusal.retry_after is not None:
         headers.append((b"retry-after", str(refusal.retry_after).encode()))
