@@ -143,6 +143,7 @@ def test_results_table_replaces_only_its_section(smoke_bench):
         assert "Not measured: no CUDA device on this machine." in readme  # never a guess
 
 
+@pytest.mark.slow  # bench/run.py --smoke: every part, about 4 minutes
 def test_batch_invariance_script_finds_a_paper_scored_the_same_alone_and_among_others(tmp_path, cache_dir):
     from conftest import compose_train
     from lmtune.training.train import train
@@ -164,6 +165,7 @@ def test_batch_invariance_script_finds_a_paper_scored_the_same_alone_and_among_o
     assert result["together_max_prob_diff_vs_alone"] == result["reversed_groups_of_8_max_prob_diff_vs_alone"] == 0
 
 
+@pytest.mark.slow  # bench/run.py --smoke: every part, about 4 minutes
 def test_profile_script_runs(cache_dir):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "profile_step.py"), "--steps", "1", "experiment=smoke"],
@@ -304,3 +306,34 @@ def test_serve_benchmark_loads_the_server_beside_the_offline_rate(smoke_bench):
         assert 0 < level["p50_ms"] <= level["p95_ms"] <= level["p99_ms"]
     soak = serve["soak"]
     assert soak["errors"] == 0 and soak["requests"] > 0 and soak["rss_mb"] and soak["bad_not_4xx"] == 0
+
+
+@pytest.mark.slow  # two tiny training runs with their generation reports: about half a minute
+def test_generate_curve_smoke_form_keeps_points_and_caches_the_zero_shot_answers(tmp_path):
+    """`bench/generate_curve.py --smoke`: each point is one printed user command; the zero-shot answers are written
+    once for the curve (the same test split); a rerun keeps the points already measured."""
+    import generate_curve
+
+    args = ["--smoke", "--out", str(tmp_path), "--work", str(tmp_path / "work")]
+    doc = generate_curve.main(generate_curve.parse([*args, "--sizes", "20", "40"]))
+    assert [p["limit_train"] for p in doc["points"]] == [20, 40]
+    assert all(p["command"].startswith("python src/train.py experiment=arxiv_titles") for p in doc["points"])
+    first, second = doc["points"]
+    assert first["zero_shot/chrf"] == second["zero_shot/chrf"] and first["general_text/base_loss"] > 0
+    again = generate_curve.main(generate_curve.parse([*args, "--sizes", "20", "40"]))
+    assert again["points"] == doc["points"]  # nothing trained again
+
+
+@pytest.mark.slow  # eight tiny training runs: about a minute
+def test_packing_benchmark_measures_every_setting_with_the_same_examples(tmp_path):
+    """`bench/packing.py --smoke`: four settings, the same command but for packing and length grouping; packed
+    rows carry less padding than unpacked random batches."""
+    import packing
+
+    result = packing.main(
+        packing.parse(["--smoke", "--steps", "4", "--runs", "1", "--out", str(tmp_path), "--work", str(tmp_path / "w")])
+    )
+    runs = {name: r[0] for name, r in result["runs"].items()}
+    assert set(runs) == set(packing.SETTINGS) and all(r["steps"] == 4 and r["tokens_per_s"] > 0 for r in runs.values())
+    assert runs["packed, random batches"]["padding_fraction"] < runs["unpacked, random batches"]["padding_fraction"]
+    assert result["ratio_to_default"]["unpacked, length-grouped (default)"] == 1.0

@@ -111,19 +111,36 @@ def export_model(
             adapter_config.write_text(
                 json.dumps({**read_json(adapter_config), "base_model_name_or_path": base}, indent=2)
             )
-        tokenizer.save_pretrained(folder)
-        for name, content in files.items():
-            (folder / name).write_text(json.dumps(content, indent=1))
-        (folder / "formatting.json").write_text(json.dumps(formatting, indent=1))
         # secrets redacted: an export folder gets shared (the Hub, a W&B artifact); tokens come from the environment
         config = OmegaConf.create(redact_secrets(OmegaConf.to_container(cfg, resolve=True)))
-        OmegaConf.save(config, folder / "config.yaml")
-        if card is not None:  # with what the card's code needs to build the prompt as the formatter does
-            inputs = {**card, "system_in_user": formatter.chat_format.system_in_user}
-            (folder / CARD_INPUTS).write_text(json.dumps(inputs, indent=1, default=str))
-            write_card(folder, formatting, config)
+        # with what the card's code needs to build the prompt as the formatter does
+        inputs = {**card, "system_in_user": formatter.chat_format.system_in_user} if card is not None else None
+        write_task_files(folder, tokenizer, formatting, files, config, inputs)
 
     return write_folder(out_dir, fill)
+
+
+def write_task_files(
+    folder: Path,
+    tokenizer,
+    formatting: dict,
+    files: dict,
+    config: DictConfig,
+    card_inputs: dict | None,
+    card_config: DictConfig | None = None,
+    merged: dict | None = None,
+) -> None:
+    """Everything of an export besides its weights, for the adapter export and the merged one alike: the tokenizer,
+    the kind's files (labels.json), formatting.json, config.yaml, and the model card with what it reports
+    (`card_config`: the config the card describes, when not `config`)."""
+    tokenizer.save_pretrained(folder)
+    for name, content in files.items():
+        (folder / name).write_text(json.dumps(content, indent=1))
+    (folder / "formatting.json").write_text(json.dumps(formatting, indent=1))
+    OmegaConf.save(config, folder / "config.yaml")
+    if card_inputs is not None:
+        (folder / CARD_INPUTS).write_text(json.dumps(card_inputs, indent=1, default=str))
+        write_card(folder, formatting, card_config or config, merged)
 
 
 def write_card(folder: Path, formatting: dict, cfg: DictConfig, merged: dict | None = None) -> None:

@@ -10,9 +10,7 @@ quantization gap; `formatting.json` and `config.yaml` say so (`merged`).
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,7 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
 from lmtune.artifacts.checkpoints import load_checkpoint_weights
-from lmtune.artifacts.export import CARD_INPUTS, export_and_checkpoint, load_export_model, read_export, write_card
+from lmtune.artifacts.export import (
+    CARD_INPUTS,
+    export_and_checkpoint,
+    load_export_model,
+    read_export,
+    read_json,
+    write_task_files,
+)
 from lmtune.core.errors import UserError
 from lmtune.core.files import write_folder
 
@@ -75,16 +80,15 @@ def merge_export(cfg: DictConfig) -> Path:
     )
     merged_cfg.merged = note
 
+    card_inputs = read_json(export.path / CARD_INPUTS) if (export.path / CARD_INPUTS).is_file() else None
+    files = {"labels.json": export.labels} if export.kind == "classify" else {}
+
     def fill(folder: Path) -> None:
         merged.save_pretrained(folder)
-        AutoTokenizer.from_pretrained(export.path).save_pretrained(folder)
-        if export.kind == "classify":
-            shutil.copy(export.path / "labels.json", folder / "labels.json")
-        (folder / "formatting.json").write_text(json.dumps({**formatting, "merged": note}, indent=1))
-        OmegaConf.save(merged_cfg, folder / "config.yaml")
-        if (export.path / CARD_INPUTS).is_file():  # exports from before model cards have none
-            shutil.copy(export.path / CARD_INPUTS, folder / CARD_INPUTS)
-            write_card(folder, formatting, run_cfg, merged=note)
+        tokenizer = AutoTokenizer.from_pretrained(export.path)
+        # the card describes the run's adapter (merged_cfg says adapter none: it loads as a full model)
+        formatting_merged = {**formatting, "merged": note}
+        write_task_files(folder, tokenizer, formatting_merged, files, merged_cfg, card_inputs, run_cfg, note)
 
     write_folder(out, fill, "merged export")
     log.info("merged %s into %s (%s)", note["from"], out, note["into"])
