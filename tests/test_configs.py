@@ -36,7 +36,8 @@ def test_there_are_configs_to_check():
 def test_experiment_composes_and_validates(experiment, tmp_path):
     cfg = compose_train([f"experiment={experiment}", f"data.path={SAMPLE}"], tmp_path, tmp_path)
     assert config_problems(cfg) == []
-    assert cfg.trainer._target_.endswith("Trainer") and cfg.data._target_.endswith("TextClassificationDataModule")
+    modules = ("TextClassificationDataModule", "ChatDataModule")  # classify, generate
+    assert cfg.trainer._target_.endswith("Trainer") and cfg.data._target_.rsplit(".", 1)[-1] in modules
 
 
 @pytest.mark.parametrize("debug", DEBUGS)

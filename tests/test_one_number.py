@@ -25,7 +25,10 @@ def accuracy(labels: dict[str, str], true: dict[str, str]) -> float:
     return sum(labels[i] == true[i] for i in true) / len(true)
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+@pytest.mark.parametrize(
+    "precision",
+    ["bf16-mixed", pytest.param("32-true", marks=pytest.mark.slow)],  # fp32 too: in make test-slow
+)
 def test_report_eval_predict_and_serve_give_one_number(precision, cache_dir, tmp_path):
     run, evaluated, predicted = tmp_path / "run", tmp_path / "eval", tmp_path / "predictions.jsonl"
     common = [f"paths.cache_dir={cache_dir}", "logger=none"]

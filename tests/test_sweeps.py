@@ -99,6 +99,7 @@ def test_config_error_in_one_job_does_not_end_the_sweep(tmp_path, cache_dir):
     assert not (sweep / "0" / "metrics.json").exists() and (sweep / "1" / "metrics.json").is_file()
 
 
+@pytest.mark.slow  # a search of several trials; the grid sweep above runs in make test
 def test_optuna_search_returns_val_acc_and_saves_the_best_params(tmp_path, cache_dir):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="needs the sweep extra: pip install -e .[sweep]")
     sweep = tmp_path / "optuna"

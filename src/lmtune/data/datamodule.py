@@ -384,6 +384,7 @@ class ChatDataModule(TextDataModule):
         for reason, n in skipped.items():
             self.skips.add(f"{reason} ({name})", n)
         self.stats["skipped"] = dict(self.skips.counts)
+        self.stats[f"{name}_examples"] = len(examples)  # sequences trained on: after skips, a sequence per turn
         if not len(examples) and name == "train":
             raise DataError(f"{self.source.where}: no training examples after formatting ({self.skips.summary()}).")
         return examples
