@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmtune.artifacts.checkpoints import WEIGHTS_ONLY, read_checkpoint, resolve_ckpt_path
 from lmtune.artifacts.export import export_model
 from lmtune.core.console import single_lightning_handler
+from lmtune.core.errors import UserError
 from lmtune.core.files import atomic_write
 from lmtune.evaluation.forgetting import forgetting, forgetting_markdown, read_texts, record_texts
 from lmtune.model.loading import load_tokenizer, resolve_pretrained
@@ -257,5 +258,8 @@ def optimized_metric(metrics: dict, name: str | None) -> float | None:
     if not name:
         return None
     if name not in metrics:
-        raise KeyError(f"optimized_metric={name!r} was not logged; available: {sorted(metrics)}")
+        raise UserError(
+            f"optimized_metric={name!r} was not logged (available: {', '.join(sorted(metrics)) or 'none'}); name one "
+            "of those, or optimized_metric=null when the run has no validation."
+        )
     return float(metrics[name])
