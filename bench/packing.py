@@ -46,7 +46,7 @@ def command(args, setting: list[str]) -> list[str]:
         "report.enabled=false",
         "callbacks.early_stopping=null",
         "trainer.limit_val_batches=0",
-        "trainer.limit_test_batches=0",
+        "+trainer.limit_test_batches=0",
         "optimized_metric=null",
         f"trainer.max_steps={args.steps}",
         "trainer.max_epochs=-1",

@@ -28,13 +28,13 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         metrics, _ = train(cfg)
+        return optimized_metric(metrics, cfg.get("optimized_metric"))
     except UserError as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # one failed job: Hydra records it and runs the others (exiting here would end the whole sweep)
             log.error("job %s failed: %s", HydraConfig.get().job.num, e)
             raise
         sys.exit(f"error: {e}")
-    return optimized_metric(metrics, cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, compose_train, run_script
 from helpers.wandb_files import read_run
+from lmtune.core.errors import UserError
 from lmtune.core.secrets import REDACTED, redact_override, redact_secrets
 from lmtune.model.precision import frozen_dtype
 from lmtune.training.config import config_problems
@@ -192,8 +193,6 @@ def test_redaction_covers_cloud_credentials_and_tokens_in_urls():
 
 
 def test_missing_optimized_metric_names_the_logged_ones():
-    with pytest.raises(
-        KeyError, match=r"optimized_metric='val/f1' was not logged; available: \['test/acc', 'val/acc'\]"
-    ):
+    with pytest.raises(UserError, match=r"optimized_metric='val/f1' was not logged \(available: test/acc, val/acc\)"):
         optimized_metric({"val/acc": 0.5, "test/acc": 0.4}, "val/f1")
     assert optimized_metric({"val/acc": 0.5}, "val/acc") == 0.5
