@@ -72,6 +72,7 @@ def first_step_gradients(tmp_path, name: str, *overrides: str) -> dict[str, torc
     return torch.load(grads)
 
 
+@pytest.mark.slow  # five training processes, a minute; the families' FSDP gradients are checked in make test-slow too
 def test_lora_gradients_are_equal_across_accumulation_ranks_and_fsdp(tmp_path):
     one_batch = first_step_gradients(tmp_path, "one_batch_of_8", "data.batch_size=8")
     accumulated = first_step_gradients(
