@@ -60,10 +60,11 @@ class PaddingCollator:
 
 
 class PackingCollator(PaddingCollator):
-    """Packs a batch's examples into as few rows of at most `pack_length` tokens as fit (first fit, longest first),
-    then pads the rows: several examples per row, attention kept inside each (`segments`: which example each
-    position holds, -1 for padding; `position_ids` restart at 0 for each). The batch holds the same examples as
-    unpacked, so a step's loss and gradients are the same; only the padding between them is gone.
+    """Packs a batch's examples into rows of at most `pack_length` tokens (balanced: `_balanced_rows`; the row length
+    chosen that pads least, never more than unpacked), then pads the rows: several examples per row,
+    attention kept inside each (`segments`: which example each position holds, -1 for padding; `position_ids`
+    restart at 0 for each). The batch holds the same examples as unpacked, so a step's loss and gradients are the
+    same; only the padding between them is gone.
 
     >>> batch = PackingCollator(pad_token_id=0, pack_length=6)([
     ...     Example("a", [5, 6, 7], [-100, 6, 7], 1, 0), Example("b", [5, 8], [-100, 8], 1, 1)])
@@ -76,19 +77,16 @@ class PackingCollator(PaddingCollator):
         self.pack_length = pack_length
 
     def __call__(self, examples: Sequence[Example]) -> dict:
-        capacity = max(self.pack_length, max(len(e.input_ids) for e in examples))
-        rows: list[list[int]] = []  # example positions per row
-        room: list[int] = []
-        for i in sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids)):
-            n = len(examples[i].input_ids)
-            row = next((r for r, free in enumerate(room) if free >= n), None)
-            if row is None:
-                rows.append([])
-                room.append(capacity)
-                row = len(rows) - 1
-            rows[row].append(i)
-            room[row] -= n
-        length = max(capacity - free for free in room)
+        lengths = [len(e.input_ids) for e in examples]
+        longest = max(lengths)
+        # the row length that pads least (rows x longest row): one example per row (no packing) is a candidate, so
+        # packing never pads more than the unpacked batch
+        capacities = {longest * k for k in range(1, max(self.pack_length // longest, 1) + 1)} | {
+            max(self.pack_length, longest)
+        }
+        packings = [_balanced_rows(lengths, c) for c in sorted(capacities)]
+        rows = min(packings, key=lambda rows: (len(rows) * max(sum(lengths[i] for i in r) for r in rows), len(rows)))
+        length = max(sum(lengths[i] for i in r) for r in rows)
         if self.pad_to_multiple_of:
             length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
@@ -115,6 +113,37 @@ class PackingCollator(PaddingCollator):
             "real": torch.tensor([not e.padding for e in examples]),
             "ids": [e.id for e in examples],
         }
+
+
+def _balanced_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Positions of `lengths` in rows of at most `capacity`: as many rows as first fit needs, then each (longest
+    first) into the emptiest row it fits in, so the rows come out about equally long."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = [[] for _ in _first_fit([lengths[i] for i in order], capacity)]
+    used = [0] * len(rows)
+    for i in order:
+        row = min(
+            (r for r in range(len(rows)) if used[r] + lengths[i] <= capacity), key=lambda r: used[r], default=None
+        )
+        if row is None:
+            rows.append([])
+            used.append(0)
+            row = len(rows) - 1
+        rows[row].append(i)
+        used[row] += lengths[i]
+    return rows
+
+
+def _first_fit(lengths: list[int], capacity: int) -> list[int]:
+    """The rows' loads when `lengths` (longest first) go each into the first row with room."""
+    loads: list[int] = []
+    for n in lengths:
+        row = next((r for r, load in enumerate(loads) if load + n <= capacity), None)
+        if row is None:
+            loads.append(n)
+        else:
+            loads[row] += n
+    return loads
 
 
 def packed_attention(segments: torch.Tensor) -> torch.Tensor:
