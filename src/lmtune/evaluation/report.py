@@ -45,6 +45,19 @@ def zero_shot_key(pretrained: str, model_cfg: dict, quant_cfg: dict | None, form
     return json_digest(spec, 16)
 
 
+@contextlib.contextmanager
+def base_model(module):
+    """The fine-tuned module's base model, for zero-shot rows: its adapters switched off (no second copy), or, after
+    full fine-tuning changed the weights themselves, the base loaded again."""
+    if hasattr(module.model, "disable_adapter"):
+        with module.model.disable_adapter():
+            yield module.causal_lm
+        return
+    hp = module.hparams
+    quant = hp.adapter_cfg.get("quantization")
+    yield load_base_model(hp.pretrained, hp.model_cfg, quant, module.device).to(module.device)
+
+
 def zero_shot_metrics(
     module, formatter, pad_id: int, records, examples, cache_dir: Path, out_dir: Path, precision: str | None = None
 ) -> dict:
@@ -54,12 +67,7 @@ def zero_shot_metrics(
     key = zero_shot_key(hp.pretrained, hp.model_cfg, quant, formatter, examples, precision)
     cached = cache_dir / "zero_shot" / key
     if not (cached / "eval_metrics.json").is_file():
-        if hasattr(module.model, "disable_adapter"):  # LoRA off == the base model, no second copy
-            context, causal_lm = module.model.disable_adapter(), module.causal_lm
-        else:  # full fine-tuning changed the weights themselves: load the base again
-            context = contextlib.nullcontext()
-            causal_lm = load_base_model(hp.pretrained, hp.model_cfg, quant, module.device).to(module.device)
-        with context:
+        with base_model(module) as causal_lm:
             predictor = Predictor(
                 causal_lm, formatter, pad_id, source=f"zero-shot {hp.pretrained}", precision=precision
             )

@@ -4,14 +4,13 @@ examples (prompt, reference, zero-shot, fine-tuned) in `report.md` and in W&B.""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
 from pathlib import Path
 
 from lmtune.core.digest import json_digest
-from lmtune.model.loading import load_base_model
+from lmtune.evaluation.report import base_model
 from lmtune.tasks.generate.evaluation import evaluate_generation
 from lmtune.tasks.generate.predictor import ChatPredictor
 
@@ -67,12 +66,7 @@ def zero_shot_answers(module, formatter, records, cache_dir: Path, out_dir: Path
     key = json_digest([hp.pretrained, hp.model_cfg, quant, formatter.fingerprint(), ids, str(precision), max_new])
     cached = cache_dir / "zero_shot" / f"generate-{key}"
     if not (cached / "eval_metrics.json").is_file():
-        if hasattr(module.model, "disable_adapter"):  # LoRA off == the base model, no second copy
-            context, causal_lm = module.model.disable_adapter(), module.causal_lm
-        else:  # full fine-tuning changed the weights themselves: load the base again
-            context = contextlib.nullcontext()
-            causal_lm = load_base_model(hp.pretrained, hp.model_cfg, quant, module.device).to(module.device)
-        with context:
+        with base_model(module) as causal_lm:
             base = ChatPredictor(causal_lm, formatter, source=f"zero-shot {hp.pretrained}", precision=precision)
             evaluate_generation(base, records, cached.with_suffix(".tmp"), max_new)
         shutil.rmtree(cached, ignore_errors=True)
