@@ -11,40 +11,20 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import compose_train
+from helpers.chats import BAD_ROWS, chat, write_chats
 from helpers.wandb_files import read_run
 from lmtune.data.conversations import ConversationFormatter, ConversationTask, read_messages
 from lmtune.data.datamodule import ChatDataModule
 from lmtune.data.formatting import IGNORE_INDEX
 from lmtune.tasks.generate.evaluation import text_metrics
-
-
-def chat(i: int, turns: int = 3) -> list[dict]:
-    """A conversation of `turns` exchanges, each answer naming its row and turn."""
-    messages = [{"role": "system", "content": "Answer in a few words."}]
-    for t in range(turns):
-        messages += [
-            {"role": "user", "content": f"Question {t} of conversation {i}: what is {i} plus {t}?"},
-            {"role": "assistant", "content": f"It is {i + t}, row {i} turn {t}."},
-        ]
-    return messages
-
-
-BAD_ROWS = {
-    "messages is not a JSON list": "not json",
-    "messages is not a non-empty list": [],
-    "a message without a role of system, user or assistant": [{"role": "tool", "content": "x"}],
-    "a message with empty or non-string content": [{"role": "user", "content": " "}],
-    "roles out of order (system first, then user and assistant alternating)": [
-        {"role": "assistant", "content": "Hi."},
-        {"role": "user", "content": "Hello?"},
-    ],
-    "no assistant turn": [{"role": "user", "content": "Anyone?"}],
-}
 
 
 @pytest.mark.parametrize("reason", list(BAD_ROWS))
@@ -94,14 +74,6 @@ def _labels(ids, spans):
     for s, e in spans:
         labels[s:e] = ids[s:e]
     return labels
-
-
-def write_chats(path, n: int = 40) -> list[dict]:
-    """`n` good conversations and one bad row of each kind, as JSONL."""
-    rows = [{"id": f"c{i}", "messages": chat(i, 1 + i % 3)} for i in range(n)]
-    rows += [{"id": f"bad{k}", "messages": value} for k, value in enumerate(BAD_ROWS.values())]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
 
 
 def test_the_data_module_supervises_the_assistant_turns_and_counts_every_skip(tmp_path, tiny_tokenizer):
@@ -197,6 +169,48 @@ def test_a_chat_file_trains_with_only_data_chat_and_its_path(chat_run):
     assert {a["type"] for a in logged["artifacts"]} >= {"model"}
 
 
+def test_answers_written_on_validation_pick_the_checkpoint_and_match_the_export(tmp_path, cache_dir):
+    """`val_answers.count`: validation writes answers and scores them (val/chrf, ...), the checkpoint is chosen by
+    them, train() returns them to a sweep, and the export writes the same answers to the same score."""
+    from lmtune.tasks.generate.predictor import ChatPredictor, prompt_and_reference
+    from lmtune.training.train import train
+
+    write_chats(tmp_path / "chats.jsonl")
+    answers = ["val_answers.count=4", "val_answers.max_new_tokens=12"]
+    chrf = ["optimized_metric=val/chrf", "monitor.metric=val/chrf", "monitor.mode=max", "monitor.short=chrf"]
+    overrides = ["experiment=smoke", "data=chat", f"data.path={tmp_path / 'chats.jsonl'}", "logger=none"]
+    cfg = compose_train([*overrides, *answers, *chrf, "report.enabled=false"], tmp_path / "run", cache_dir)
+    metrics, objects = train(cfg)
+    assert {"val/chrf", "val/rougeL", "val/exact_match", "val/loss"} <= set(metrics)
+    (best,) = (tmp_path / "run" / "checkpoints").glob("step*-chrf*.ckpt")
+    assert f"chrf{metrics['val/chrf']:.4f}" in best.name
+    datamodule = objects["datamodule"]
+    kept = {e.id for e in datamodule.examples["val"]}
+    records = [r for r in datamodule.splits["val"] if r.id in kept][:4]
+    predictor = ChatPredictor.from_export(tmp_path / "run" / "export", cache_dir, torch.device("cpu"))
+    conversations = [prompt_and_reference(predictor.formatter.task.messages(r.fields)) for r in records]
+    written = [predictor.answer(m, max_new_tokens=12).text for m, _ in conversations]
+    expected = text_metrics(written, [reference for _, reference in conversations])
+    assert metrics["val/chrf"] == pytest.approx(expected["chrf"], abs=1e-4)
+    assert metrics["val/rougeL"] == pytest.approx(expected["rougeL"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["monitor.metric=val/chrf"], "monitor.metric=val/chrf: written answers are scored on validation only"),
+        (["val_answers.count=4", "trainer=fsdp"], "val_answers.count=4 with trainer=fsdp"),
+        (["val_answers.count=-1"], "val_answers.count=-1: validation conversations answered"),
+    ],
+)
+def test_a_generation_metric_without_answers_on_validation_is_one_line(tmp_path, cache_dir, overrides, message):
+    from lmtune.training.config import ConfigError, validate_config
+
+    cfg = compose_train(["experiment=smoke", "data=chat", *overrides], tmp_path, cache_dir)
+    with pytest.raises(ConfigError, match=message.replace("/", ".")):
+        validate_config(cfg)
+
+
 def test_predict_answers_a_file_and_streams_one_message_as_the_report_wrote_them(chat_run, tmp_path):
     """The export's answers from `predict.py input=` equal the report's for the same conversations (one
     conversation at a time: the same text wherever it is written); a row that cannot be answered gets its own
@@ -248,7 +262,8 @@ def test_predict_answers_a_file_and_streams_one_message_as_the_report_wrote_them
 def test_the_openai_client_chats_with_the_server_streamed_or_not(chat_run, tmp_path):
     """`serve.py` on a generate export speaks the OpenAI chat API: the official client gets the report's answer for
     a test conversation (greedy, one conversation at a time), the same text streamed, from concurrent clients too;
-    every bad request gets a 4xx with one line, never a 500."""
+    every bad request gets a 4xx with one line, never a 500, and Schemathesis finds no request that does (a
+    schema-valid conversation may still not fit max_length in tokens: positive_data_acceptance is left out)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import openai
@@ -294,6 +309,7 @@ def test_the_openai_client_chats_with_the_server_streamed_or_not(chat_run, tmp_p
             "not JSON": (b"{", 400),
             "no messages": (json.dumps({"model": "x"}).encode(), 422),
             "a tool turn": (json.dumps({"messages": [{"role": "tool", "content": "x"}, *user]}).encode(), 422),
+            "a role that is an object": (json.dumps({"messages": [{"role": {}, "content": "x"}]}).encode(), 422),
             "an image part": (
                 json.dumps(
                     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
@@ -320,6 +336,13 @@ def test_the_openai_client_chats_with_the_server_streamed_or_not(chat_run, tmp_p
             server.request("POST", "/v1/chat/completions", json.dumps({"messages": user}).encode(), key=None)[0] == 401
         )
         assert ask(conversations[0]) == report[0]["answer"]  # still answering after all of that
+        # Schemathesis, from the route's /openapi.json, valid and invalid requests: no 5xx, every answer as described
+        fuzz = [str(Path(sys.executable).parent / "st"), "run", f"http://127.0.0.1:{server.port}/openapi.json"]
+        fuzz += ["--header", f"Authorization: Bearer {KEY}", "--checks", "all"]
+        fuzz += ["--exclude-checks", "positive_data_acceptance", "--max-examples", "30", "--seed", "7"]
+        proc = subprocess.run(fuzz, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        assert ask(conversations[0]) == report[0]["answer"]
     finally:
         assert server.stop() == 0, server.log.read_text()[-3000:]
     assert "Traceback" not in server.log.read_text()

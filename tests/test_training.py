@@ -11,6 +11,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, SnapshotAtFitStart, compose_train
+from helpers.chats import write_chats
 from lmtune.evaluation.predictor import Row
 from lmtune.model.module import NonFiniteLossError
 from lmtune.model.scoring import rank_scores
@@ -91,8 +92,12 @@ def test_overfit_eight_examples_to_accuracy_one(tmp_path, cache_dir):
     assert objects["trainer"].current_epoch < 200, "stopped by EarlyStopping at acc 1.0, not by the epoch limit"
 
 
-def test_resume_from_last_ckpt_matches_an_uninterrupted_run(tmp_path, cache_dir):
+@pytest.mark.parametrize("kind", ["classify", "generate"])
+def test_resume_from_last_ckpt_matches_an_uninterrupted_run(tmp_path, cache_dir, kind):
     common = ["experiment=smoke", "logger=none", "trainer.max_steps=10", "trainer.val_check_interval=2"]
+    if kind == "generate":  # the sampler, the optimizer and the data position resume the same for conversations
+        write_chats(tmp_path / "chats.jsonl", 110)
+        common += ["data=chat", f"data.path={tmp_path / 'chats.jsonl'}", "report.enabled=false"]
 
     straight_cfg = compose_train(common, tmp_path / "straight", cache_dir)
     train(straight_cfg)
@@ -104,7 +109,7 @@ def test_resume_from_last_ckpt_matches_an_uninterrupted_run(tmp_path, cache_dir)
     )
     train(first_cfg)
     interrupted = torch.load(tmp_path / "first/checkpoints/last.ckpt", weights_only=False)
-    assert interrupted["global_step"] == 6  # mid-epoch: 8 batches per epoch
+    assert interrupted["global_step"] == 6  # mid-epoch: 8 batches per epoch (classify), 9 (generate)
 
     resumed_cfg = compose_train(common, tmp_path / "resumed", cache_dir)
     with open_dict(resumed_cfg):

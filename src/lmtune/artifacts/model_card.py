@@ -150,12 +150,6 @@ def _use(labels: list[str], columns: list[str], merged: bool, system_in_user: bo
     columns, as `row=`), and plain transformers (+ peft) code that builds the same prompt with the tokenizer's chat
     template and ranks the label set as the project does (the summed log-probability of each answer's tokens)."""
     row = ", ".join(f"{c}: {EXAMPLE_TEXT!r}".replace("'", '"') for c in columns)
-    load = (
-        "model = AutoModelForCausalLM.from_pretrained(folder).eval()"
-        if merged
-        else 'base = AutoModelForCausalLM.from_pretrained(formatting["base_model"])  # or a local copy of it\n'
-        "model = PeftModel.from_pretrained(base, folder).eval()"
-    )
     system = 'formatting["system_prompt"].format(labels=label_list)'
     user = 'formatting["user_template"].format(**row, labels=label_list)'
     if system_in_user:  # this model's template has no system turn: the project puts the system prompt first in it
@@ -168,27 +162,14 @@ def _use(labels: list[str], columns: list[str], merged: bool, system_in_user: bo
             "]",
         ]
     return [
-        "With the project that trained it (the same prompt, the same rank scoring; `base=<folder>` where the base "
-        "model is a local copy):",
-        "",
-        "```bash",
-        f"python src/predict.py ckpt=<this folder> 'row={{{row}}}'",
-        "```",
-        "",
-        "With transformers" + ("" if merged else " and peft") + " alone:",
-        "",
-        "```python",
-        "import json",
-        "",
-        "import torch",
-        *([] if merged else ["from peft import PeftModel"]),
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'folder = "."  # this folder',
-        'formatting = json.load(open(f"{folder}/formatting.json"))',
+        *_use_head(
+            "the same prompt, the same rank scoring",
+            f"python src/predict.py ckpt=<this folder> 'row={{{row}}}'",
+            merged,
+            ["import torch"],
+        ),
         'labels = json.load(open(f"{folder}/labels.json"))',
-        "tokenizer = AutoTokenizer.from_pretrained(folder)",
-        *load.split("\n"),
+        *_load_lines(merged),
         "",
         f"row = {{{', '.join(f'{c!r}: {EXAMPLE_TEXT!r}' for c in columns)}}}".replace("'", '"'),
         'label_list = ", ".join(labels)',
@@ -204,6 +185,40 @@ def _use(labels: list[str], columns: list[str], merged: bool, system_in_user: bo
         "        scores.append(logits.float().log_softmax(-1)[range(len(answer)), answer].sum().item())",
         "print(labels[scores.index(max(scores))])",
         "```",
+    ]
+
+
+def _use_head(how: str, command: str, merged: bool, imports: list[str], served: str = "") -> list[str]:
+    """Both cards' use section up to loading: the project's command, then transformers (+ peft) alone."""
+    return [
+        f"With the project that trained it ({how}; `base=<folder>` where the base model is a local copy{served}):",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        "With transformers" + ("" if merged else " and peft") + " alone:",
+        "",
+        "```python",
+        "import json",
+        "",
+        *imports,
+        *([] if merged else ["from peft import PeftModel"]),
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'folder = "."  # this folder',
+        'formatting = json.load(open(f"{folder}/formatting.json"))',
+    ]
+
+
+def _load_lines(merged: bool) -> list[str]:
+    tokenizer = "tokenizer = AutoTokenizer.from_pretrained(folder)"
+    if merged:
+        return [tokenizer, "model = AutoModelForCausalLM.from_pretrained(folder).eval()"]
+    return [
+        tokenizer,
+        'base = AutoModelForCausalLM.from_pretrained(formatting["base_model"])  # or a local copy of it',
+        "model = PeftModel.from_pretrained(base, folder).eval()",
     ]
 
 
@@ -340,33 +355,16 @@ def _chat_use(user: str, merged: bool, system_in_user: bool, task: dict) -> list
     if setting is None:
         row = ", ".join(f'{c}: "{EXAMPLE_TEXT}"' for c in _columns(task["user_template"]))
         setting = f"row={{{row}}}"
-    load = (
-        "model = AutoModelForCausalLM.from_pretrained(folder).eval()"
-        if merged
-        else 'base = AutoModelForCausalLM.from_pretrained(formatting["base_model"])  # or a local copy of it\n'
-        "model = PeftModel.from_pretrained(base, folder).eval()"
-    )
     return [
-        "With the project that trained it (the answer is streamed; `base=<folder>` where the base model is a local "
-        "copy), or served as an OpenAI-compatible `POST /v1/chat/completions` (`python src/serve.py ckpt=<this "
-        "folder>`, then any OpenAI client with `base_url=http://127.0.0.1:8000/v1`):",
-        "",
-        "```bash",
-        f"python src/predict.py ckpt=<this folder> {shlex.quote(setting)}",
-        "```",
-        "",
-        "With transformers" + ("" if merged else " and peft") + " alone:",
-        "",
-        "```python",
-        "import json",
-        "",
-        *([] if merged else ["from peft import PeftModel"]),
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        'folder = "."  # this folder',
-        'formatting = json.load(open(f"{folder}/formatting.json"))',
-        "tokenizer = AutoTokenizer.from_pretrained(folder)",
-        *load.split("\n"),
+        *_use_head(
+            "the answer is streamed",
+            f"python src/predict.py ckpt=<this folder> {shlex.quote(setting)}",
+            merged,
+            [],
+            "; or served as an OpenAI-compatible `POST /v1/chat/completions`: `python src/serve.py ckpt=<this "
+            "folder>`, then any OpenAI client with `base_url=http://127.0.0.1:8000/v1`",
+        ),
+        *_load_lines(merged),
         "",
         messages,
         "text = tokenizer.apply_chat_template(",

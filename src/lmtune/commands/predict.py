@@ -184,21 +184,28 @@ def predict_batch(cfg: DictConfig, spec: RecordSpec, emit) -> list[Prediction]:
         if item.true is not None:
             row["true"] = item.true
         rows.append(row)
-    stem = path.name.removesuffix(".gz").rsplit(".", 1)[0]
-    out = Path(cfg.output) if cfg.output else path.with_name(f"{stem}.predictions.jsonl")
-    atomic_write(out, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     labelled = [r for r in rows if "true" in r and r["true"] in predictor.labels]
     if labelled:
         correct = sum(r["true"] == r["label"] for r in labelled)
         emit(f"accuracy on {len(labelled)} labelled rows: {correct / len(labelled):.3f}")
+    write_result_rows(path, cfg.output, "predictions", "predicted", rows, predictor.source, emit)
+    return list(predictions.values())
+
+
+def write_result_rows(path: Path, output, what: str, verb: str, rows: list[dict], source: str, emit) -> Path:
+    """`<stem>.<what>.jsonl` beside the input (or `output`), one line per input row, written whole; rows that
+    failed keep their line with an `error` field and make the command end with status 1 after writing."""
+    stem = path.name.removesuffix(".gz").rsplit(".", 1)[0]
+    out = Path(output) if output else path.with_name(f"{stem}.{what}.jsonl")
+    atomic_write(out, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     errors = [r for r in rows if "error" in r]
-    emit(f"wrote {len(rows) - len(errors)} predictions to {out} ({predictor.source})")
+    emit(f"wrote {len(rows) - len(errors)} {what} to {out} ({source})")
     if errors:
         raise UserError(
-            f"{len(errors)} of {len(rows)} rows in {path} could not be predicted "
+            f"{len(errors)} of {len(rows)} rows in {path} could not be {verb} "
             f"({'; '.join(r['error'] for r in errors[:5])}); their lines in {out} carry an `error` field."
         )
-    return list(predictions.values())
+    return out
 
 
 def writes_answers(ckpt, data_cfg) -> bool:

@@ -18,9 +18,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from lmtune.artifacts.export import read_export
-from lmtune.commands.predict import numbered_rows
+from lmtune.commands.predict import numbered_rows, write_result_rows
 from lmtune.core.errors import DataError, UserError
-from lmtune.core.files import atomic_write
 from lmtune.data.conversations import MESSAGES_FIELD, ConversationTask, read_messages
 from lmtune.data.records import RecordSpec, clean_text, rename_columns
 from lmtune.evaluation.predictor import pick_device
@@ -152,14 +151,5 @@ def _answer_file(cfg, task: ConversationTask, data: dict, settings: dict, emit) 
         if reference is not None:
             row["reference"] = reference
         rows.append(row)
-    stem = path.name.removesuffix(".gz").rsplit(".", 1)[0]
-    out = Path(cfg.output) if cfg.output else path.with_name(f"{stem}.answers.jsonl")
-    atomic_write(out, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    errors = [r for r in rows if "error" in r]
-    emit(f"wrote {len(rows) - len(errors)} answers to {out} ({predictor.source})")
-    if errors:
-        raise UserError(
-            f"{len(errors)} of {len(rows)} rows in {path} could not be answered "
-            f"({'; '.join(r['error'] for r in errors[:3])}); their lines in {out} carry an `error` field."
-        )
+    write_result_rows(path, cfg.output, "answers", "answered", rows, predictor.source, emit)
     return rows

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmtune.artifacts.export import load_formatter, read_export
 from lmtune.arxiv.lookup import fetchable
-from lmtune.commands.serve_chat import ChatAPI, ChatCheck
+from lmtune.commands.serve_chat import ChatAPI, ChatCheck, chat_openapi_schema
 from lmtune.commands.serve_limits import LimitLog, ServeLimits, guarded_protocol
 from lmtune.commands.serve_requests import MAX_ID_CHARS, RequestCheck, RowCheck
 from lmtune.core.errors import DataError, UserError, first_line
@@ -174,7 +174,7 @@ def build_server(cfg: DictConfig) -> tuple[ls.LitServer, dict]:
     precision = None if cfg.precision == "auto" else cfg.precision
     limit_log = LimitLog()
     if export.kind == "generate":
-        api, schema = ChatAPI(*model, precision), None  # FastAPI describes the OpenAI spec's request model
+        api, schema = ChatAPI(*model, precision), chat_openapi_schema(limits)
         checker = lambda: ChatCheck(load_formatter(export), limits)  # noqa: E731
     else:
         columns = list(template_columns(export.formatting["user_template"], "data.prompt.user"))
@@ -195,8 +195,7 @@ def build_server(cfg: DictConfig) -> tuple[ls.LitServer, dict]:
         middlewares=[(RequestCheck, check)],
         track_requests=False,
     )
-    if schema is not None:
-        server.app.openapi = lambda: schema  # FastAPI's own would describe /predict as taking anything
+    server.app.openapi = lambda: schema  # FastAPI's own would describe the routes as taking anything
     uvicorn = {"http": guarded_protocol(limits, limit_log), "timeout_keep_alive": limits.keep_alive}
     return server, uvicorn
 

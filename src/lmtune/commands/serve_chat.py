@@ -85,7 +85,10 @@ def _message(m, k: int, max_chars: int) -> dict:
     """One message with text content: a string, or a list of `{"type": "text", "text": ...}` parts (joined)."""
     if not isinstance(m, dict):
         raise Refusal(422, f"messages[{k}] must be an object with a role and a content")
-    role = ROLE_NAMES.get(m.get("role"), m.get("role"))
+    role = m.get("role")
+    if not isinstance(role, str):  # checked before the lookup below: an object or a list is not hashable
+        raise Refusal(422, f"messages[{k}].role must be system, user or assistant")
+    role = ROLE_NAMES.get(role, role)
     content = m.get("content")
     if isinstance(content, list):
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
@@ -96,18 +99,89 @@ def _message(m, k: int, max_chars: int) -> dict:
     if len(content) > max_chars:
         raise Refusal(422, f"messages[{k}].content is over {max_chars} characters (serve.max_field_chars)")
     _encodable(f"messages[{k}].content", content)
-    if not isinstance(role, str):
-        raise Refusal(422, f"messages[{k}].role must be system, user or assistant")
     return {"role": role, "content": content}
 
 
 def _max_tokens(request: dict, limit: int) -> int:
+    """`max_completion_tokens` (OpenAI's newer name) or `max_tokens`; each one given must be in range."""
+    for name in ("max_tokens", "max_completion_tokens"):
+        given = request.get(name)
+        if given is not None and (type(given) is not int or not 1 <= given <= limit):
+            raise Refusal(422, f"{name} must be a whole number from 1 to {limit} (serve.max_new_tokens)")
     given = request.get("max_completion_tokens", request.get("max_tokens"))
-    if given is None:
-        return limit
-    if type(given) is not int or not 1 <= given <= limit:
-        raise Refusal(422, f"max_tokens must be a whole number from 1 to {limit} (serve.max_new_tokens)")
-    return given
+    return limit if given is None else given
+
+
+def chat_openapi_schema(limits: ServeLimits) -> dict:
+    """The chat route as clients (and Schemathesis) read it from /openapi.json: what `parse_chat_request` takes
+    (FastAPI's own schema would describe LitServe's request model, which accepts what the check refuses)."""
+    text = {"type": "string", "minLength": 1, "maxLength": limits.max_field_chars, "pattern": r"\S"}
+    nullable = lambda schema: {"anyOf": [schema, {"type": "null"}]}  # noqa: E731  (null: the default, as OpenAI's)
+    message = {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {"role": {"enum": ["system", "developer", "user", "assistant"]}, "content": text},
+    }
+    request = {
+        "type": "object",
+        "required": ["messages"],
+        "properties": {
+            "model": {"type": "string", "maxLength": 200},
+            "messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES, "items": message},
+            "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": limits.max_new_tokens}),
+            "max_completion_tokens": nullable({"type": "integer", "minimum": 1, "maximum": limits.max_new_tokens}),
+            "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
+            "stream": nullable({"type": "boolean"}),
+            "n": nullable({"const": 1}),
+        },
+    }
+    choice = {"type": "object", "required": ["index"], "properties": {"index": {"type": "integer"}}}
+    completion = {
+        "type": "object",
+        "required": ["choices"],
+        "properties": {"choices": {"type": "array", "items": choice}, "usage": {"type": "object"}},
+    }
+    detail = {"type": "object", "required": ["message"], "properties": {"message": {"type": "string"}}}
+    error = {"type": "object", "required": ["error"], "properties": {"error": detail}}
+    errors = {
+        "400": "not JSON, or not one object",
+        "401": "missing or wrong key (Authorization: Bearer, or X-API-Key)",
+        "408": "the request took too long to arrive",
+        "413": "the body is too long",
+        "422": "messages out of order or not text, a setting out of range or not supported, or a last user turn "
+        "that cannot fit the model's max_length",
+        "503": "busy: too many requests waiting (Retry-After)",
+        "504": "the model did not answer in time",
+    }
+    # each server-sent event's data: a chat.completion.chunk as JSON text, then "[DONE]"
+    events = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string", "minLength": 1}}}
+    answer = {"application/json": {"schema": completion}, "text/event-stream": {"schema": events}}
+    responses = {"200": {"description": "the answer, or its pieces as server-sent events", "content": answer}}
+    responses |= {
+        code: {"description": what, "content": {"application/json": {"schema": error}}} for code, what in errors.items()
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "lmtune chat", "version": "1"},
+        "components": {"securitySchemes": {"key": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"key": []}],
+        "paths": {
+            ChatCheck.path: {
+                "post": {
+                    "summary": "the assistant's answer to the conversation's last user turn",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
+                    "responses": responses,
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "200 once the model is loaded",
+                    "security": [],
+                    "responses": {"200": {"description": "ok"}, "503": {"description": "not ready"}},
+                }
+            },
+        },
+    }
 
 
 class ChatCheck:

@@ -255,8 +255,6 @@ class TextClassificationDataModule(TextDataModule):
         labels: list[str] | None = None,
         id_column: str = "id",
         columns: dict | None = None,
-        eot_token: str | None = None,
-        chat_template_kwargs: dict | None = None,
         **settings,
     ):
         prompt = dict(prompt or {})
@@ -266,16 +264,7 @@ class TextClassificationDataModule(TextDataModule):
         spec = RecordSpec.of(
             template_columns(prompt["user"], "data.prompt.user"), label_column, id_column, label_is_list, columns
         )
-        super().__init__(
-            tokenizer,
-            path,
-            id_column=id_column,
-            columns=columns,
-            eot_token=eot_token,
-            chat_template_kwargs=chat_template_kwargs,
-            spec=spec,
-            **settings,
-        )
+        super().__init__(tokenizer, path, id_column=id_column, columns=columns, spec=spec, **settings)
         self.top_k, self.requested_labels = top_k, list(labels) if labels else None
         self.labels: list[str] = []
         # the base model evaluated zero-shot needs the label list even where a fine-tuned recipe drops it
@@ -346,8 +335,6 @@ class ChatDataModule(TextDataModule):
         train_on: str = "all_assistant",
         id_column: str = "id",
         columns: dict | None = None,
-        eot_token: str | None = None,
-        chat_template_kwargs: dict | None = None,
         **settings,
     ):
         # a recipe written for classification (experiment=smoke) sets these; a conversation has no label set
@@ -362,16 +349,7 @@ class ChatDataModule(TextDataModule):
         if messages_column and messages_column != "messages":
             rename["messages"] = messages_column
         spec = RecordSpec.of(self.conversation.columns, (), id_column, False, rename, bool(messages_column))
-        super().__init__(
-            tokenizer,
-            path,
-            id_column=id_column,
-            columns=columns,
-            eot_token=eot_token,
-            chat_template_kwargs=chat_template_kwargs,
-            spec=spec,
-            **settings,
-        )
+        super().__init__(tokenizer, path, id_column=id_column, columns=columns, spec=spec, **settings)
         self.train_on = train_on
 
     def _make_formatter(self) -> ConversationFormatter:

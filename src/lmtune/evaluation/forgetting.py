@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lmtune.core.errors import DataError
+from lmtune.model.precision import autocast_for
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,13 @@ def record_texts(records, limit: int) -> list[str]:
 def text_loss(causal_lm, tokenizer, texts: list[str], max_length: int, precision: str | None = None) -> dict:
     """Mean loss per token (and perplexity) of `texts`, each scored on its own."""
     device = next(causal_lm.parameters()).device
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
     total, tokens = 0.0, 0
     for text in texts:
         ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
         if len(ids) < 2:
             continue
         batch = torch.tensor([ids], device=device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast_for(causal_lm, precision):
             logits = causal_lm(input_ids=batch).logits[0, :-1].float()
         total += float(F.cross_entropy(logits, batch[0, 1:], reduction="sum"))
         tokens += len(ids) - 1

@@ -18,8 +18,8 @@ from lmtune.artifacts.checkpoints import load_checkpoint_weights
 from lmtune.artifacts.export import load_export_model, load_formatter, read_export
 from lmtune.core.progress import Progress
 from lmtune.data.formatting import ChatFormatter
-from lmtune.model.loading import load_base_model, load_tokenizer, resolve_pretrained
-from lmtune.model.precision import AUTO, frozen_dtype, resolve_precision
+from lmtune.model.loading import load_for_inference
+from lmtune.model.precision import autocast_for
 from lmtune.model.scoring import SharedPrefix, left_pad, rank_scores
 
 log = logging.getLogger(__name__)
@@ -82,9 +82,7 @@ class Predictor:
         self.precision = str(precision or "32-true")
 
     def _autocast(self):
-        device = next(self.causal_lm.parameters()).device
-        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.precision)
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+        return autocast_for(self.causal_lm, self.precision)
 
     @property
     def labels(self) -> list[str]:
@@ -128,8 +126,9 @@ class Predictor:
         **kwargs,
     ) -> Predictor:
         """The base model with the task's prompt (`data.prompt`): the baseline a fine-tuned export is compared to."""
-        pretrained = resolve_pretrained(model_cfg, cache_dir)
-        tokenizer = load_tokenizer(pretrained, model_cfg.get("pad_token"), model_cfg.get("chat_template"))
+        pretrained, tokenizer, model, precision = load_for_inference(
+            model_cfg, cache_dir, device, kwargs.pop("precision", None)
+        )
         formatter = ChatFormatter(
             tokenizer,
             sorted(dict.fromkeys(labels)),
@@ -140,19 +139,8 @@ class Predictor:
             eot_token=model_cfg.get("eot_token"),
             chat_template_kwargs=model_cfg.get("chat_template_kwargs"),
         )
-        # nothing trains here: `auto` precision and dtype are decided for this device as training would
-        precision, _, _ = resolve_precision(kwargs.pop("precision", None) or AUTO, device.type, cache_dir)
-        dtype = frozen_dtype(model_cfg.get("dtype") or "float32", precision, "lora")
-        model = load_base_model(pretrained, {**dict(model_cfg), "dtype": dtype}, None, device).to(device)
         log.info(formatter.chat_format.describe())
-        log.info(
-            "zero-shot: base model %s (%s, %s), labels %s, on %s",
-            pretrained,
-            dtype,
-            precision,
-            formatter.labels,
-            device,
-        )
+        log.info("zero-shot labels: %s", formatter.labels)
         return cls(
             model, formatter, tokenizer.pad_token_id, source=f"zero-shot {pretrained}", precision=precision, **kwargs
         )

@@ -31,6 +31,7 @@ from lmtune.model.architecture import (
     layer_linear_names,
     mlp_and_norm,
 )
+from lmtune.model.precision import AUTO, frozen_dtype, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +243,18 @@ def load_base_model(pretrained: str, model_cfg, quant_cfg, device: torch.device)
             f"model.name_or_path={pretrained}: cannot load it as a causal LM ({first_line(e, 300)}); give a folder "
             f"with config.json and weights of a causal LM, or its hub id."
         ) from None
+
+
+def load_for_inference(model_cfg, cache_dir: str | Path, device: torch.device, precision: str | None = None):
+    """The base model alone, for a zero-shot baseline: nothing trains, so `auto` precision and dtype are
+    decided for this device as training would. Returns (pretrained, tokenizer, model, precision)."""
+    pretrained = resolve_pretrained(model_cfg, cache_dir)
+    tokenizer = load_tokenizer(pretrained, model_cfg.get("pad_token"), model_cfg.get("chat_template"))
+    precision, _, _ = resolve_precision(precision or AUTO, device.type, cache_dir)
+    dtype = frozen_dtype(model_cfg.get("dtype") or "float32", precision, "lora")
+    model = load_base_model(pretrained, {**dict(model_cfg), "dtype": dtype}, None, device).to(device)
+    log.info("zero-shot: base model %s (%s, %s) on %s", pretrained, dtype, precision, device)
+    return pretrained, tokenizer, model, precision
 
 
 def checkpoint_mlps(causal_lm) -> int:

@@ -211,8 +211,8 @@ class CausalLMModule(L.LightningModule):
         self.log_dict(computed, prog_bar=True)
         if stage == "val" and self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
             # what each validation during training measured, by step: the best checkpoint's metrics after fit
-            # need no second pass over the validation split
-            self.validations[self.global_step] = {k: float(v) for k, v in computed.items()}
+            # need no second pass over the validation split (a kind's callbacks may have added theirs)
+            self.validations.setdefault(self.global_step, {}).update({k: float(v) for k, v in computed.items()})
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")

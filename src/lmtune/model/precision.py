@@ -239,6 +239,14 @@ def compute_dtype_name(precision: str) -> str:
     return {"bf16-mixed": "bfloat16", "16-mixed": "float16"}.get(str(precision), "float32")
 
 
+def autocast_for(model: torch.nn.Module, precision: str | None):
+    """The trainer's autocast for inference outside the Trainer: a model validated under bf16 autocast is
+    scored and generates under it too, so eval, predict and the server reproduce what training reported."""
+    device = next(model.parameters()).device
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 def frozen_dtype(requested, precision: str, adapter_kind: str) -> str:
     """`model.dtype`: explicit values win; `auto` stores the frozen base in the compute dtype when only adapters
     train (a full fine-tune keeps fp32 master weights)."""

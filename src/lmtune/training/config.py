@@ -77,6 +77,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     if cfg.optim.lr <= 0:
         problems.append(f"optim.lr={cfg.optim.lr}: must be positive.")
     problems += count_problems(cfg)
+    problems += val_answers_problems(cfg)
     source = cfg.data.get("source", "auto")
     if source not in SOURCES_OF_DATA:
         problems.append(f"data.source={source!r}: use one of {', '.join(SOURCES_OF_DATA)}.")
@@ -135,6 +136,8 @@ COUNTS = [
     ("trainer.accumulate_grad_batches", 1, None, "batches per optimizer step"),
     ("data.batch_size", 1, None, "training examples per batch"),
     ("data.eval_batch_size", 1, None, "examples per evaluation batch"),
+    ("val_answers.count", 0, None, "validation conversations answered at each validation (0: none)"),
+    ("val_answers.max_new_tokens", 1, None, "the longest answer written on validation"),
     ("data.max_length", 1, None, "tokens per example"),
 ]
 
@@ -149,6 +152,28 @@ def count_problems(cfg: DictConfig) -> list[str]:
             continue
         allowed = f"an integer of {least} or more" + (f", or {special}" if special is not None else "")
         problems.append(f"{setting}={value}: {what}; use {allowed}.")
+    return problems
+
+
+ANSWER_METRICS = ("val/chrf", "val/rougeL", "val/exact_match")  # written by tasks/generate/validation.py
+
+
+def val_answers_problems(cfg: DictConfig) -> list[str]:
+    """A monitored or optimized generation metric needs answers written during validation (and not under FSDP)."""
+    count = OmegaConf.select(cfg, "val_answers.count", default=0) or 0
+    problems = []
+    for setting in ("monitor.metric", "optimized_metric"):
+        metric = OmegaConf.select(cfg, setting, default=None)
+        if metric in ANSWER_METRICS and count <= 0:
+            problems.append(
+                f"{setting}={metric}: written answers are scored on validation only with data=chat and "
+                f"val_answers.count > 0 (e.g. val_answers.count=32)."
+            )
+    if count > 0 and strategy_name(cfg.trainer).startswith("fsdp"):
+        problems.append(
+            f"val_answers.count={count} with trainer=fsdp: sharded weights cannot write answers one process at a "
+            "time; use trainer=ddp, or val_answers.count=0 (the report still writes the test split's answers)."
+        )
     return problems
 
 

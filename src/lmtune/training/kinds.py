@@ -2,10 +2,10 @@
 end-of-training report, what the export and model card record) lives in one package per kind; training finds the
 kind by its name and imports none.
 
-A kind is an object with `name` and
-`module(...)`, `report` (None for none), `export_task(...)`, `card_inputs(...)` (see `lmtune.tasks.classify` for the
-reference). The built-in kinds are `lmtune.tasks.<name>.KIND`; another package adds one with an entry point in
-the group `lmtune.tasks` (`mykind = "mypackage.kind:KIND"`).
+A kind is an object with `name` and `module(...)`, `callbacks(cfg)`, `report` (None for none),
+`export_task(...)`, `card_inputs(...)` (see `lmtune.tasks.classify` for the reference). The built-in kinds are
+`lmtune.tasks.<name>.KIND`; another package adds one with an entry point in the group `lmtune.tasks`
+(`mykind = "mypackage.kind:KIND"`).
 """
 
 from __future__ import annotations

@@ -112,13 +112,19 @@ def build_module(cfg: DictConfig, kind, datamodule, pretrained: str):
     return kind.module(common, datamodule)
 
 
-def build_trainer(cfg: DictConfig, datamodule, stats: TrainingStats, output_dir: Path) -> L.Trainer:
-    """The Trainer with the configured callbacks and loggers, and the run's own record of training (`RunLog`)."""
+def build_trainer(cfg: DictConfig, kind, datamodule, stats: TrainingStats, output_dir: Path) -> L.Trainer:
+    """The Trainer with the configured callbacks, the kind's own (before the checkpoint callback reads what they
+    log) and loggers, and the run's own record of training (`RunLog`)."""
     loggers = instantiate_loggers(cfg.get("logger"))
-    callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers)) + [
-        stats,
-        RunLog(output_dir, stats),
-    ]
+    configured = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
+    callbacks = (
+        kind.callbacks(cfg)
+        + configured
+        + [
+            stats,
+            RunLog(output_dir, stats),
+        ]
+    )
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(output_dir)
     )
@@ -229,7 +235,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
     kind = task_kind(datamodule.task)
     module = build_module(cfg, kind, datamodule, pretrained)
     stats = TrainingStats(cfg.paths.cache_dir)
-    trainer = build_trainer(cfg, datamodule, stats, Path(cfg.paths.output_dir))
+    trainer = build_trainer(cfg, kind, datamodule, stats, Path(cfg.paths.output_dir))
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=WEIGHTS_ONLY)
     checkpoint = trainer.checkpoint_callback

@@ -19,6 +19,9 @@ class Classify:
             prompt_opening=formatter.opening_ids,
         )
 
+    def callbacks(self, cfg) -> list:
+        return []  # validation's rank scoring is the module's own
+
     report_is_test = True  # the report's fine-tuned row is the test evaluation: the split is scored once
 
     def report(self, module, datamodule, output_dir, cfg, train_stats: dict, precision, run):

@@ -13,6 +13,15 @@ class Generate:
     def module(self, common: dict, datamodule) -> CausalLMModule:
         return CausalLMModule(**common)
 
+    def callbacks(self, cfg) -> list:
+        """Answers written at each validation (`val_answers.count`), scored as val/chrf, val/rougeL, val/exact_match."""
+        settings = cfg.get("val_answers") or {}
+        if not settings.get("count"):
+            return []
+        from lmtune.tasks.generate.validation import ValidationAnswers
+
+        return [ValidationAnswers(settings["count"], settings.get("max_new_tokens") or 64)]
+
     report_is_test = False  # the report adds generation metrics; the test loss comes from a test pass
 
     def report(self, module, datamodule, output_dir, cfg, train_stats: dict, precision, run):

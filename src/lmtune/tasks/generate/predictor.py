@@ -18,8 +18,8 @@ from lmtune.artifacts.export import load_export_model, load_formatter, read_expo
 from lmtune.core.errors import UserError
 from lmtune.data.conversations import ConversationFormatter, ConversationTask
 from lmtune.model.generation import generate_tokens
-from lmtune.model.loading import load_base_model, load_tokenizer, resolve_pretrained
-from lmtune.model.precision import AUTO, frozen_dtype, resolve_precision
+from lmtune.model.loading import load_for_inference
+from lmtune.model.precision import autocast_for
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,7 @@ class ChatPredictor:
         self.precision = str(precision or "32-true")  # training's: an answer is written as validation scored it
 
     def _autocast(self):
-        device = next(self.causal_lm.parameters()).device
-        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(self.precision)
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+        return autocast_for(self.causal_lm, self.precision)
 
     @classmethod
     def from_export(cls, export, cache_dir, device: torch.device, base: str | None = None, **kwargs) -> ChatPredictor:
@@ -66,8 +64,9 @@ class ChatPredictor:
         cls, model_cfg, task: ConversationTask, cache_dir, device: torch.device, max_length: int = 1024, **kwargs
     ) -> ChatPredictor:
         """The base model with the task's conversations: the baseline a fine-tuned export is compared to."""
-        pretrained = resolve_pretrained(model_cfg, cache_dir)
-        tokenizer = load_tokenizer(pretrained, model_cfg.get("pad_token"), model_cfg.get("chat_template"))
+        pretrained, tokenizer, model, precision = load_for_inference(
+            model_cfg, cache_dir, device, kwargs.pop("precision", None)
+        )
         formatter = ConversationFormatter(
             tokenizer,
             task,
@@ -75,10 +74,6 @@ class ChatPredictor:
             eot_token=model_cfg.get("eot_token"),
             chat_template_kwargs=model_cfg.get("chat_template_kwargs"),
         )
-        precision, _, _ = resolve_precision(kwargs.pop("precision", None) or AUTO, device.type, cache_dir)
-        dtype = frozen_dtype(model_cfg.get("dtype") or "float32", precision, "lora")
-        model = load_base_model(pretrained, {**dict(model_cfg), "dtype": dtype}, None, device).to(device)
-        log.info("zero-shot: base model %s (%s, %s) on %s", pretrained, dtype, precision, device)
         return cls(model, formatter, source=f"zero-shot {pretrained}", precision=precision, **kwargs)
 
     def stream(
