@@ -337,3 +337,23 @@ def test_packing_benchmark_measures_every_setting_with_the_same_examples(tmp_pat
     assert set(runs) == set(packing.SETTINGS) and all(r["steps"] == 4 and r["tokens_per_s"] > 0 for r in runs.values())
     assert runs["packed, random batches"]["padding_fraction"] < runs["unpacked, random batches"]["padding_fraction"]
     assert result["ratio_to_default"]["unpacked, length-grouped (default)"] == 1.0
+
+
+@pytest.mark.slow  # two tiny training runs and two TF-IDF fits: about half a minute
+def test_trust_benchmark_measures_both_splits_from_the_runs_files(tmp_path):
+    """`bench/trust.py --smoke`: a random and a time split, each one printed user command; the numbers come from the
+    run's own files (intervals, calibration before and after, sets, McNemar, TF-IDF on every training row)."""
+    import trust
+
+    args = ["--smoke", "--out", str(tmp_path), "--work", str(tmp_path / "work")]
+    doc = trust.main(trust.parse(args))
+    assert set(doc["runs"]) == {"random", "time"}
+    for split, run in doc["runs"].items():
+        assert run["command"].startswith(f"python src/train.py experiment=smoke logger=none data.split={split}")
+        tuned = run["fine_tuned"]
+        assert tuned["acc_interval"][0] <= tuned["acc"] <= tuned["acc_interval"][1]
+        assert tuned["temperature"] > 0 and tuned["sets"]["target"] == 0.9 and 0 < run["vs_tfidf"]["p_value"] <= 1
+        assert run["tfidf_all_training_rows"]["train_examples"] >= run["data"]["train_examples"]
+    assert doc["runs"]["time"]["data"]["dates"]["train"]
+    again = trust.main(trust.parse(args))
+    assert again["runs"] == doc["runs"]  # nothing trained again

@@ -37,6 +37,37 @@ def test_loss_equals_reference_full_logit_cross_entropy(tiny_dir):
     torch.testing.assert_close(via_forward_sum, loss_sum, rtol=0, atol=1e-5)
 
 
+def test_class_weights_give_the_weighted_mean_over_tokens_on_both_paths(tiny_dir):
+    """`loss.class_weights`: each example's tokens weigh its label's weight; the loss is sum(w x token loss) /
+    sum(w) (the same formula on the plain and the FSDP path), and weights of 1 give the unweighted loss."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    input_ids = torch.randint(0, model.config.vocab_size, (3, 20))
+    attention_mask = torch.ones_like(input_ids)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for row, (start, end) in enumerate([(10, 14), (15, 17), (5, 8)]):
+        labels[row, start:end] = input_ids[row, start:end]
+    row_weight = torch.tensor([0.5, 3.0, 1.0])
+    weights = row_weight[:, None].expand_as(labels)
+    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    loss_sum, total = masked_lm_loss_sum(hidden, labels, model.lm_head, weights)
+    per_row = [reference_masked_lm_loss(model.lm_head(hidden[r : r + 1]), labels[r : r + 1]) for r in range(3)]
+    tokens = torch.tensor([4.0, 2.0, 3.0])
+    expected = sum(w * n * loss for w, n, loss in zip(row_weight, tokens, per_row, strict=True)) / (row_weight @ tokens)
+    torch.testing.assert_close(loss_sum / total, expected, rtol=0, atol=1e-5)
+    assert total.item() == pytest.approx(float(row_weight @ tokens))
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    via_forward_sum, via_forward_total = masked_lm_loss_sum_via_forward(model, batch, weights)
+    torch.testing.assert_close(via_forward_sum, loss_sum, rtol=0, atol=1e-5)
+    assert via_forward_total.item() == pytest.approx(total.item())
+    ones_sum, ones_total = masked_lm_loss_sum(
+        hidden, labels, model.lm_head, torch.ones_like(weights, dtype=torch.float)
+    )
+    plain_sum, plain_n = masked_lm_loss_sum(hidden, labels, model.lm_head)
+    torch.testing.assert_close(ones_sum, plain_sum, rtol=0, atol=1e-5)
+    assert ones_total.item() == plain_n.item()
+
+
 def test_compile_gives_the_same_loss_and_gradients(tiny_dir, tiny_tokenizer):
     formatter = arxiv_formatter(tiny_tokenizer, ["cs.CL", "math.OC", "q-bio.NC"])  # answers of uneven length
     records = [paper(f"p{i}", f"Title {i}", "word " * (5 + 9 * i), formatter.labels[i % 3]) for i in range(4)]

@@ -35,10 +35,13 @@ def test_the_card_reports_what_the_run_measured_under_hub_front_matter(run):
     summary = json.loads((run / "metrics.json").read_text())
     report, data = summary["report"], summary["data"]
     for name, key in (("fine-tuned", "fine-tuned"), ("zero-shot", "zero-shot"), ("TF-IDF + LR", "tf-idf")):
-        row = re.search(rf"^\| {re.escape(name)}[^|]* \| ([\d.]+) \| ([\d.]+) \|$", card, re.M)
+        interval = r" \[([\d.]+), ([\d.]+)\]"
+        row = re.search(rf"^\| {re.escape(name)}[^|]* \| ([\d.]+){interval} \| ([\d.]+){interval} \|$", card, re.M)
         assert row, f"no {name} row"
         assert float(row[1]) == pytest.approx(report[f"report/{key}/acc"], abs=1e-4)
-        assert float(row[2]) == pytest.approx(report[f"report/{key}/macro_f1"], abs=1e-4)
+        assert float(row[4]) == pytest.approx(report[f"report/{key}/macro_f1"], abs=1e-4)
+        assert float(row[2]) == pytest.approx(report[f"report/{key}/acc_low"], abs=1e-3)  # the 95% interval
+        assert float(row[6]) == pytest.approx(report[f"report/{key}/macro_f1_high"], abs=1e-3)
     per_class = [line for line in card.splitlines() if line.split(" | ")[0].lstrip("| ") in labels]
     assert len(per_class) == len(labels)
     assert f"train / val / test = {data['train_examples']} / {data['val_examples']} / {data['test_examples']}" in card

@@ -18,7 +18,7 @@ from conftest import SAMPLE, arxiv_datamodule, arxiv_formatter, arxiv_spec
 from lmtune.core.errors import DataError
 from lmtune.data import prepared
 from lmtune.data.batching import shard_for_eval
-from lmtune.data.records import SPLITS, SkipCounts, choose_labels, read_records, split_indices
+from lmtune.data.records import SPLITS, SkipCounts, SplitPlan, choose_labels, read_records, split_indices
 
 SETTINGS = dict(top_k=3, val_fraction=0.2, test_fraction=0.2, max_length=216, limit_train=40, limit_test=12)
 
@@ -41,7 +41,7 @@ def in_memory(tokenizer, path: Path, top_k, val_fraction, test_fraction, max_len
     records = read_records(path, skips, arxiv_spec())
     labels = choose_labels(Counter(r.label for r in records), top_k, None)
     ids, record_labels = [r.id for r in records], [r.label for r in records]
-    positions = split_indices(ids, record_labels, labels, val_fraction, test_fraction, "", skips)
+    positions = split_indices(ids, record_labels, labels, SplitPlan(val_fraction, test_fraction), skips)
     limits = {"train": limit_train, "val": None, "test": limit_test}
     formatter = arxiv_formatter(tokenizer, labels, max_length)
     examples = {name: formatter.format([records[i] for i in positions[name][: limits[name]]]) for name in SPLITS}

@@ -9,7 +9,16 @@ import pytest
 
 from conftest import arxiv_spec
 from lmtune.core.errors import DataError
-from lmtune.data.records import RecordSpec, SkipCounts, choose_labels, read_records, split_indices, split_of
+from lmtune.data.records import (
+    RecordSpec,
+    SkipCounts,
+    SplitPlan,
+    choose_labels,
+    read_date,
+    read_records,
+    split_indices,
+    split_of,
+)
 
 ARXIV = arxiv_spec()
 
@@ -126,7 +135,7 @@ def test_top_k_labels_and_unknown_labels_are_dropped_and_counted(tmp_path):
     records = read_records(write_jsonl(tmp_path / "a.jsonl", rows), skips, ARXIV)
     labels = choose_labels(Counter(r.label for r in records), top_k=2, labels=None)
     assert labels == ["cs.CL", "cs.CV"]
-    splits = split_indices([r.id for r in records], [r.label for r in records], labels, 0.2, 0.2, "", skips)
+    splits = split_indices([r.id for r in records], [r.label for r in records], labels, SplitPlan(0.2, 0.2), skips)
     assert sorted(i for s in splits.values() for i in s) == [i for i, r in enumerate(records) if r.label != "cs.RO"]
     assert skips.counts == {"label outside the label set": 1}
     # an explicit label set wins over top_k
@@ -241,3 +250,54 @@ def test_an_empty_id_cell_is_a_counted_skip_and_renamed_columns_are_read(tmp_pat
     (only,) = read_records(write_jsonl(tmp_path / "r.jsonl", rows), skips, spec)
     assert (only.id, only.fields, only.label) == ("r1", {"text": "Great."}, "5 stars")
     assert skips.counts == {"missing or empty 'review_id'": 1}
+
+
+def test_dates_are_read_as_utc_iso_and_anything_else_is_no_date():
+    assert read_date("2026-07-01") == "2026-07-01T00:00:00"
+    assert read_date("2026-07-01T23:30:00Z") == "2026-07-01T23:30:00"
+    assert read_date("2026-07-02T01:30:00+02:00") == "2026-07-01T23:30:00"  # the same moment, in UTC
+    assert read_date(" 2026-07-01 ") == "2026-07-01T00:00:00"
+    for bad in (None, "", "yesterday", "2026-13-01", "07/01/2026", 20260701, float("nan")):
+        assert read_date(bad) == "", bad
+
+
+def dated_rows(n: int, undated: int = 0) -> list[dict]:
+    """n papers, one a day from 2026-01-01, written in a shuffled order; the first `undated` with no date."""
+    rows = [
+        record(i, ("cs.CL", "cs.CV")[i % 2], published=f"2026-{1 + i // 28:02d}-{1 + i % 28:02d}") for i in range(n)
+    ]
+    for r in rows[:undated]:
+        r["published"] = None
+    return [rows[(7 * k) % n] for k in range(n)]  # 7 and n coprime: every row once, out of date order
+
+
+def test_a_split_by_time_trains_on_the_oldest_rows_and_tests_on_the_newest(tmp_path):
+    spec = RecordSpec.of(("title", "abstract"), "primary_category", date="published", all_labels="categories")
+    skips = SkipCounts()
+    records = read_records(write_jsonl(tmp_path / "a.jsonl", dated_rows(100)), skips, spec)
+    plan = SplitPlan(0.1, 0.2, kind="time", date_column="published")
+    splits = split_indices([r.id for r in records], None, None, plan, skips, [r.date for r in records])
+    dates = {name: sorted(records[i].date for i in positions) for name, positions in splits.items()}
+    assert [len(dates[name]) for name in ("train", "val", "test")] == [70, 10, 20]
+    assert dates["train"][-1] < dates["val"][0] and dates["val"][-1] < dates["test"][0]
+    assert dates["test"][-1] == max(r.date for r in records)
+    assert records[0].labels == (records[0].label, "cs.LG")  # the label first, then the row's other labels
+
+
+def test_a_split_by_time_refuses_rows_without_a_date_in_one_line_or_skips_them_counted(tmp_path):
+    spec = RecordSpec.of(("title", "abstract"), "primary_category", date="published")
+    records = read_records(write_jsonl(tmp_path / "a.jsonl", dated_rows(50, undated=3)), SkipCounts(), spec)
+    ids, dates = [r.id for r in records], [r.date for r in records]
+    plan = SplitPlan(0.1, 0.1, kind="time", date_column="published")
+    with pytest.raises(
+        DataError, match=r"a.jsonl: 3 of 50 rows have no readable date in 'published'.*missing_dates=skip"
+    ):
+        split_indices(ids, None, None, plan, SkipCounts(), dates, str(tmp_path / "a.jsonl"))
+    skips = SkipCounts()
+    splits = split_indices(ids, None, None, SplitPlan(0.1, 0.1, "", "time", "published", "skip"), skips, dates)
+    assert sum(map(len, splits.values())) == 47
+    assert skips.counts == {"no readable date in 'published' (data.split=time)": 3}
+    assert SplitPlan(kind="time").problems() == [
+        "data.split=time needs data.date_column: the column of dates to order the rows by"
+    ]
+    assert "data.split='weekly'" in SplitPlan(kind="weekly").problems()[0]

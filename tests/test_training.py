@@ -316,3 +316,24 @@ def test_the_best_weights_are_validated_and_tested_once_with_the_numbers_a_secon
     (tested,) = trainer.test(module, datamodule=dm, ckpt_path=best)
     for key, value in {**validated, **tested}.items():
         assert metrics[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_balanced_class_weights_give_every_label_the_same_total_weight(tmp_path, cache_dir):
+    overrides = ["experiment=smoke", "logger=none", "trainer.max_steps=2", "report.enabled=false"]
+    metrics, objects = train(compose_train([*overrides, "loss.class_weights=balanced"], tmp_path, cache_dir))
+    module, dm = objects["module"], objects["datamodule"]
+    counts = [dm.splits["train"].column("label").count(label) for label in dm.labels]
+    assert len(set(counts)) > 1, "the sample's labels should be imbalanced for this test to mean anything"
+    totals = [c * float(w) for c, w in zip(counts, module.class_weights, strict=True)]
+    assert totals == pytest.approx([sum(counts) / len(counts)] * len(counts))
+    batch = next(iter(dm.train_dataloader()))
+    weights = module.token_weights(batch)
+    assert torch.equal(weights[:, 0], module.class_weights[batch["label_index"]])
+    from lmtune.training.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="loss.class_weights='inverse': use balanced"):
+        validate_config(compose_train(["experiment=smoke", "loss.class_weights=inverse"], tmp_path, cache_dir))
+    with pytest.raises(ConfigError, match="no label set to weigh"):
+        validate_config(
+            compose_train(["experiment=smoke", "data=chat", "loss.class_weights=balanced"], tmp_path, cache_dir)
+        )

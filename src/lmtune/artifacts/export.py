@@ -8,6 +8,7 @@ export/
   config.json, model.safetensors                   instead, for adapter=none and merged exports
   tokenizer files with the chat template
   labels.json        the label set in class-index order
+  calibration.json   the temperature and the validation rows' conformal scores (model/calibration.py)
   formatting.json    the task (prompt templates, truncate/label/id columns), end-of-turn token, max_length, the
                      answer token ids used in training; `base_model` (hub id, else folder) and `base_model_local`
                      (the folder the base was loaded from when training)
@@ -29,11 +30,13 @@ from lmtune.artifacts.model_card import chat_model_card, model_card
 from lmtune.core.errors import UserError, first_line
 from lmtune.core.files import write_folder
 from lmtune.core.secrets import redact_secrets
+from lmtune.model.calibration import Calibration
 
 log = logging.getLogger(__name__)
 
 EXPORT_FILES = ("formatting.json", "config.yaml")  # and labels.json for a classifier
 CARD_INPUTS = "card.json"  # what the model card reports besides the settings: data, training, results
+CALIBRATION = "calibration.json"  # a classifier's temperature and conformal scores (model/calibration.py)
 KINDS = ("classify", "generate")  # formatting.json's `task`; exports from before task kinds classify
 FORMATTING_KEYS = {
     "classify": ("system_prompt", "user_template", "max_length", "answer_ids"),
@@ -211,6 +214,7 @@ class Export:
     cfg: DictConfig
     formatting: dict
     labels: list[str]
+    calibration: Calibration | None = None  # calibration.json: a classifier's temperature and conformal scores
 
     @property
     def has_adapter(self) -> bool:
@@ -241,9 +245,22 @@ def read_export(path: str | Path) -> Export:
     except Exception as e:  # a YAML parse error or a config without an adapter
         raise UserError(f"{export / 'config.yaml'}: not a run config ({first_line(e)}); {DAMAGED}.") from None
     _check_run_config(export / "config.yaml", cfg)
-    result = Export(export, cfg, formatting, labels)
+    result = Export(export, cfg, formatting, labels, _read_calibration(export) if kind == "classify" else None)
     _check_weights(result)
     return result
+
+
+def _read_calibration(export: Path) -> Calibration | None:
+    """calibration.json, checked; None for an export written before calibration existed (probabilities then come
+    from the plain softmax, and label sets cannot be given)."""
+    path = export / CALIBRATION
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    try:
+        return Calibration.from_dict(data if isinstance(data, dict) else {}, str(path))
+    except ValueError as e:
+        raise UserError(f"{e}; {DAMAGED}.") from None
 
 
 def _read_labels(export: Path, formatting: dict) -> list[str]:

@@ -82,6 +82,8 @@ def merge_export(cfg: DictConfig) -> Path:
 
     card_inputs = read_json(export.path / CARD_INPUTS) if (export.path / CARD_INPUTS).is_file() else None
     files = {"labels.json": export.labels} if export.kind == "classify" else {}
+    if export.calibration is not None:  # fitted on the adapter's scores; the merged weights give the same ones
+        files["calibration.json"] = export.calibration.to_dict()
 
     def fill(folder: Path) -> None:
         merged.save_pretrained(folder)

@@ -66,8 +66,10 @@ def model_card(
     per_class: dict[str, dict] | None,
     merged: dict | None = None,
     system_in_user: bool = False,
+    trust: dict | None = None,
 ) -> str:
-    """The card's text. `results`: model name -> {acc, macro_f1} on the test split (fine-tuned first);
+    """The card's text. `results`: model name -> {acc, macro_f1 (and their 95% intervals)} on the test split
+    (fine-tuned first); `trust`: the calibration, label sets and the comparison with TF-IDF, where the report ran;
     `training`: steps, seconds, tokens/s, precision, hardware; `merged`: the merge note of a merged export.
     No path of the training machine appears: the base is named by its hub id (else its folder's name), the data
     by its file's name or hub id."""
@@ -103,7 +105,7 @@ def model_card(
         "## Data",
         "",
         f"- source: {source_name(data.get('source'))}, {data.get('records')} records; skipped: {_skipped(data)}",
-        f"- split by a hash of the id: train / val / test = {data.get('train_examples')} / "
+        f"- {_split_words(data)}: train / val / test = {data.get('train_examples')} / "
         f"{data.get('val_examples')} / {data.get('test_examples')}; truncated prompts {data.get('truncated')}",
         "",
         "## Training",
@@ -116,10 +118,11 @@ def model_card(
         "",
         f"## Results (test split, {data.get('test_examples')} examples)",
         "",
-        "| model | accuracy | macro-F1 |",
+        "| model | accuracy [95% interval] | macro-F1 [95% interval] |",
         "|---|---:|---:|",
-        *(f"| {name} | {_fmt(m['acc'], '{:.4f}')} | {_fmt(m['macro_f1'], '{:.4f}')} |" for name, m in results.items()),
+        *(f"| {name} | {_with_interval(m, 'acc')} | {_with_interval(m, 'macro_f1')} |" for name, m in results.items()),
         "",
+        *_trust_lines(trust or {}),
     ]
     if per_class:
         lines += ["| label | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
@@ -220,6 +223,40 @@ def _load_lines(merged: bool) -> list[str]:
         'base = AutoModelForCausalLM.from_pretrained(formatting["base_model"])  # or a local copy of it',
         "model = PeftModel.from_pretrained(base, folder).eval()",
     ]
+
+
+def _with_interval(m: dict, key: str) -> str:
+    interval = m.get(f"{key}_interval")
+    value = _fmt(m.get(key), "{:.4f}")
+    return f"{value} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else value
+
+
+def _split_words(data: dict) -> str:
+    dates = data.get("dates") or {}
+    if data.get("split") == "time":
+        periods = "; ".join(f"{name} {a} to {b}" for name, (a, b) in dates.items())
+        return f"split by time, the oldest rows training and the newest testing ({periods})"
+    return "split by a hash of the id"
+
+
+def _trust_lines(trust: dict) -> list[str]:
+    """The comparison with TF-IDF in plain words, then what the probabilities are worth."""
+    lines = []
+    if "vs_tfidf" in trust:
+        lines += [trust["vs_tfidf"]["verdict"], ""]
+    if "temperature" in trust:
+        lines.append(
+            f"- Probabilities calibrated on the validation split (temperature {trust['temperature']:.3f}): expected "
+            f"calibration error on the test split {trust.get('ece_uncalibrated', float('nan')):.3f} before, "
+            f"{trust.get('ece', float('nan')):.3f} after."
+        )
+    sets = trust.get("sets")
+    if sets:
+        lines.append(
+            f"- Label sets (`predict.coverage={sets['target']}`) held the true label on "
+            f"{100 * sets['coverage']:.1f} % of the test rows, {sets['mean_size']:.2f} labels on average."
+        )
+    return [*lines, ""] if lines and lines[-1] else lines
 
 
 def read_front_matter(card: str) -> dict:

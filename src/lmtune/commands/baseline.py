@@ -66,7 +66,7 @@ def run_baseline(cfg: DictConfig) -> dict:
     for logger in instantiate_loggers(cfg.get("logger")):
         logger.log_hyperparams({**loggable_config(cfg), "data/stats": datamodule.stats})
         if isinstance(logger, WandbLogger):
-            log_to_wandb(logger.experiment, predictions, metrics, paths["confusion_matrix"], prefix=prefix)
+            log_to_wandb(logger.experiment, predictions, metrics, paths, prefix=prefix)
             logger.experiment.summary.update({"baseline/train_examples": len(splits["train"])})
         else:  # CSV and the like: the scalars
             logger.log_metrics({f"{prefix}/{k}": metrics[k] for k in ("acc", "macro_f1", "ece", "n") if k in metrics})

@@ -146,11 +146,22 @@ def run_eval(cfg: DictConfig) -> dict:
         max_new_tokens=cfg.eval.max_new_tokens,
         batch_size=cfg.eval.batch_size,
         meta=meta,
+        coverage=float(OmegaConf.select(cfg, "report.coverage", default=0.9) or 0.9),
     )
     for mode in ("rank", "generate"):
         if mode in results:
             m = results[mode]
-            print(f"{cfg.split} {mode}: accuracy {m['acc']:.4f}, macro-F1 {m['macro_f1']:.4f} ({m['n']} examples)")
+            low, high = m["acc_interval"]
+            print(
+                f"{cfg.split} {mode}: accuracy {m['acc']:.4f} [{low:.3f}, {high:.3f}], macro-F1 {m['macro_f1']:.4f} "
+                f"({m['n']} examples)"
+            )
+    sets = results.get("rank", {}).get("sets")
+    if sets:
+        print(
+            f"label sets at coverage {sets['target']}: {100 * sets['coverage']:.1f} % hold the true label, "
+            f"{sets['mean_size']:.2f} labels on average"
+        )
     if "agreement" in results:
         print(f"rank and generate agree on {results['agreement']:.4f} of the examples")
     return results

@@ -26,6 +26,7 @@ from lmtune.core.files import atomic_write
 from lmtune.data.formatting import template_columns
 from lmtune.data.records import RecordSpec, clean_text, iter_jsonl, iter_jsonl_lines, reader_for, rename_columns
 from lmtune.evaluation.predictor import Prediction, Predictor, Row, pick_device
+from lmtune.model.calibration import ABSTAIN
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +160,17 @@ def load_predictor(cfg: DictConfig) -> Predictor:
     )
 
 
+def trust_options(cfg: DictConfig) -> dict:
+    """`coverage` (label sets) and `min_confidence` (abstention), as settings of predict and serve."""
+    return {"coverage": cfg.get("coverage"), "min_confidence": cfg.get("min_confidence")}
+
+
 def format_text(prediction: Prediction, top_k: int, truncate_column: str | None) -> str:
     name = prediction.id or "row"
     shown = next(iter(prediction.shown.values()), "")
     lines = [f"{name}: {prediction.label}    {shown}"]
+    if prediction.label_set is not None:
+        lines.append(f"    label set: {', '.join(prediction.label_set)}")
     lines += [f"    {label:<12} {p:.3f}" for label, p in prediction.top(top_k)]
     if prediction.truncated:
         lines.append(f"    ({truncate_column or 'the longest column'} shortened to fit max_length, as in training)")
@@ -174,7 +182,8 @@ def predict_batch(cfg: DictConfig, spec: RecordSpec, emit) -> list[Prediction]:
     items = read_batch(cfg, path, spec)
     predictor = load_predictor(cfg)
     ready = [n for n, item in enumerate(items) if item.row is not None]
-    predictions = dict(zip(ready, predictor.predict([items[n].row for n in ready]), strict=True))
+    options = trust_options(cfg)
+    predictions = dict(zip(ready, predictor.predict([items[n].row for n in ready], **options), strict=True))
     rows = []
     for n, item in enumerate(items):
         if item.error:
@@ -185,9 +194,13 @@ def predict_batch(cfg: DictConfig, spec: RecordSpec, emit) -> list[Prediction]:
             row["true"] = item.true
         rows.append(row)
     labelled = [r for r in rows if "true" in r and r["true"] in predictor.labels]
-    if labelled:
-        correct = sum(r["true"] == r["label"] for r in labelled)
-        emit(f"accuracy on {len(labelled)} labelled rows: {correct / len(labelled):.3f}")
+    answered = [r for r in labelled if r["label"] != ABSTAIN]
+    if answered:
+        correct = sum(r["true"] == r["label"] for r in answered)
+        abstained = (
+            f" ({len(labelled) - len(answered)} abstained, not counted)" if len(answered) < len(labelled) else ""
+        )
+        emit(f"accuracy on {len(answered)} labelled rows: {correct / len(answered):.3f}{abstained}")
     write_result_rows(path, cfg.output, "predictions", "predicted", rows, predictor.source, emit)
     return list(predictions.values())
 
@@ -243,7 +256,7 @@ def predict(cfg: DictConfig, emit=print) -> list[Prediction]:
         return predict_batch(cfg, spec, emit)
     rows = rows_by_id(cfg, spec) if given == ["arxiv_id"] else [row_from_command_line(cfg, spec)]
     predictor = load_predictor(cfg)
-    predictions = predictor.predict(rows)
+    predictions = predictor.predict(rows, **trust_options(cfg))
     for prediction in predictions:
         emit(
             json.dumps(prediction.to_dict(), ensure_ascii=False)

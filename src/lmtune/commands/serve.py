@@ -28,6 +28,7 @@ from lmtune.commands.serve_requests import MAX_ID_CHARS, RequestCheck, RowCheck
 from lmtune.core.errors import DataError, UserError, first_line
 from lmtune.data.formatting import template_columns
 from lmtune.evaluation.predictor import Prediction, Predictor, Row, pick_device
+from lmtune.model.calibration import checked_threshold
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,20 @@ class RowFailed:
 class ClassifierAPI(ls.LitAPI):
     """The model side: rows in, predictions out, a batch at a time (in LitServe's inference worker process)."""
 
-    def __init__(self, ckpt: str, base: str | None, cache_dir: str, device: str, precision: str | None, **batching):
+    def __init__(
+        self,
+        ckpt: str,
+        base: str | None,
+        cache_dir: str,
+        device: str,
+        precision: str | None,
+        trust: dict | None = None,
+        **batching,
+    ):
         super().__init__(**batching)
         self.ckpt, self.base, self.cache_dir = ckpt, base, cache_dir
         self.device_name, self.precision = device, precision
+        self.trust = trust or {}  # coverage (label sets), min_confidence (abstention)
 
     def setup(self, device) -> None:  # LitServe's device name; ours follows `device=` as predict.py does
         self.limit_log = LimitLog()  # here, in the worker: the API object is pickled to start it
@@ -68,13 +79,13 @@ class ClassifierAPI(ls.LitAPI):
     def predict(self, rows) -> list[Prediction | RowFailed]:
         rows = rows if isinstance(rows, list) else [rows]
         try:
-            return self.predictor.predict(rows)
+            return self.predictor.predict(rows, **self.trust)
         except Exception as e:  # a row the request check could not foresee: each row on its own, so only it fails
             first = e
         answers = []
         for row in rows:
             try:
-                answers.extend(self.predictor.predict([row]))
+                answers.extend(self.predictor.predict([row], **self.trust))
             except Exception as e:
                 answers.append(RowFailed(e))
         failed = [a for a in answers if isinstance(a, RowFailed)]
@@ -93,7 +104,10 @@ class ClassifierAPI(ls.LitAPI):
             (prediction,) = prediction
         if isinstance(prediction, RowFailed):
             return JSONResponse({"error": prediction.message}, status_code=prediction.status)
-        return {"label": prediction.label, "probs": prediction.probs, "truncated": prediction.truncated}
+        answer = {"label": prediction.label, "probs": prediction.probs, "truncated": prediction.truncated}
+        if prediction.label_set is not None:
+            answer["label_set"] = prediction.label_set
+        return answer
 
 
 def openapi_schema(columns: list[str], limits: ServeLimits, by_id: bool) -> dict:
@@ -113,9 +127,10 @@ def openapi_schema(columns: list[str], limits: ServeLimits, by_id: bool) -> dict
         "type": "object",
         "required": ["label", "probs", "truncated"],
         "properties": {
-            "label": {"type": "string"},
+            "label": {"type": "string", "description": 'a label, or "abstain" under min_confidence'},
             "probs": {"type": "object", "additionalProperties": {"type": "number"}},
             "truncated": {"type": "boolean"},
+            "label_set": {"type": "array", "items": {"type": "string"}, "description": "with coverage set"},
         },
     }
     errors = {
@@ -182,7 +197,9 @@ def build_server(cfg: DictConfig) -> tuple[ls.LitServer, dict]:
         if lookup is not None:  # a server waits at most serve.lookup.timeout: no long retries behind it
             lookup |= {"timeout": min(float(lookup["timeout"]), limits.lookup_timeout), "max_retries": 2}
         batching = {"max_batch_size": limits.max_batch_size, "batch_timeout": float(limits.batch_timeout)}
-        api = ClassifierAPI(*model, precision, **batching)
+        trust = {"coverage": cfg.get("coverage"), "min_confidence": cfg.get("min_confidence")}
+        checked_threshold(export.calibration, trust["coverage"], trust["min_confidence"], str(export.path))
+        api = ClassifierAPI(*model, precision, trust=trust, **batching)
         schema = openapi_schema(columns, limits, lookup is not None)
         checker = lambda: RowCheck(load_formatter(export), limits, lookup, limit_log)  # noqa: E731
     accelerator = "cuda" if pick_device(cfg.device).type == "cuda" else "cpu"

@@ -3,6 +3,7 @@ free-form answers and whole conversations (generate)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import lightning as L
@@ -20,7 +21,7 @@ from lmtune.data.prepared import (
     format_examples,
     prepare_records,
 )
-from lmtune.data.records import SPLITS, RecordSpec, SkipCounts, choose_labels, split_indices
+from lmtune.data.records import SPLITS, RecordSpec, SkipCounts, SplitPlan, choose_labels, date_ranges, split_indices
 from lmtune.data.sources import RecordSource
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ class TextDataModule(L.LightningDataModule):
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
         split_salt: str = "",
+        split: str = "random",
+        date_column: str | None = None,
+        missing_dates: str = "error",
         limit_train: int | None = None,
         limit_val: int | None = None,
         limit_test: int | None = None,
@@ -78,10 +82,12 @@ class TextDataModule(L.LightningDataModule):
                 f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be >= 0 "
                 f"and sum to less than 1."
             )
+        self.plan = SplitPlan(val_fraction, test_fraction, split_salt, split, date_column, missing_dates)
+        if self.plan.problems():
+            raise DataError(self.plan.problems()[0])
         self.tokenizer = tokenizer
-        self.spec = spec
+        self.spec = dataclasses.replace(spec, date=date_column) if date_column else spec
         self.source = RecordSource(self.spec, source, path, fetch, hf_name, hf_config, hf_split, hf_revision, cache_dir)
-        self.val_fraction, self.test_fraction, self.split_salt = val_fraction, test_fraction, split_salt
         self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
         self.overfit = overfit
         self.max_length = max_length
@@ -129,14 +135,21 @@ class TextDataModule(L.LightningDataModule):
             "skipped": dict(self.skips.counts),
             **self._stats(),
             **{f"{name}_examples": len(p) for name, p in positions.items()},
+            "split": self.plan.kind,
         }
+        if self.spec.date:
+            self.stats["dates"] = date_ranges(self.splits)  # each split's first and last date
+            log.info("split by %s; dates: %s", self.plan.kind, self.stats["dates"])
         return self.splits
 
     def _positions(self, records: RecordTable, label_counts) -> dict[str, list[int]]:
         """Positions of the records each split takes, in order."""
-        return split_indices(
-            records.column("id"), None, None, self.val_fraction, self.test_fraction, self.split_salt, self.skips
-        )
+        return self._split(records, None, None)
+
+    def _split(self, records: RecordTable, labels, label_set) -> dict[str, list[int]]:
+        dates = records.column("date") if self.spec.date else None
+        where = self.source.where
+        return split_indices(records.column("id"), labels, label_set, self.plan, self.skips, dates, where)
 
     def _describe(self) -> str:
         return ""
@@ -253,6 +266,7 @@ class TextClassificationDataModule(TextDataModule):
         truncate_column: str | None = None,
         top_k: int | None = 10,
         labels: list[str] | None = None,
+        labels_column: str | None = None,
         id_column: str = "id",
         columns: dict | None = None,
         **settings,
@@ -261,9 +275,8 @@ class TextClassificationDataModule(TextDataModule):
         missing = [k for k in ("system", "user") if not prompt.get(k)]
         if missing:
             raise DataError(f"data.prompt.{missing[0]} is not set: the task's prompt (see conf/data/*.yaml).")
-        spec = RecordSpec.of(
-            template_columns(prompt["user"], "data.prompt.user"), label_column, id_column, label_is_list, columns
-        )
+        text = template_columns(prompt["user"], "data.prompt.user")
+        spec = RecordSpec.of(text, label_column, id_column, label_is_list, columns, all_labels=labels_column)
         super().__init__(tokenizer, path, id_column=id_column, columns=columns, spec=spec, **settings)
         self.top_k, self.requested_labels = top_k, list(labels) if labels else None
         self.labels: list[str] = []
@@ -283,15 +296,7 @@ class TextClassificationDataModule(TextDataModule):
                 f"{self.source.where}: {len(self.labels)} label after filtering: {', '.join(self.labels)}; need at "
                 f"least 2 to classify. Give a file with two or more classes, or check data.labels and data.top_k."
             )
-        return split_indices(
-            records.column("id"),
-            records.column("label"),
-            self.labels,
-            self.val_fraction,
-            self.test_fraction,
-            self.split_salt,
-            self.skips,
-        )
+        return self._split(records, records.column("label"), self.labels)
 
     def _describe(self) -> str:
         return f", {len(self.labels)} labels {self.labels}"
@@ -312,7 +317,7 @@ class TextClassificationDataModule(TextDataModule):
         )
 
 
-CLASSIFY_ONLY = ("top_k", "labels", "label_column", "label_is_list", "truncate_column")
+CLASSIFY_ONLY = ("top_k", "labels", "label_column", "label_is_list", "truncate_column", "labels_column")
 
 
 class ChatDataModule(TextDataModule):

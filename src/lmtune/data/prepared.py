@@ -100,7 +100,8 @@ class RecordTable(Sequence[Record]):
             yield from map(self._record, _rows(batch))
 
     def _record(self, row: Mapping) -> Record:
-        return Record(id=row["id"], fields={c: row[c] for c in self.columns}, label=row["label"])
+        fields = {c: row[c] for c in self.columns}
+        return Record(row["id"], fields, row["label"], row.get("date") or "", tuple(row.get("labels") or ()))
 
     def column(self, name: str) -> list:
         return column(self.table, name)
@@ -134,6 +135,7 @@ def prepare_records(
     name = "records-" + json_digest(
         [CACHE_VERSION, key, spec.text, spec.label, spec.id, spec.label_is_list, spec.rename]
         + (["messages"] if spec.messages else [])
+        + spec.extras()
     )
     arrow, manifest = root / f"{name}.arrow", root / f"{name}.json"
     with _writing(root, name):
@@ -149,6 +151,10 @@ def prepare_records(
 def _write_records(rows: Iterable[Mapping], where: str, spec: RecordSpec, arrow: Path, manifest: Path) -> None:
     """Stream validated records into `arrow` in batches, then the manifest (written last: it marks the entry whole)."""
     schema = pa.schema([("id", pa.string()), ("label", pa.string())] + [(c, pa.string()) for c in spec.text])
+    if spec.date:
+        schema = schema.append(pa.field("date", pa.string()))
+    if spec.all_labels:
+        schema = schema.append(pa.field("labels", pa.list_(pa.string())))
     skips, labels, batch, read, started = SkipCounts(), Counter(), [], 0, time.monotonic()
     tmp = arrow.with_name(f"{arrow.name}.{os.getpid()}.tmp")
     try:
@@ -181,7 +187,12 @@ def _counted(rows: Iterable[Mapping], where: str, started: float) -> Iterator[Ma
 def _record_batch(records: list[Record], spec: RecordSpec, schema: pa.Schema) -> pa.RecordBatch:
     columns = [[r.id for r in records], [r.label for r in records]]
     columns += [[r.fields[c] for r in records] for c in spec.text]
-    return pa.RecordBatch.from_arrays([pa.array(c, pa.string()) for c in columns], schema=schema)
+    if spec.date:
+        columns.append([r.date for r in records])
+    if spec.all_labels:
+        columns.append([list(r.labels) for r in records])
+    arrays = [pa.array(c, f.type) for c, f in zip(columns, schema, strict=True)]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 # --- examples --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ the fix.
 from __future__ import annotations
 
 import csv
+import datetime
 import gzip
 import hashlib
 import json
@@ -34,6 +35,8 @@ class Record:
     id: str
     fields: dict[str, str]  # the columns the prompt reads, whitespace collapsed
     label: str
+    date: str = ""  # ISO 8601 (UTC, no zone), where the spec names a date column and the row has a readable date
+    labels: tuple[str, ...] = ()  # every label of the row (the spec's `all_labels` column), the label among them
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,9 @@ class RecordSpec:
     when the file has none, the id is a hash of the row's text, so splits stay stable when the file grows;
     `rename`: the name used here -> the file's own column (e.g. {body: text}); `messages`: the one text column
     is a conversation in the OpenAI chat format (checked by `conversations.read_messages`, kept as JSON). A task
-    without a label column (free-form answers) has `label=()`.
+    without a label column (free-form answers) has `label=()`. `date`: a column of dates (for a split by time; a
+    row without a readable one keeps an empty date, and the split decides); `all_labels`: a column listing every
+    label of a row (arXiv's `categories`), for scoring an answer against all of them.
     """
 
     text: tuple[str, ...] = ("text",)
@@ -55,11 +60,20 @@ class RecordSpec:
     label_is_list: bool = False
     rename: dict[str, str] = field(default_factory=dict)
     messages: bool = False
+    date: str | None = None
+    all_labels: str | None = None
 
     @classmethod
-    def of(cls, text, label="label", id="id", label_is_list=False, rename=None, messages=False) -> RecordSpec:
+    def of(
+        cls, text, label="label", id="id", label_is_list=False, rename=None, messages=False, date=None, all_labels=None
+    ) -> RecordSpec:
         label = () if not label else (label,) if isinstance(label, str) else tuple(label)
-        return cls(tuple(text), label, id, bool(label_is_list), dict(rename or {}), messages)
+        return cls(tuple(text), label, id, bool(label_is_list), dict(rename or {}), messages, date, all_labels)
+
+    def extras(self) -> list:
+        """What the optional columns add to a prepared-records cache key (nothing when unused, so caches written
+        before they existed stay valid)."""
+        return [["date", self.date]] * bool(self.date) + [["all_labels", self.all_labels]] * bool(self.all_labels)
 
     def label_of(self, row: Mapping) -> str:
         for column in self.label:
@@ -121,6 +135,26 @@ def _label_list(value) -> list[str]:
     return [str(c).strip() for c in value if str(c).strip()]
 
 
+def read_date(value) -> str:
+    """An ISO 8601 date or date-time (a `Z` or an offset is converted to UTC) as `YYYY-MM-DDTHH:MM:SS`, which sorts
+    in time order; '' for a missing or unreadable one."""
+    if isinstance(value, datetime.datetime | datetime.date):
+        moment = value if isinstance(value, datetime.datetime) else datetime.datetime.combine(value, datetime.time())
+    elif not isinstance(value, str):  # a number could be seconds or days since anything: not a date
+        return ""
+    else:
+        text = clean_text(value)
+        if not text:
+            return ""
+        try:
+            moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            return ""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(datetime.UTC).replace(tzinfo=None)
+    return moment.replace(microsecond=0).isoformat()
+
+
 def to_record(raw: Mapping, spec: RecordSpec, skips: SkipCounts) -> Record | None:
     """Validate one row (already renamed); return None (and count why) if it cannot be used."""
     if spec.messages:
@@ -147,7 +181,9 @@ def to_record(raw: Mapping, spec: RecordSpec, skips: SkipCounts) -> Record | Non
             return None
     else:
         record_id = text_id(fields)
-    return Record(id=record_id, fields=fields, label=label)
+    date = read_date(raw.get(spec.date)) if spec.date else ""
+    labels = tuple(dict.fromkeys([label, *_label_list(raw.get(spec.all_labels))])) if spec.all_labels else ()
+    return Record(id=record_id, fields=fields, label=label, date=date, labels=labels)
 
 
 def iter_jsonl(path: Path, spec: RecordSpec) -> Iterator[dict]:
@@ -363,25 +399,87 @@ def split_of(record_id: str, val_fraction: float, test_fraction: float, salt: st
     return "train"
 
 
+@dataclass(frozen=True)
+class SplitPlan:
+    """How records are split (`data.split`): `random` by a hash of the id (a row never changes split when the file
+    grows), or `time`: the oldest rows train, the newer validate and the newest test, by `date_column`; a row
+    without a readable date is refused (`missing_dates: error`, one line with the count and the fix) or left out
+    and counted (`skip`)."""
+
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    salt: str = ""
+    kind: str = "random"
+    date_column: str | None = None
+    missing_dates: str = "error"
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.kind not in ("random", "time"):
+            problems.append(f"data.split={self.kind!r}: use random (by a hash of the id) or time (oldest rows train)")
+        if self.kind == "time" and not self.date_column:
+            problems.append("data.split=time needs data.date_column: the column of dates to order the rows by")
+        if self.missing_dates not in ("error", "skip"):
+            problems.append(f"data.missing_dates={self.missing_dates!r}: use error or skip")
+        return problems
+
+
 def split_indices(
     ids: Sequence[str],
     labels: Sequence[str] | None,
     label_set: list[str] | None,
-    val_fraction: float,
-    test_fraction: float,
-    salt: str,
+    plan: SplitPlan,
     skips: SkipCounts,
+    dates: Sequence[str] | None = None,
+    where: str = "the data",
 ) -> dict[str, list[int]]:
     """Positions of the records (given by id and label) whose label is in the label set (every record when there
-    is no label set), split by id hash, each split in hash order."""
+    is no label set), split by plan, each split in hash order (a fixed shuffle: a `limit` takes a representative,
+    reproducible slice of its split, and of its period under a split by time)."""
     allowed = set(label_set) if label_set is not None else None
-    splits: dict[str, list[int]] = {name: [] for name in SPLITS}
-    for i, (record_id, label) in enumerate(zip(ids, labels if labels is not None else ids, strict=True)):
+    kept = []
+    for i, label in enumerate(labels if labels is not None else ids):
         if allowed is not None and label not in allowed:
             skips.add("label outside the label set")
             continue
-        splits[split_of(record_id, val_fraction, test_fraction, salt)].append(i)
+        kept.append(i)
+    splits: dict[str, list[int]] = {name: [] for name in SPLITS}
+    if plan.kind == "time":
+        splits = _split_by_time(kept, ids, dates, plan, skips, where)
+    else:
+        for i in kept:
+            splits[split_of(ids[i], plan.val_fraction, plan.test_fraction, plan.salt)].append(i)
     for name in SPLITS:
-        # hash order is a fixed shuffle: a `limit` takes a representative, reproducible slice
-        splits[name].sort(key=lambda i: hash_unit(ids[i], salt + name))
+        splits[name].sort(key=lambda i: hash_unit(ids[i], plan.salt + name))
     return splits
+
+
+def _split_by_time(kept, ids, dates, plan: SplitPlan, skips: SkipCounts, where: str) -> dict[str, list[int]]:
+    undated = [i for i in kept if not dates[i]]
+    if undated and plan.missing_dates == "error":
+        raise DataError(
+            f"{where}: {len(undated)} of {len(kept)} rows have no readable date in '{plan.date_column}' "
+            f"(data.date_column) for data.split=time; fill them (ISO dates, e.g. 2026-07-01), or leave them out "
+            f"with data.missing_dates=skip (counted)."
+        )
+    if undated:
+        skips.add(f"no readable date in '{plan.date_column}' (data.split=time)", len(undated))
+    ordered = sorted((i for i in kept if dates[i]), key=lambda i: (dates[i], hash_unit(ids[i], plan.salt)))
+    n_test = round(len(ordered) * plan.test_fraction)
+    n_val = round(len(ordered) * plan.val_fraction)
+    n_train = len(ordered) - n_val - n_test
+    return {
+        "train": ordered[:n_train],
+        "val": ordered[n_train : n_train + n_val],
+        "test": ordered[n_train + n_val :],
+    }
+
+
+def date_ranges(splits: Mapping[str, Sequence[Record]]) -> dict[str, list[str]]:
+    """Each split's first and last date (YYYY-MM-DD), for the report and the data manifest."""
+    ranges = {}
+    for name, records in splits.items():
+        dated = [r.date[:10] for r in records if r.date]
+        if dated:
+            ranges[name] = [min(dated), max(dated)]
+    return ranges

@@ -18,16 +18,26 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from lmtune.evaluation.comparison import bootstrap_intervals, resamples
+
 INVALID = -1
 INVALID_NAME = "(invalid)"
+BOOTSTRAP_SEED = 0  # every evaluation of n rows draws the same resamples: intervals of two models are paired
 
 
 def classification_metrics(
-    true: Sequence[int], pred: Sequence[int], labels: list[str], probs: torch.Tensor | None = None, n_bins: int = 15
+    true: Sequence[int],
+    pred: Sequence[int],
+    labels: list[str],
+    probs: torch.Tensor | None = None,
+    n_bins: int = 15,
+    all_labels: Sequence[Sequence[str]] | None = None,
 ) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/F1/support, the confusion matrix (rows: true labels;
-    columns: predicted labels, then "(invalid)"), the invalid-answer rate, and the expected calibration error
-    when `probs` (N x labels, rows summing to 1) are given."""
+    """Accuracy, macro-F1 (each with a bootstrap 95% interval: the same resampled rows for any model scored on
+    the same n rows, `comparison.py`), per-class precision/recall/F1/support, the confusion matrix (rows: true
+    labels; columns: predicted labels, then "(invalid)"), the invalid-answer rate, the expected calibration error
+    when `probs` (N x labels, rows summing to 1) are given, and where each row lists all its labels
+    (`all_labels`), how often the answer is one of them."""
     num = len(labels)
     if len(true) != len(pred) or not len(true):
         raise ValueError(f"need as many predictions as true labels (and at least one): {len(pred)} vs {len(true)}")
@@ -64,10 +74,19 @@ def classification_metrics(
         "confusion_matrix": confusion.tolist(),
         "confusion_columns": [*labels, INVALID_NAME],
     }
+    intervals = bootstrap_intervals(y.numpy(), p.numpy(), num, resamples(len(y), seed=BOOTSTRAP_SEED))
+    metrics["acc_interval"], metrics["macro_f1_interval"] = intervals["acc"], intervals["macro_f1"]
     if probs is not None:
-        ece = MulticlassCalibrationError(num, n_bins=n_bins, norm="l1")
-        metrics["ece"] = float(ece(torch.as_tensor(probs, dtype=torch.float32), y))
+        metrics["ece"] = expected_calibration_error(probs, y, n_bins)
+    if all_labels is not None:
+        names = [labels[i] if i != INVALID else None for i in p.tolist()]
+        metrics["acc_any_label"] = sum(n in row for n, row in zip(names, all_labels, strict=True)) / len(y)
     return metrics
+
+
+def expected_calibration_error(probs: torch.Tensor, true, n_bins: int = 15) -> float:
+    ece = MulticlassCalibrationError(probs.shape[1], n_bins=n_bins, norm="l1")
+    return float(ece(torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(true, dtype=torch.long)))
 
 
 def most_confused(metrics: dict, labels: list[str], k: int = 5) -> list[tuple[str, str, int]]:

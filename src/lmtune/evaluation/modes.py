@@ -19,6 +19,7 @@ from lmtune.data.records import Record
 from lmtune.evaluation.metrics import INVALID, classification_metrics
 from lmtune.evaluation.outputs import EvalPredictions, log_to_wandb, shown_columns, write_eval_outputs
 from lmtune.evaluation.predictor import Predictor, Row
+from lmtune.evaluation.trust import trust_metrics
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,15 @@ def predict_records(
     true = [index[r.label] for r in records]
     if mode == "rank":
         scores, _ = predictor.scores(rows)
-        probs = torch.softmax(scores.double(), dim=-1).float()
+        probs = predictor.probabilities(scores).float()  # the export's temperature applied, where it has one
         # the true answer's loss per answer token, as training's validation reports it (`val/loss`)
         answer_tokens = sum(len(predictor.formatter.answer_ids[t]) for t in true)
         loss = -float(scores[torch.arange(len(true)), torch.tensor(true)].sum()) / max(answer_tokens, 1)
         # the decision from the scores themselves (float32 probabilities can tie where the scores do not); an
         # exact tie goes to the first label, as in predict and the server
-        return EvalPredictions(**common, true=true, pred=scores.argmax(-1).tolist(), probs=probs, loss=loss)
+        preds = EvalPredictions(**common, true=true, pred=scores.argmax(-1).tolist(), probs=probs, loss=loss)
+        preds.scores = scores.double()
+        return preds
     if mode == "generate":
         answers = predictor.generate(rows, max_new_tokens, batch_size)
         return EvalPredictions(**common, true=true, pred=[parse_answer(a, labels) for a in answers], answers=answers)
@@ -70,9 +73,12 @@ def evaluate(
     max_new_tokens: int = 16,
     batch_size: int = 16,
     meta: dict | None = None,
+    coverage: float = 0.9,
+    keep: dict | None = None,
 ) -> dict:
     """Run the mode(s), write the outputs (the first mode at `out_dir`, generate under `out_dir/generate` when
-    both run) and return {"rank": metrics, "generate": metrics, "agreement": fraction} for what ran."""
+    both run) and return {"rank": metrics, "generate": metrics, "agreement": fraction} for what ran; `coverage`:
+    the label sets' target where the predictor is calibrated; `keep`: filled with each mode's predictions."""
     if mode not in MODES:
         raise ValueError(f"eval.mode={mode!r}: use one of {', '.join(MODES)}")
     modes = ["rank", "generate"] if mode == "both" else [mode]
@@ -82,9 +88,12 @@ def evaluate(
         started = time.perf_counter()
         preds = predict_records(predictor, records, current, max_new_tokens, batch_size)
         seconds = time.perf_counter() - started
-        metrics = classification_metrics(preds.true, preds.pred, preds.labels, preds.probs)
+        all_labels = [r.labels for r in records] if records and records[0].labels else None
+        metrics = classification_metrics(preds.true, preds.pred, preds.labels, preds.probs, all_labels=all_labels)
         if preds.loss is not None:
             metrics["loss"] = preds.loss
+        if preds.probs is not None:
+            metrics.update(trust_metrics(preds, predictor.calibration, coverage, all_labels))
         metrics["examples_per_s"] = len(records) / seconds
         target = out_dir if n == 0 else out_dir / current
         info = {**(meta or {}), "mode": current, "source": predictor.source, "seconds": seconds}
@@ -93,7 +102,7 @@ def evaluate(
             results["agreement"] = metrics["rank_generate_agreement"] = agree
         paths = write_eval_outputs(target, preds, metrics, info, top_k)
         if wandb_run is not None:
-            log_to_wandb(wandb_run, preds, metrics, paths["confusion_matrix"], prefix=f"{prefix}/{current}")
+            log_to_wandb(wandb_run, preds, metrics, paths, prefix=f"{prefix}/{current}")
         log.info(
             "%s %s: accuracy %.4f, macro-F1 %.4f, %s (%d examples, %.1f examples/s) -> %s",
             prefix,
@@ -106,6 +115,8 @@ def evaluate(
             target,
         )
         results[current], predictions[current] = metrics, preds
+    if keep is not None:  # the predictions themselves, for a caller that compares models row by row
+        keep.update(predictions)
     if "agreement" in results:
         log.info("rank and generate agree on %.1f %% of the examples", 100 * results["agreement"])
         if wandb_run is not None:

@@ -5,6 +5,8 @@
   predictions.jsonl      one line per example: id, true, predicted, top-k probabilities (and the raw answer)
   confusion_matrix.png   rows normalised to the true label's support, readable label names
   per_class.md           precision / recall / F1 / support per label, as a markdown table
+  reliability.png        accuracy against confidence (before and after calibration, where the export has it)
+  risk_coverage.png      accuracy when only the most confident rows are answered
 and, with a W&B run, the same metrics, the confusion matrix (image and `wandb.plot.confusion_matrix`) and a
 predictions table with the columns the prompt reads, the true and the predicted label.
 """
@@ -20,6 +22,7 @@ import torch
 from lmtune.core.files import atomic_write
 from lmtune.data.records import Record
 from lmtune.evaluation.metrics import INVALID, INVALID_NAME
+from lmtune.evaluation.trust import plot_reliability, plot_risk_coverage
 
 
 def shown_columns(records: list[Record]) -> dict[str, list[str]]:
@@ -39,6 +42,7 @@ class EvalPredictions:
     probs: torch.Tensor | None = None  # (N, labels), rows sum to 1 (rank scoring, TF-IDF)
     answers: list[str] | None = None  # raw generated text (generate mode)
     loss: float | None = None  # rank mode: the true answer's mean loss per answer token
+    scores: torch.Tensor | None = None  # rank mode: the rank scores, before any temperature (for "before" plots)
 
     def name_of(self, index: int) -> str:
         return INVALID_NAME if index == INVALID else self.labels[index]
@@ -128,14 +132,36 @@ def write_eval_outputs(
     atomic_write(paths["predictions"], lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     atomic_write(paths["per_class"], lambda f: f.write(per_class_markdown(metrics)))
     plot_confusion_matrix(metrics, paths["confusion_matrix"])
+    if predictions.probs is not None:
+        paths["reliability"], paths["risk_coverage"] = out_dir / "reliability.png", out_dir / "risk_coverage.png"
+        curves = {"as scored": predictions.probs}
+        if predictions.scores is not None and "temperature" in metrics:
+            curves = {
+                "before calibration": torch.softmax(predictions.scores, -1),
+                "after calibration": predictions.probs,
+            }
+        plot_reliability(curves, predictions.true, paths["reliability"])
+        plot_risk_coverage(predictions.probs, predictions.true, predictions.pred, paths["risk_coverage"])
     return paths
 
 
-def log_to_wandb(run, predictions: EvalPredictions, metrics: dict, png: Path, prefix: str = "eval") -> None:
-    """Metrics in the summary, the confusion matrix as image and as W&B's interactive plot, a predictions table."""
+def log_to_wandb(run, predictions: EvalPredictions, metrics: dict, paths: dict, prefix: str = "eval") -> None:
+    """Metrics in the summary, the confusion matrix as image and as W&B's interactive plot, the reliability and
+    risk-coverage plots, a predictions table."""
     import wandb
 
-    scalars = {f"{prefix}/{k}": metrics[k] for k in ("acc", "macro_f1", "invalid_rate", "ece", "n") if k in metrics}
+    png = paths["confusion_matrix"]
+    names = ("acc", "macro_f1", "invalid_rate", "ece", "ece_uncalibrated", "temperature", "acc_any_label", "n")
+    scalars = {f"{prefix}/{k}": metrics[k] for k in names if k in metrics}
+    for key in ("acc", "macro_f1"):
+        if f"{key}_interval" in metrics:
+            scalars[f"{prefix}/{key}_low"], scalars[f"{prefix}/{key}_high"] = metrics[f"{key}_interval"]
+    if "sets" in metrics:
+        scalars[f"{prefix}/set_coverage"] = metrics["sets"]["coverage"]
+        scalars[f"{prefix}/set_size"] = metrics["sets"]["mean_size"]
+    plots = {
+        f"{prefix}/{name}": wandb.Image(str(paths[name])) for name in ("reliability", "risk_coverage") if name in paths
+    }
     scalars.update({f"{prefix}/f1/{label}": m["f1"] for label, m in metrics["per_class"].items()})
     valid = [n for n, p in enumerate(predictions.pred) if p != INVALID]  # W&B's plot only knows the label set
     table = wandb.Table(columns=["id", *predictions.shown, "true", "predicted", "p(predicted)"])
@@ -146,6 +172,7 @@ def log_to_wandb(run, predictions: EvalPredictions, metrics: dict, png: Path, pr
     run.log(
         {
             **scalars,
+            **plots,
             f"{prefix}/confusion_matrix_image": wandb.Image(str(png)),
             f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
                 y_true=[predictions.true[n] for n in valid],

@@ -18,6 +18,7 @@ from lmtune.artifacts.checkpoints import load_checkpoint_weights
 from lmtune.artifacts.export import load_export_model, load_formatter, read_export
 from lmtune.core.progress import Progress
 from lmtune.data.formatting import ChatFormatter
+from lmtune.model.calibration import ABSTAIN, Calibration, checked_threshold, label_set
 from lmtune.model.loading import load_for_inference
 from lmtune.model.precision import autocast_for
 from lmtune.model.scoring import SharedPrefix, left_pad, rank_scores
@@ -38,8 +39,10 @@ class Prediction:
     id: str | None
     shown: dict[str, str]  # the prompt's first column, to recognise the row
     label: str  # the predicted label
-    probs: dict[str, float]  # every label, most likely first; sums to 1
+    probs: dict[str, float]  # every label, most likely first; sums to 1 (calibrated where the export is)
     truncated: bool = False  # the truncate column was shortened to fit max_length
+    label_set: list[str] | None = None  # with a coverage asked: the labels meant to hold the true one that often
+    abstained: bool = False  # the top probability was under min_confidence: `label` is "abstain"
 
     @property
     def category(self) -> str:
@@ -52,7 +55,10 @@ class Prediction:
     def to_dict(self) -> dict:
         # `label` as the server and the README name it; `category`, predict's name for it until 2026-12, kept as a
         # deprecated alias for one release
-        return {"id": self.id, **self.shown, "label": self.label, "category": self.label, "probs": self.probs}
+        answer = {"id": self.id, **self.shown, "label": self.label, "category": self.label, "probs": self.probs}
+        if self.label_set is not None:
+            answer["label_set"] = self.label_set
+        return answer
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -71,8 +77,10 @@ class Predictor:
         pad_id: int,
         source: str = "",
         precision: str | None = None,
+        calibration: Calibration | None = None,
     ):
         self.causal_lm = causal_lm.eval()
+        self.calibration = calibration  # the export's temperature and conformal scores; None: plain softmax
         self.formatter = formatter
         self.pad_id = pad_id
         self._opening: SharedPrefix | None = None  # the task's opening, encoded at the first call (weights are fixed)
@@ -100,7 +108,16 @@ class Predictor:
         log.info("loaded %s (%s, labels %s) on %s", export.path, export.cfg.adapter.kind, export.labels, device)
         log.info(formatter.chat_format.describe())
         kwargs.setdefault("precision", export.cfg.trainer.get("precision"))
-        return cls(model, formatter, formatter.tokenizer.pad_token_id, source=str(export.path), **kwargs)
+        if export.calibration is not None:
+            log.info("calibrated: temperature %.3f (%s)", export.calibration.temperature, export.calibration.fitted_on)
+        return cls(
+            model,
+            formatter,
+            formatter.tokenizer.pad_token_id,
+            source=str(export.path),
+            calibration=export.calibration,
+            **kwargs,
+        )
 
     @classmethod
     def from_checkpoint(cls, ckpt: str | Path, cache_dir: str | Path, device: torch.device, **kwargs) -> Predictor:
@@ -192,14 +209,36 @@ class Predictor:
                 progress.advance(len(batch))
         return answers
 
-    def predict(self, rows: list[Row]) -> list[Prediction]:
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """Rank scores (rows x labels) -> probabilities: the export's temperature applied, if it has one."""
+        if self.calibration is not None:
+            return self.calibration.probs(scores)
+        return torch.softmax(scores.double(), dim=-1)
+
+    def predict(
+        self, rows: list[Row], coverage: float | None = None, min_confidence: float | None = None
+    ) -> list[Prediction]:
+        """The top label and every label's probability per row; with `coverage`, the label set; with
+        `min_confidence`, "abstain" where the top probability is under it."""
+        threshold = checked_threshold(self.calibration, coverage, min_confidence, self.source)
         if not rows:
             return []
         scores, truncated = self.scores(rows)
-        probs = torch.softmax(scores.double(), dim=-1)
+        probs = self.probabilities(scores)
         first = self.formatter.columns[0]
         predictions = []
         for row, p, cut in zip(rows, probs.tolist(), truncated, strict=True):
             ranked = sorted(zip(self.labels, p, strict=True), key=lambda kv: -kv[1])
-            predictions.append(Prediction(row.id, {first: row.fields[first]}, ranked[0][0], dict(ranked), cut))
+            unsure = min_confidence is not None and ranked[0][1] < min_confidence
+            predictions.append(
+                Prediction(
+                    row.id,
+                    {first: row.fields[first]},
+                    ABSTAIN if unsure else ranked[0][0],
+                    dict(ranked),
+                    cut,
+                    label_set(p, self.labels, threshold) if threshold is not None else None,
+                    unsure,
+                )
+            )
         return predictions

@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from lmtune.core.digest import json_digest
+from lmtune.evaluation.comparison import mcnemar, verdict
 from lmtune.evaluation.metrics import most_confused
 from lmtune.evaluation.modes import evaluate
 from lmtune.evaluation.predictor import Predictor
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 def zero_shot_key(pretrained: str, model_cfg: dict, quant_cfg: dict | None, formatter, examples, precision) -> str:
     spec = {
+        "version": 2,  # 2: metrics with bootstrap intervals and accuracy at coverage
         "precision": str(precision),
         "base": str(pretrained),
         "model": {k: model_cfg.get(k) for k in ("source", "name_or_path", "gguf_file", "dtype", "attn_implementation")},
@@ -80,24 +82,75 @@ def zero_shot_metrics(
     return json.loads((cached / "eval_metrics.json").read_text())["metrics"]
 
 
-def tfidf_metrics(splits: dict, labels: list[str], out_dir: Path) -> dict:
+def tfidf_metrics(splits: dict, labels: list[str], out_dir: Path):
+    """(TF-IDF + LR's test metrics, its predictions)."""
     from lmtune.evaluation.tfidf import evaluate_tfidf
 
-    return evaluate_tfidf(splits["train"], splits["test"], labels, out_dir)[1]
+    predictions, metrics, _ = evaluate_tfidf(splits["train"], splits["test"], labels, out_dir)
+    return metrics, predictions
 
 
-def report_markdown(rows: dict[str, dict], confused: list, train: dict, data: dict) -> str:
+def _interval(m: dict, key: str) -> str:
+    low, high = m.get(f"{key}_interval") or (None, None)
+    return f"{m[key]:.3f} [{low:.3f}, {high:.3f}]" if low is not None else f"{m[key]:.3f}"
+
+
+def trust_markdown(tuned: dict, comparison: str | None) -> list[str]:
+    """What a user acting on each prediction needs: how far the probabilities hold, label sets, abstention, and
+    whether the win over TF-IDF is more than chance."""
+    lines = ["", "## Acting on the predictions (fine-tuned)", ""]
+    if "temperature" in tuned:
+        lines.append(
+            f"- Calibration: temperature {tuned['temperature']:.3f} fitted on the validation split; expected "
+            f"calibration error on the test split {tuned['ece_uncalibrated']:.3f} before, {tuned['ece']:.3f} after "
+            "(`reliability.png`)."
+        )
+    sets = tuned.get("sets")
+    if sets:
+        any_label = (
+            f"; a set holds one of the paper's labels {100 * sets['coverage_any_label']:.1f} %"
+            if "coverage_any_label" in sets
+            else ""
+        )
+        lines.append(
+            f"- Label sets at coverage {sets['target']:.2f} (`predict.coverage`): they hold the true label on "
+            f"{100 * sets['coverage']:.1f} % of the test rows, {sets['mean_size']:.2f} labels on average, a single "
+            f"label {100 * sets['singletons']:.1f} % of the time{any_label}."
+        )
+    at = tuned.get("acc_at_coverage") or {}
+    if at:
+        lines.append(
+            "- Abstention (`predict.min_confidence`): answering only the most confident "
+            + ", ".join(f"{100 * float(c):.0f} % of rows gives accuracy {a:.3f}" for c, a in at.items())
+            + f" (all rows: {tuned['acc']:.3f}; `risk_coverage.png`)."
+        )
+    if comparison:
+        lines += ["", "## Fine-tuned against TF-IDF", "", comparison]
+    return lines
+
+
+def report_markdown(
+    rows: dict[str, dict], confused: list, train: dict, data: dict, comparison: str | None = None
+) -> str:
+    any_label = any("acc_any_label" in m for m in rows.values())
+    dates = data.get("dates") or {}
+    split = f"split {data.get('split', 'random')}" + (
+        " (" + "; ".join(f"{name} {a} to {b}" for name, (a, b) in dates.items()) + ")" if dates else ""
+    )
     lines = [
         "# Report",
         "",
-        f"Test split: {data.get('test_examples')} examples, labels {', '.join(data.get('labels', []))}.",
+        f"Test split: {data.get('test_examples')} examples, labels {', '.join(data.get('labels', []))}; {split}.",
+        "Brackets: 95% bootstrap intervals (1,000 resamples of the test rows, the same for every model).",
         "",
-        "| model | accuracy | macro-F1 | ECE |",
-        "|---|---:|---:|---:|",
+        "| model | accuracy | macro-F1 | ECE |" + (" one of the row's labels |" if any_label else ""),
+        "|---|---:|---:|---:|" + ("---:|" if any_label else ""),
     ]
     for name, m in rows.items():
         ece = f"{m['ece']:.3f}" if "ece" in m else "-"
-        lines.append(f"| {name} | {m['acc']:.4f} | {m['macro_f1']:.4f} | {ece} |")
+        extra = f" {m['acc_any_label']:.3f} |" if any_label and "acc_any_label" in m else " - |" if any_label else ""
+        lines.append(f"| {name} | {_interval(m, 'acc')} | {_interval(m, 'macro_f1')} | {ece} |{extra}")
+    lines += trust_markdown(rows["fine-tuned"], comparison)
     lines += ["", "## Most confused (fine-tuned): true -> predicted", ""]
     lines += [f"- {t} -> {p}: {n}" for t, p, n in confused] or ["- none"]
     lines += [
@@ -116,15 +169,29 @@ def report_markdown(rows: dict[str, dict], confused: list, train: dict, data: di
 
 
 def final_report(
-    module, datamodule, output_dir: Path, cache_dir: Path, report_cfg, train_stats: dict, precision: str, run=None
+    module,
+    datamodule,
+    output_dir: Path,
+    cache_dir: Path,
+    report_cfg,
+    train_stats: dict,
+    precision: str,
+    run=None,
+    calibration=None,
 ) -> dict:
     """Evaluate fine-tuned (and zero-shot, TF-IDF), write report.md; returns the numbers for the summary and
     each model's test metrics by name (the fine-tuned model's are training's test metrics on one process)."""
     formatter, pad_id = datamodule.formatter, datamodule.collator.pad_token_id
     records, examples = datamodule.splits["test"], datamodule.examples["test"]
     module.eval()
-    tuned = Predictor(module.causal_lm, formatter, pad_id, source="fine-tuned (best checkpoint)", precision=precision)
-    rows = {"fine-tuned": evaluate(tuned, records, "rank", output_dir, wandb_run=run, prefix="test")["rank"]}
+    tuned = Predictor(
+        module.causal_lm, formatter, pad_id, "fine-tuned (best checkpoint)", precision, calibration=calibration
+    )
+    kept, coverage = {}, float(report_cfg.get("coverage") or 0.9)
+    tuned_metrics = evaluate(
+        tuned, records, "rank", output_dir, wandb_run=run, prefix="test", coverage=coverage, keep=kept
+    )["rank"]
+    rows, comparison = {"fine-tuned": tuned_metrics}, None
     if report_cfg.get("zero_shot", True):
         rows["zero-shot"] = zero_shot_metrics(
             module,
@@ -137,15 +204,30 @@ def final_report(
             precision,
         )
     if report_cfg.get("tfidf", True):
-        rows[f"TF-IDF + LR ({len(datamodule.splits['train'])} training examples)"] = tfidf_metrics(
-            datamodule.splits, datamodule.labels, output_dir / "tfidf"
-        )
+        name = f"TF-IDF + LR ({len(datamodule.splits['train'])} training examples)"
+        rows[name], baseline = tfidf_metrics(datamodule.splits, datamodule.labels, output_dir / "tfidf")
+        test = mcnemar(baseline.true, kept["rank"].pred, baseline.pred)  # the same rows, in the same order
+        comparison = verdict("the fine-tuned model", "TF-IDF + LR", tuned_metrics["acc"], rows[name]["acc"], test)
+        tuned_metrics["vs_tfidf"] = {**test, "verdict": comparison}
     confused = most_confused(rows["fine-tuned"], datamodule.labels)
-    (output_dir / "report.md").write_text(report_markdown(rows, confused, train_stats, datamodule.stats))
+    (output_dir / "report.md").write_text(report_markdown(rows, confused, train_stats, datamodule.stats, comparison))
     summary = {}
     for name, m in rows.items():
         key = name.split(" ")[0].lower()
         summary.update({f"report/{key}/acc": m["acc"], f"report/{key}/macro_f1": m["macro_f1"]})
+        for metric in ("acc", "macro_f1"):
+            if f"{metric}_interval" in m:
+                low, high = m[f"{metric}_interval"]
+                summary.update({f"report/{key}/{metric}_low": low, f"report/{key}/{metric}_high": high})
+    for key in ("ece_uncalibrated", "temperature"):
+        if key in tuned_metrics:
+            summary[f"report/fine-tuned/{key}"] = tuned_metrics[key]
+    if "sets" in tuned_metrics:
+        summary["report/fine-tuned/set_coverage"] = tuned_metrics["sets"]["coverage"]
+        summary["report/fine-tuned/set_size"] = tuned_metrics["sets"]["mean_size"]
+    if comparison:
+        summary["report/vs_tfidf/p_value"] = tuned_metrics["vs_tfidf"]["p_value"]
+        summary["report/vs_tfidf/verdict"] = comparison
     summary["report/most_confused"] = [f"{t} -> {p}: {n}" for t, p, n in confused]
     if run is not None:
         run.summary.update(summary)

@@ -19,6 +19,7 @@ from lmtune.core.errors import UserError
 from lmtune.data.records import Record
 from lmtune.evaluation.metrics import classification_metrics
 from lmtune.evaluation.outputs import EvalPredictions, shown_columns, write_eval_outputs
+from lmtune.evaluation.trust import trust_metrics
 
 
 def record_text(record: Record) -> str:
@@ -108,6 +109,10 @@ def evaluate_tfidf(
     model = fit_tfidf(train, labels, **params)
     fit_seconds = round(time.perf_counter() - start, 3)
     predictions = predict_tfidf(model, records, labels)
-    metrics = classification_metrics(predictions.true, predictions.pred, labels, predictions.probs)
+    all_labels = [r.labels for r in records] if records[0].labels else None
+    metrics = classification_metrics(
+        predictions.true, predictions.pred, labels, predictions.probs, all_labels=all_labels
+    )
+    metrics.update(trust_metrics(predictions, None, 0.9))  # accuracy at 80% and 90% coverage, as the LM's
     info = {"model": "tfidf+logreg", "train_examples": len(train), "fit_seconds": fit_seconds, **(meta or {})}
     return predictions, metrics, write_eval_outputs(out_dir, predictions, metrics, info)

@@ -143,24 +143,28 @@ class CausalLMModule(L.LightningModule):
         """The transformers model (inside the PeftModel wrapper when adapters are attached)."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def supervised_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed cross-entropy over the answer tokens and their count."""
+    def supervised_loss(self, batch: dict, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy over the answer tokens and their count (`weights`: per position, see `loss.py`)."""
         lm = self.causal_lm
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if "segments" in batch:  # packed rows (data.packing): attention inside each example, positions from 0
             mask = as_attention_mask(lm, packed_attention(batch["segments"]))
             inputs.update(attention_mask=mask, position_ids=batch["position_ids"])
         if self._device_mesh is not None:  # FSDP: the head's weights are gathered only in lm.forward
-            return masked_lm_loss_sum_via_forward(lm, {**batch, **inputs})
+            return masked_lm_loss_sum_via_forward(lm, {**batch, **inputs}, weights)
         hidden = lm.get_decoder()(**inputs).last_hidden_state
-        return masked_lm_loss_sum(hidden, batch["labels"], functools.partial(head_logits, lm))
+        return masked_lm_loss_sum(hidden, batch["labels"], functools.partial(head_logits, lm), weights)
+
+    def token_weights(self, batch: dict) -> torch.Tensor | None:
+        """A training weight per position (None: every supervised token counts 1); the classifier's class weights."""
+        return None
 
     # --- steps -----------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss_sum, n_tokens = self.supervised_loss(batch)
+        loss_sum, n_tokens = self.supervised_loss(batch, self.token_weights(batch))
         self.flops_per_batch = self.flops_per_token * int(batch["attention_mask"].sum())
-        loss = loss_sum / n_tokens.clamp(min=1)
-        self._window_tokens += int(n_tokens)
+        loss = loss_sum / n_tokens.float().clamp(min=1e-6)
+        self._window_tokens += float(n_tokens)  # with class weights: the summed weight of the tokens
         if not torch.isfinite(loss):
             ids = batch.get("ids", [])
             raise NonFiniteLossError(
@@ -288,6 +292,7 @@ class CausalLMClassifier(CausalLMModule):
         gradient_checkpointing: bool | str = False,
         compile: bool = False,
         prompt_opening: list[int] | None = None,
+        class_weights: list[float] | None = None,
     ):
         super().__init__(
             pretrained,
@@ -300,8 +305,12 @@ class CausalLMClassifier(CausalLMModule):
             labels=labels,
             answer_ids=answer_ids,
             prompt_opening=prompt_opening,
+            class_weights=class_weights,
         )
         num_classes = len(labels)
+        # `loss.class_weights`: each training example's tokens weigh its label's weight (validation stays unweighted)
+        weights = torch.tensor(class_weights if class_weights else [], dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)
         self.metrics = torch.nn.ModuleDict(
             {
                 stage: MetricCollection(
@@ -315,6 +324,15 @@ class CausalLMClassifier(CausalLMModule):
             }
         )
         self._opening: SharedPrefix | None = None  # the task's opening encoded, for one validation or test pass
+
+    def token_weights(self, batch: dict) -> torch.Tensor | None:
+        if not len(self.class_weights):
+            return None
+        per_example = self.class_weights[batch["label_index"]]
+        if "segments" in batch:  # packed rows: each position takes the weight of the example it holds
+            segments = batch["segments"]
+            return torch.where(segments >= 0, per_example[segments.clamp(min=0)], 0.0)
+        return per_example[:, None].expand_as(batch["labels"])
 
     def score_labels(self, batch: dict) -> torch.Tensor:
         prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], batch["prompt_length"], strict=True)]

@@ -78,6 +78,13 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"optim.lr={cfg.optim.lr}: must be positive.")
     problems += count_problems(cfg)
     problems += val_answers_problems(cfg)
+    weights = OmegaConf.select(cfg, "loss.class_weights", default=None)
+    if weights not in (None, "balanced"):
+        problems.append(f"loss.class_weights={weights!r}: use balanced, or null for every example weighing 1.")
+    elif weights and str(cfg.data.get("_target_", "")).endswith(".ChatDataModule"):
+        problems.append(
+            "loss.class_weights=balanced: written answers have no label set to weigh; use null with data=chat."
+        )
     source = cfg.data.get("source", "auto")
     if source not in SOURCES_OF_DATA:
         problems.append(f"data.source={source!r}: use one of {', '.join(SOURCES_OF_DATA)}.")

@@ -109,7 +109,7 @@ def build_module(cfg: DictConfig, kind, datamodule, pretrained: str):
         "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "compile": cfg.compile,
     }
-    return kind.module(common, datamodule)
+    return kind.module(common, datamodule, cfg)
 
 
 def build_trainer(cfg: DictConfig, kind, datamodule, stats: TrainingStats, output_dir: Path) -> L.Trainer:
@@ -156,7 +156,20 @@ def test_best(cfg: DictConfig, kind, trainer: L.Trainer, module, datamodule, bes
     return test, module, report_is_test
 
 
-def report(cfg: DictConfig, kind, trainer: L.Trainer, module, datamodule, summary: dict, report_is_test: bool):
+def calibrate(cfg: DictConfig, kind, trainer: L.Trainer, module, datamodule, summary: dict):
+    """The kind's calibration of the exported weights on the validation split (rank 0), or None."""
+    if not trainer.is_global_zero:
+        return None
+    calibration = kind.calibrate(module, datamodule, trainer.precision)
+    if calibration is not None:
+        summary["calibration"] = {"temperature": calibration.temperature, "fitted_on": calibration.fitted_on}
+        log.info("calibration: temperature %.3f (%s)", calibration.temperature, calibration.fitted_on)
+    return calibration
+
+
+def report(
+    cfg: DictConfig, kind, trainer: L.Trainer, module, datamodule, summary: dict, report_is_test: bool, calibration
+):
     """The kind's end-of-training report (rank 0), into `summary`; its rows by model, or None. Its test metrics
     (the whole test evaluation, or what it adds to the test pass's) are logged as the test split's."""
     if not (trainer.is_global_zero and cfg.report.enabled):
@@ -164,7 +177,7 @@ def report(cfg: DictConfig, kind, trainer: L.Trainer, module, datamodule, summar
     run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
     output_dir = Path(cfg.paths.output_dir)
     summary["report"], rows, test = kind.report(
-        module, datamodule, output_dir, cfg, summary["train"], trainer.precision, run
+        module, datamodule, output_dir, cfg, summary["train"], trainer.precision, run, calibration
     )
     general_text(cfg, module, datamodule, summary, run, trainer.precision)
     if kind.report_is_test and not report_is_test:
@@ -203,14 +216,16 @@ def general_text(cfg: DictConfig, module, datamodule, summary: dict, run, precis
         )
 
 
-def save_outputs(cfg: DictConfig, kind, trainer: L.Trainer, module, datamodule, tokenizer, summary, rows) -> None:
+def save_outputs(
+    cfg: DictConfig, kind, trainer: L.Trainer, module, datamodule, tokenizer, summary, rows, calibration
+) -> None:
     """On rank 0: the export (with its model card), the data manifest, metrics.json, the W&B summary and
     artifacts."""
     if not trainer.is_global_zero:
         return
     output_dir = Path(cfg.paths.output_dir)
     metrics = {**summary["val"], **summary["test"]}
-    task, files = kind.export_task(datamodule.formatter, datamodule.spec)
+    task, files = kind.export_task(datamodule.formatter, datamodule.spec, calibration)
     card = card_inputs(kind, summary, rows, summary["test"])
     export = export_model(
         module, tokenizer, datamodule.formatter, cfg, output_dir / "export", kind.name, task, files, card
@@ -253,8 +268,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict]:
         "precision": str(trainer.precision),
         "hardware": _plain(cfg.hardware),
     }
-    rows = report(cfg, kind, trainer, module, datamodule, summary, report_is_test)
-    save_outputs(cfg, kind, trainer, module, datamodule, tokenizer, summary, rows)
+    calibration = calibrate(cfg, kind, trainer, module, datamodule, summary)
+    rows = report(cfg, kind, trainer, module, datamodule, summary, report_is_test, calibration)
+    save_outputs(cfg, kind, trainer, module, datamodule, tokenizer, summary, rows, calibration)
     metrics = {**val, **summary["test"]}
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "summary": summary}
 

@@ -10,7 +10,7 @@ from lmtune.model.module import CausalLMModule
 class Generate:
     name = "generate"
 
-    def module(self, common: dict, datamodule) -> CausalLMModule:
+    def module(self, common: dict, datamodule, cfg=None) -> CausalLMModule:
         return CausalLMModule(**common)
 
     def callbacks(self, cfg) -> list:
@@ -24,13 +24,16 @@ class Generate:
 
     report_is_test = False  # the report adds generation metrics; the test loss comes from a test pass
 
-    def report(self, module, datamodule, output_dir, cfg, train_stats: dict, precision, run):
+    def calibrate(self, module, datamodule, precision):
+        return None  # written answers have no label probabilities to calibrate
+
+    def report(self, module, datamodule, output_dir, cfg, train_stats: dict, precision, run, calibration=None):
         """The fine-tuned and zero-shot models' answers on the test split (`report.py`)."""
         from lmtune.tasks.generate.report import generation_report
 
         return generation_report(module, datamodule, output_dir, cfg, train_stats, precision, run)
 
-    def export_task(self, formatter, spec) -> tuple[dict, dict]:
+    def export_task(self, formatter, spec, calibration=None) -> tuple[dict, dict]:
         """(what formatting.json records besides the formatter's settings: the id column; no other files)."""
         return {"id_column": spec.id if spec else "id"}, {}
 

@@ -68,6 +68,7 @@ def evaluate_generation(
                     "answer": answer.text,
                     "finish_reason": answer.finish_reason,
                     "tokens": answer.tokens,
+                    "dropped": answer.dropped,  # early exchanges left out to fit max_length
                 }
             )
             progress.advance(1)
@@ -78,6 +79,7 @@ def evaluate_generation(
         "examples": len(rows),
         "skipped": len(skipped),
         "cut_at_max_new_tokens": sum(r["finish_reason"] == "length" for r in rows),
+        "early_exchanges_dropped": sum(r["dropped"] > 0 for r in rows),  # answered without their first turns
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "predictions.jsonl", lambda f: f.writelines(json.dumps(r) + "\n" for r in rows + skipped))

@@ -39,6 +39,13 @@ def report_markdown(rows: dict[str, dict], examples: list[dict], train: dict, da
             f"| {name} | {m['exact_match']:.3f} | {m['chrf']:.1f} | {m['rougeL']:.3f} | "
             f"{m['answer_words']:.1f} ({m['reference_words']:.1f}) | {m['cut_at_max_new_tokens']} |"
         )
+    dropped = max(m.get("early_exchanges_dropped", 0) for m in rows.values())
+    if dropped:
+        lines += [
+            "",
+            f"{dropped} test conversations were answered without their early exchanges (left out to fit "
+            "data.max_length): where those hold what the answer needs, raise data.max_length.",
+        ]
     names = list(rows)
     lines += ["", "## Examples", "", "| prompt | reference | " + " | ".join(names) + " |"]
     lines.append("|---" * (2 + len(names)) + "|")
