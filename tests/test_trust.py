@@ -214,10 +214,15 @@ def test_predict_gives_label_sets_and_abstains_under_min_confidence(trained, cac
     assert answer["label"] == "abstain" and answer["label_set"] and set(answer["label_set"]) <= set(answer["probs"])
     ranked = list(answer["probs"])
     assert answer["label_set"] == ranked[: len(answer["label_set"])]  # the most probable labels, in order
-    proc = run_script("predict.py", *common, "coverage=1.5")
-    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
-        "error: coverage=1.5: a fraction between 0 and 1 (e.g. 0.9), or null."
-    )
+    from lmtune.core.errors import UserError
+    from lmtune.model.calibration import checked_threshold
+
+    for setting, message in (
+        ({"coverage": 1.5}, "coverage=1.5: a fraction between 0 and 1"),
+        ({"min_confidence": 2}, "min_confidence=2: a probability"),
+    ):
+        with pytest.raises(UserError, match=message):  # predict and serve check both with it, before any model loads
+            checked_threshold(None, setting.get("coverage"), setting.get("min_confidence"), "export")
 
 
 def test_an_export_without_calibration_refuses_label_sets_in_one_line(trained, tmp_path):
@@ -246,15 +251,25 @@ def test_the_server_answers_with_label_sets_and_abstains(trained, cache_dir, tmp
 
     run, _, objects = trained
     record = objects["datamodule"].splits["test"][0]
-    server = Server(tmp_path, f"ckpt={run / 'export'}", f"paths.cache_dir={cache_dir}", "coverage=0.9")
+    settings = ["coverage=0.9", "min_confidence=0.999"]
+    server = Server(tmp_path, f"ckpt={run / 'export'}", f"paths.cache_dir={cache_dir}", *settings)
     try:
         status, answer = server.predict(record.fields)
-        assert status == 200 and answer["label_set"][0] == max(answer["probs"], key=answer["probs"].get)
     finally:
         server.stop()
-    server = Server(tmp_path, f"ckpt={run / 'export'}", f"paths.cache_dir={cache_dir}", "min_confidence=0.999")
-    try:
-        status, answer = server.predict(record.fields)
-        assert status == 200 and answer["label"] == "abstain" and "label_set" not in answer
-    finally:
-        server.stop()
+    assert status == 200 and answer["label"] == "abstain"
+    assert answer["label_set"][0] == max(answer["probs"], key=answer["probs"].get)
+
+
+def test_calibration_can_use_more_validation_rows_than_validation_during_training(tmp_path, cache_dir):
+    """`data.calibration_rows`: the validation split beyond `limit_val`, the rows validated first (hash order)."""
+    from conftest import compose_train
+    from lmtune.training.instantiate import instantiate_data
+
+    cfg = compose_train(["experiment=smoke", "data.limit_val=5", "data.calibration_rows=12"], tmp_path, cache_dir)
+    dm = instantiate_data(cfg.data)
+    dm.load_splits()
+    validated = [r.id for r in dm.splits["val"]]
+    calibrated = [r.id for r in dm.calibration_split(dm.calibration_rows)]
+    assert len(validated) == 5 and len(calibrated) == 12 and calibrated[:5] == validated
+    assert [r.id for r in dm.calibration_split(None)] == validated

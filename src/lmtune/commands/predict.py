@@ -26,7 +26,7 @@ from lmtune.core.files import atomic_write
 from lmtune.data.formatting import template_columns
 from lmtune.data.records import RecordSpec, clean_text, iter_jsonl, iter_jsonl_lines, reader_for, rename_columns
 from lmtune.evaluation.predictor import Prediction, Predictor, Row, pick_device
-from lmtune.model.calibration import ABSTAIN
+from lmtune.model.calibration import ABSTAIN, checked_threshold
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,11 @@ def load_predictor(cfg: DictConfig) -> Predictor:
 
 
 def trust_options(cfg: DictConfig) -> dict:
-    """`coverage` (label sets) and `min_confidence` (abstention), as settings of predict and serve."""
-    return {"coverage": cfg.get("coverage"), "min_confidence": cfg.get("min_confidence")}
+    """`coverage` (label sets) and `min_confidence` (abstention), checked against the export before a model loads."""
+    options = {"coverage": cfg.get("coverage"), "min_confidence": cfg.get("min_confidence")}
+    calibration = read_export(cfg.ckpt).calibration if cfg.ckpt else None
+    checked_threshold(calibration, *options.values(), str(cfg.ckpt or "the zero-shot base model"))
+    return options
 
 
 def format_text(prediction: Prediction, top_k: int, truncate_column: str | None) -> str:
@@ -180,9 +183,9 @@ def format_text(prediction: Prediction, top_k: int, truncate_column: str | None)
 def predict_batch(cfg: DictConfig, spec: RecordSpec, emit) -> list[Prediction]:
     path = Path(cfg.input)
     items = read_batch(cfg, path, spec)
+    options = trust_options(cfg)
     predictor = load_predictor(cfg)
     ready = [n for n, item in enumerate(items) if item.row is not None]
-    options = trust_options(cfg)
     predictions = dict(zip(ready, predictor.predict([items[n].row for n in ready], **options), strict=True))
     rows = []
     for n, item in enumerate(items):
@@ -255,8 +258,9 @@ def predict(cfg: DictConfig, emit=print) -> list[Prediction]:
     if given == ["input"]:
         return predict_batch(cfg, spec, emit)
     rows = rows_by_id(cfg, spec) if given == ["arxiv_id"] else [row_from_command_line(cfg, spec)]
+    options = trust_options(cfg)
     predictor = load_predictor(cfg)
-    predictions = predictor.predict(rows, **trust_options(cfg))
+    predictions = predictor.predict(rows, **options)
     for prediction in predictions:
         emit(
             json.dumps(prediction.to_dict(), ensure_ascii=False)

@@ -122,7 +122,8 @@ class TextDataModule(L.LightningDataModule):
         log.info("%s: %d records%s; %s", self.source.where, len(records), self._describe(), self.skips.summary())
         if self.overfit:
             positions = {name: positions["train"][: self.overfit] for name in SPLITS}
-        else:
+        self._records, self._val_positions = records, positions["val"]  # before limit_val: see calibration_split
+        if not self.overfit:
             positions = {name: p[: self.limits[name]] if self.limits[name] else p for name, p in positions.items()}
         if not positions["train"]:
             raise DataError(f"{self.source.where}: no training examples after filtering ({self.skips.summary()}).")
@@ -141,6 +142,14 @@ class TextDataModule(L.LightningDataModule):
             self.stats["dates"] = date_ranges(self.splits)  # each split's first and last date
             log.info("split by %s; dates: %s", self.plan.kind, self.stats["dates"])
         return self.splits
+
+    def calibration_split(self, rows: int | None = None) -> RecordTable:
+        """The validation rows a classifier's probabilities are calibrated on: the validation split as validated,
+        or up to `rows` of it (`data.calibration_rows`) where `limit_val` keeps fewer for validation during training.
+        Hash order: the rows validated come first, so a larger calibration set holds them."""
+        if not rows:
+            return self.splits["val"]
+        return self._records.select(self._val_positions[:rows])
 
     def _positions(self, records: RecordTable, label_counts) -> dict[str, list[int]]:
         """Positions of the records each split takes, in order."""
@@ -267,6 +276,7 @@ class TextClassificationDataModule(TextDataModule):
         top_k: int | None = 10,
         labels: list[str] | None = None,
         labels_column: str | None = None,
+        calibration_rows: int | None = None,
         id_column: str = "id",
         columns: dict | None = None,
         **settings,
@@ -279,6 +289,7 @@ class TextClassificationDataModule(TextDataModule):
         spec = RecordSpec.of(text, label_column, id_column, label_is_list, columns, all_labels=labels_column)
         super().__init__(tokenizer, path, id_column=id_column, columns=columns, spec=spec, **settings)
         self.top_k, self.requested_labels = top_k, list(labels) if labels else None
+        self.calibration_rows = calibration_rows
         self.labels: list[str] = []
         # the base model evaluated zero-shot needs the label list even where a fine-tuned recipe drops it
         self.zero_shot_system = prompt.get("zero_shot_system") or prompt["system"]
@@ -317,7 +328,15 @@ class TextClassificationDataModule(TextDataModule):
         )
 
 
-CLASSIFY_ONLY = ("top_k", "labels", "label_column", "label_is_list", "truncate_column", "labels_column")
+CLASSIFY_ONLY = (
+    "top_k",
+    "labels",
+    "label_column",
+    "label_is_list",
+    "truncate_column",
+    "labels_column",
+    "calibration_rows",
+)
 
 
 class ChatDataModule(TextDataModule):

@@ -146,6 +146,7 @@ COUNTS = [
     ("val_answers.count", 0, None, "validation conversations answered at each validation (0: none)"),
     ("val_answers.max_new_tokens", 1, None, "the longest answer written on validation"),
     ("data.max_length", 1, None, "tokens per example"),
+    ("data.calibration_rows", 2, None, "validation rows to calibrate the probabilities on"),
 ]
 
 

@@ -33,7 +33,7 @@ class Classify:
         from lmtune.evaluation.predictor import Predictor, Row
         from lmtune.model.calibration import Calibration
 
-        formatter, records = datamodule.formatter, datamodule.splits["val"]
+        formatter, records = datamodule.formatter, datamodule.calibration_split(datamodule.calibration_rows)
         if len(records) < 2:
             return None
         module.eval()
