@@ -24,7 +24,7 @@ from lmtune.artifacts.export import load_formatter, read_export
 from lmtune.arxiv.lookup import fetchable
 from lmtune.commands.serve_chat import ChatAPI, ChatCheck, chat_openapi_schema
 from lmtune.commands.serve_limits import LimitLog, ServeLimits, guarded_protocol
-from lmtune.commands.serve_requests import MAX_ID_CHARS, RequestCheck, RowCheck
+from lmtune.commands.serve_requests import MAX_ID_CHARS, RequestCheck, RowCheck, api_document
 from lmtune.core.errors import DataError, UserError, first_line
 from lmtune.data.formatting import template_columns
 from lmtune.evaluation.predictor import Prediction, Predictor, Row, pick_device
@@ -147,28 +147,8 @@ def openapi_schema(columns: list[str], limits: ServeLimits, by_id: bool) -> dict
     json_of = lambda schema: {"application/json": {"schema": schema}}  # noqa: E731
     responses = {"200": {"description": "the label and every label's probability", "content": json_of(answer)}}
     responses |= {code: {"description": what, "content": json_of(error)} for code, what in errors.items()}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "lmtune classifier", "version": "1"},
-        "components": {"securitySchemes": {"key": {"type": "apiKey", "in": "header", "name": "X-API-Key"}}},
-        "security": [{"key": []}],
-        "paths": {
-            "/predict": {
-                "post": {
-                    "summary": "the label of one row",
-                    "requestBody": {"required": True, "content": json_of(body)},
-                    "responses": responses,
-                }
-            },
-            "/health": {
-                "get": {
-                    "summary": "200 once the model is loaded",
-                    "security": [],
-                    "responses": {"200": {"description": "ok"}, "503": {"description": "not ready"}},
-                }
-            },
-        },
-    }
+    key = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    return api_document("lmtune classifier", key, "/predict", "the label of one row", body, responses)
 
 
 def build_server(cfg: DictConfig) -> tuple[ls.LitServer, dict]:

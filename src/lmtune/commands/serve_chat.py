@@ -18,7 +18,7 @@ import json
 import litserve as ls
 
 from lmtune.commands.serve_limits import ServeLimits
-from lmtune.commands.serve_requests import MAX_DEPTH, Refusal, _constant, _depth, _encodable, _number
+from lmtune.commands.serve_requests import MAX_DEPTH, Refusal, _constant, _depth, _encodable, _number, api_document
 from lmtune.core.errors import DataError, first_line
 from lmtune.data.conversations import read_messages
 from lmtune.evaluation.predictor import pick_device
@@ -160,28 +160,10 @@ def chat_openapi_schema(limits: ServeLimits) -> dict:
     responses |= {
         code: {"description": what, "content": {"application/json": {"schema": error}}} for code, what in errors.items()
     }
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "lmtune chat", "version": "1"},
-        "components": {"securitySchemes": {"key": {"type": "http", "scheme": "bearer"}}},
-        "security": [{"key": []}],
-        "paths": {
-            ChatCheck.path: {
-                "post": {
-                    "summary": "the assistant's answer to the conversation's last user turn",
-                    "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
-                    "responses": responses,
-                }
-            },
-            "/health": {
-                "get": {
-                    "summary": "200 once the model is loaded",
-                    "security": [],
-                    "responses": {"200": {"description": "ok"}, "503": {"description": "not ready"}},
-                }
-            },
-        },
-    }
+    summary = "the assistant's answer to the conversation's last user turn"
+    return api_document(
+        "lmtune chat", {"type": "http", "scheme": "bearer"}, ChatCheck.path, summary, request, responses
+    )
 
 
 class ChatCheck:

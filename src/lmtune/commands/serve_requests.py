@@ -110,6 +110,32 @@ def _encodable(name: str, text: str) -> None:
         raise Refusal(422, f"{name}: not text (an unpaired surrogate \\u{ord(e.object[e.start]):04x})") from None
 
 
+def api_document(title: str, scheme: dict, route: str, summary: str, body: dict, responses: dict) -> dict:
+    """A server's /openapi.json: its one POST route (body and every answer it can give) and /health, keyed."""
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": "1"},
+        "components": {"securitySchemes": {"key": scheme}},
+        "security": [{"key": []}],
+        "paths": {
+            route: {
+                "post": {
+                    "summary": summary,
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+                    "responses": responses,
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "200 once the model is loaded",
+                    "security": [],
+                    "responses": {"200": {"description": "ok"}, "503": {"description": "not ready"}},
+                }
+            },
+        },
+    }
+
+
 class RowCheck:
     """A classifier's request (`POST /predict`): one row of the task's columns (or an arXiv id, looked up), fitted to
     the model's `max_length` as the worker will fit it."""
