@@ -56,7 +56,16 @@ def measured(work: Path) -> dict:
     tuned = json.loads((work / "eval_metrics.json").read_text())["metrics"]
     tfidf = json.loads((work / "tfidf" / "eval_metrics.json").read_text())["metrics"]
     report = summary.get("report", {})
-    keep = ("acc", "acc_interval", "macro_f1", "macro_f1_interval", "ece", "ece_uncalibrated", "temperature")
+    keep = (
+        "acc",
+        "acc_interval",
+        "macro_f1",
+        "macro_f1_interval",
+        "ece",
+        "ece_uncalibrated",
+        "ece_floor",
+        "temperature",
+    )
     return {
         "train_seconds": summary["train"].get("train_seconds"),
         "precision": summary["precision"],

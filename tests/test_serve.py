@@ -380,7 +380,7 @@ def test_a_broken_export_or_setting_stops_before_the_server_starts(export, cache
         ),
         "too few open files": (  # accept() would fail under load, with nothing logged
             [f"ckpt={export}", "serve.max_connections=256"],
-            "serve.max_connections=256 needs 512 open files, but this process may open 300 (ulimit -n)",
+            "serve.max_connections=256 needs 544 open files, but this process may open 300 (ulimit -n)",
         ),
         "not an export": ([f"ckpt={tmp_path}"], f"ckpt={tmp_path}: not a trained export (needs formatting.json"),
         "port in use": (

@@ -18,7 +18,7 @@ import torch
 from helpers.wandb_files import read_run
 from lmtune.evaluation.comparison import bootstrap_intervals, mcnemar, resamples, verdict
 from lmtune.evaluation.metrics import classification_metrics
-from lmtune.evaluation.trust import accuracy_at_coverage, risk_coverage, set_metrics
+from lmtune.evaluation.trust import accuracy_at_coverage, ece_floor, risk_coverage, set_metrics
 from lmtune.model.calibration import Calibration, conformal_threshold, fit_temperature, label_set
 
 
@@ -44,6 +44,26 @@ def test_temperature_scaling_lowers_the_calibration_error_and_keeps_every_predic
     labels, held_out = [str(k) for k in range(6)], true[10000:].tolist()
     ece = lambda p: classification_metrics(held_out, p.argmax(-1).tolist(), labels, p.float())["ece"]  # noqa: E731
     assert ece(before) > 0.1 and ece(after) < 0.02
+
+
+def test_the_ece_floor_is_what_a_calibrated_model_shows_on_that_many_rows():
+    """400 rows drawn from their own probabilities (calibrated by construction): their measured ECE, averaged over
+    draws, is the floor; a model twice too sure sits far above it; 16x the rows, a quarter of the floor."""
+    labels = [str(k) for k in range(6)]
+    floors, measured = [], []
+    for seed in range(20):
+        scores, true = synthetic(400, 6, 1.0, seed=100 + seed)
+        probs = torch.softmax(scores, -1)
+        floors.append(ece_floor(probs))
+        measured.append(classification_metrics(true.tolist(), probs.argmax(-1).tolist(), labels, probs)["ece"])
+    assert np.mean(measured) == pytest.approx(np.mean(floors), rel=0.15)
+    assert 0.02 < np.mean(floors) < 0.1
+    scores, true = synthetic(400, 6, 1.0, seed=7)
+    too_sure = torch.softmax(2 * scores, -1)
+    ece = classification_metrics(true.tolist(), too_sure.argmax(-1).tolist(), labels, too_sure)["ece"]
+    assert ece > 2 * ece_floor(too_sure)
+    scores, _ = synthetic(6400, 6, 1.0, seed=8)
+    assert ece_floor(torch.softmax(scores, -1)) == pytest.approx(np.mean(floors) / 4, rel=0.25)
 
 
 @pytest.mark.parametrize("coverage", [0.8, 0.9, 0.95])
@@ -168,12 +188,15 @@ def test_training_calibrates_on_validation_and_the_report_says_what_each_predict
     assert refit.temperature == pytest.approx(calibration["temperature"], rel=1e-3)
     assert refit.scores == pytest.approx(calibration["scores"], abs=1e-4)
     tuned = json.loads((run / "eval_metrics.json").read_text())["metrics"]
-    assert {"ece", "ece_uncalibrated", "temperature", "sets", "acc_at_coverage", "acc_any_label"} <= set(tuned)
+    assert {"ece", "ece_uncalibrated", "ece_floor", "temperature", "sets", "acc_at_coverage", "acc_any_label"} <= set(
+        tuned
+    )
     assert tuned["acc_interval"][0] <= tuned["acc"] <= tuned["acc_interval"][1]
     assert tuned["acc_any_label"] >= tuned["acc"] - 1e-6  # the primary category is one of the paper's categories
     report = (run / "report.md").read_text()
     assert "## Acting on the predictions (fine-tuned)" in report and "## Fine-tuned against TF-IDF" in report
     assert f"temperature {tuned['temperature']:.3f}" in report and "McNemar p =" in report
+    assert f"would show {tuned['ece_floor']:.3f} on this many papers" in report
     assert "split time (train " in report
     assert (run / "reliability.png").stat().st_size > 0 and (run / "risk_coverage.png").stat().st_size > 0
     # the time split: every training paper is older than every validation paper, older than every test paper
@@ -188,6 +211,7 @@ def test_training_calibrates_on_validation_and_the_report_says_what_each_predict
     logged = read_run(wandb_run)["summary"]
     assert logged["report/vs_tfidf/p_value"] == pytest.approx(summary["report/vs_tfidf/p_value"])
     assert logged["test/rank/ece_uncalibrated"] == pytest.approx(tuned["ece_uncalibrated"])
+    assert logged["test/rank/ece_floor"] == pytest.approx(tuned["ece_floor"])
     assert logged["test/rank/acc_low"] == pytest.approx(tuned["acc_interval"][0])
 
 

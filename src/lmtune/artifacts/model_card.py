@@ -248,7 +248,8 @@ def _trust_lines(trust: dict) -> list[str]:
         lines.append(
             f"- Probabilities calibrated on the validation split (temperature {trust['temperature']:.3f}): expected "
             f"calibration error on the test split {trust.get('ece_uncalibrated', float('nan')):.3f} before, "
-            f"{trust.get('ece', float('nan')):.3f} after."
+            f"{trust.get('ece', float('nan')):.3f} after ({trust.get('ece_floor', float('nan')):.3f} from sampling "
+            "alone for a perfectly calibrated model)."
         )
     sets = trust.get("sets")
     if sets:

@@ -3,9 +3,12 @@ lookups. Every bound is a `serve.*` setting with a safe default (conf/serve.yaml
 once a minute with how often it was hit, never once per request.
 
 The connection bounds live in the HTTP protocol (uvicorn's h11 protocol, extended): a connection beyond
-`serve.max_connections` is answered 503 and closed at once, and a connection that has not sent a request's headers
-within `serve.header_timeout` s (idle after connecting, or sending them a byte at a time) is answered 408 and
-closed. Idle kept-alive connections close after `serve.keep_alive` s (uvicorn's own timer)."""
+`serve.max_connections` is answered 503 at once, and a connection that has not sent a request's headers
+within `serve.header_timeout` s (idle after connecting, or sending them a byte at a time) is answered 408. Both
+answers are followed by a bounded lingering close (`LINGER_S`, at most `MAX_LINGERING` connections at a time, not
+counted in `serve.max_connections`): closing a socket that still holds unread request bytes sends a reset, and the
+client would lose the answer.
+Idle kept-alive connections close after `serve.keep_alive` s (uvicorn's own timer)."""
 
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from lmtune.core.errors import UserError
 
 log = logging.getLogger(__name__)
+
+LINGER_S = 2.0  # s an answered-and-refused connection is still read (and discarded) so the client gets the answer
+MAX_LINGERING = 32  # beyond this many lingering at once, refused connections close at once (file descriptors)
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ class ServeLimits:
         """Every allowed connection needs a file descriptor: raise the soft limit to fit (up to the hard one), or
         say which setting to lower, before minutes of model loading. Without this, accept() fails under load and
         clients see connection resets that nothing logs."""
-        needed = self.max_connections + 256  # the model, the tokenizer, logs, LitServe's queues and pipes
+        needed = self.max_connections + MAX_LINGERING + 256  # + the model, tokenizer, logs, LitServe's pipes
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY and soft < needed:
             if hard == resource.RLIM_INFINITY or hard >= needed:
@@ -133,9 +139,11 @@ def guarded_protocol(limits: ServeLimits, limit_log: LimitLog) -> type[H11Protoc
     logging.getLogger("uvicorn.error").addFilter(_InvalidRequests(limit_log))
 
     class GuardedH11Protocol(H11Protocol):
+        lingering = 0  # connections of this server answered and waiting for their client to close
+
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self.headers_due = None
+            self.headers_due = self.linger_due = None
             if len(self.connections) > limits.max_connections:
                 limit_log.hit(
                     "serve.max_connections",
@@ -143,8 +151,7 @@ def guarded_protocol(limits: ServeLimits, limit_log: LimitLog) -> type[H11Protoc
                     "serve.max_connections if this machine can hold more",
                 )
                 busy = f"the server holds {limits.max_connections} connections (serve.max_connections); retry soon"
-                transport.write(canned_response(503, busy, retry_after=1))
-                transport.close()
+                self._answer_and_close(canned_response(503, busy, retry_after=1))
                 return
             self._arm()
 
@@ -159,7 +166,28 @@ def guarded_protocol(limits: ServeLimits, limit_log: LimitLog) -> type[H11Protoc
                 self.headers_due.cancel()
                 self.headers_due = None
 
+        def _answer_and_close(self, response: bytes) -> None:
+            """Write a whole answer, half-close, and discard what the client still sends until it closes or
+            `LINGER_S` pass (see the module's docstring)."""
+            self.transport.write(response)
+            cls = type(self)
+            if cls.lingering >= MAX_LINGERING or not self.transport.can_write_eof():
+                self.transport.close()
+                return
+            cls.lingering += 1
+            self.connections.discard(self)  # answered: no longer one of the serve.max_connections being served
+            self.transport.write_eof()
+            self.linger_due = self.loop.call_later(LINGER_S, self.transport.close)
+
+        def eof_received(self):
+            if self.linger_due is not None:
+                self.transport.close()
+                return None
+            return super().eof_received()
+
         def data_received(self, data: bytes) -> None:
+            if self.linger_due is not None:
+                return  # answered already: read only so that closing does not reset
             if self.headers_due is None and self._waiting_for_headers():
                 self._arm()  # the next request on a kept-alive connection has its own deadline
             cycle = self.cycle
@@ -169,6 +197,10 @@ def guarded_protocol(limits: ServeLimits, limit_log: LimitLog) -> type[H11Protoc
 
         def connection_lost(self, exc) -> None:
             self._disarm()
+            if self.linger_due is not None:
+                self.linger_due.cancel()
+                self.linger_due = None
+                type(self).lingering -= 1
             super().connection_lost(exc)
 
         def _headers_too_slow(self) -> None:
@@ -179,7 +211,6 @@ def guarded_protocol(limits: ServeLimits, limit_log: LimitLog) -> type[H11Protoc
                     f"closed connections that sent no complete request headers within {limits.header_timeout} s",
                 )
                 message = f"no complete request headers within {limits.header_timeout} s (serve.header_timeout)"
-                self.transport.write(canned_response(408, message))
-                self.transport.close()
+                self._answer_and_close(canned_response(408, message))
 
     return GuardedH11Protocol

@@ -151,7 +151,17 @@ def log_to_wandb(run, predictions: EvalPredictions, metrics: dict, paths: dict, 
     import wandb
 
     png = paths["confusion_matrix"]
-    names = ("acc", "macro_f1", "invalid_rate", "ece", "ece_uncalibrated", "temperature", "acc_any_label", "n")
+    names = (
+        "acc",
+        "macro_f1",
+        "invalid_rate",
+        "ece",
+        "ece_uncalibrated",
+        "ece_floor",
+        "temperature",
+        "acc_any_label",
+        "n",
+    )
     scalars = {f"{prefix}/{k}": metrics[k] for k in names if k in metrics}
     for key in ("acc", "macro_f1"):
         if f"{key}_interval" in metrics:

@@ -103,7 +103,8 @@ def trust_markdown(tuned: dict, comparison: str | None) -> list[str]:
         lines.append(
             f"- Calibration: temperature {tuned['temperature']:.3f} fitted on the validation split; expected "
             f"calibration error on the test split {tuned['ece_uncalibrated']:.3f} before, {tuned['ece']:.3f} after "
-            "(`reliability.png`)."
+            f"(`reliability.png`); a perfectly calibrated model would show {tuned['ece_floor']:.3f} on this many "
+            "papers from sampling alone."
         )
     sets = tuned.get("sets")
     if sets:
@@ -219,7 +220,7 @@ def final_report(
             if f"{metric}_interval" in m:
                 low, high = m[f"{metric}_interval"]
                 summary.update({f"report/{key}/{metric}_low": low, f"report/{key}/{metric}_high": high})
-    for key in ("ece_uncalibrated", "temperature"):
+    for key in ("ece_uncalibrated", "ece_floor", "temperature"):
         if key in tuned_metrics:
             summary[f"report/fine-tuned/{key}"] = tuned_metrics[key]
     if "sets" in tuned_metrics:

@@ -62,12 +62,27 @@ def trust_metrics(predictions, calibration, coverage: float, all_labels=None) ->
     if calibration is None:
         return metrics
     metrics["temperature"] = calibration.temperature
+    metrics["ece_floor"] = ece_floor(probs)
     if predictions.scores is not None:
         metrics["ece_uncalibrated"] = expected_calibration_error(torch.softmax(predictions.scores, -1), true)
     if calibration.scores:
         measured = set_metrics(probs, true, predictions.labels, calibration.threshold(coverage), all_labels)
         metrics["sets"] = {"target": coverage, **measured}
     return metrics
+
+
+def ece_floor(probs: torch.Tensor, bins: int = 15, draws: int = 200, seed: int = 0) -> float:
+    """The calibration error a perfectly calibrated model with these confidences shows on this many rows, from
+    sampling alone: the mean over `draws` where each row is right with the probability it states. A measured ECE
+    near it is as small as a split of this size can show; binned like `expected_calibration_error`."""
+    confidence = probs.double().max(-1).values
+    n = len(confidence)
+    if n == 0:
+        return float("nan")
+    index = (confidence * bins).floor().long()  # [lo, hi) bins and 1.0 alone, as torchmetrics
+    right = torch.rand(draws, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) < confidence
+    gaps = torch.zeros(draws, bins + 1, dtype=torch.float64).index_add_(1, index, right.double() - confidence)
+    return float(gaps.abs().sum(1).mean() / n)
 
 
 def _pyplot():

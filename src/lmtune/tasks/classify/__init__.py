@@ -78,7 +78,11 @@ class Classify:
             results = {name: {k: m[k] for k in shown if k in m} for name, m in report_rows.items()}
             tuned = report_rows["fine-tuned"]
             per_class = tuned.get("per_class")
-            trust = {k: tuned[k] for k in ("temperature", "ece", "ece_uncalibrated", "sets", "vs_tfidf") if k in tuned}
+            trust = {
+                k: tuned[k]
+                for k in ("temperature", "ece", "ece_uncalibrated", "ece_floor", "sets", "vs_tfidf")
+                if k in tuned
+            }
         else:
             results = {"fine-tuned": {"acc": test.get("test/acc"), "macro_f1": test.get("test/macro_f1")}}
             per_class = None
