@@ -1,6 +1,6 @@
 """What a classifier's predictions are worth on the shared arXiv file, split at random and by time: one training run
 per setting, each a printed user command, and from its report the accuracy and macro-F1 with their 95% intervals,
-TF-IDF + LR's beside them (trained on the same papers, and on every training paper of the split), McNemar's test,
+TF-IDF + LR's beside them (trained on the same papers, and on every training paper of the split), McNemar's tests,
 the calibration error before and after temperature scaling, the label sets' coverage and size, accuracy at 80% and
 90% of rows answered, how often the answer is one of the paper's categories, and each split's dates.
 
@@ -90,7 +90,24 @@ def tfidf_all_rows(args, split: str, work: Path) -> dict:
     run_logged([sys.executable, str(ROOT / "src" / "baseline.py"), *settings], work / "log.txt")
     metrics = json.loads(next(work.rglob("eval_metrics.json")).read_text())
     m = metrics["metrics"]
-    return {"train_examples": metrics.get("train_examples"), "acc": m["acc"], "acc_interval": m["acc_interval"]}
+    return {
+        "train_examples": metrics.get("train_examples"),
+        "acc": m["acc"],
+        "acc_interval": m["acc_interval"],
+        "mcnemar_fine_tuned_vs_this": paired(work.parent / "predictions.jsonl", next(work.rglob("predictions.jsonl"))),
+    }
+
+
+def paired(fine_tuned: Path, other: Path) -> dict:
+    """McNemar's test of the fine-tuned model against another on the same test rows (`a_only`: fine-tuned only)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from lmtune.evaluation.comparison import mcnemar
+
+    read = lambda path: {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}  # noqa: E731
+    a, b = read(fine_tuned), read(other)
+    ids = sorted(a)
+    assert set(ids) == set(b), f"{fine_tuned} and {other} score different rows"
+    return mcnemar([a[i]["true"] for i in ids], [a[i]["predicted"] for i in ids], [b[i]["predicted"] for i in ids])
 
 
 def main(args) -> dict:

@@ -91,12 +91,18 @@ def test_lora_gradients_are_equal_across_accumulation_ranks_and_fsdp(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
-    """DDP trained 12 steps straight; FSDP trained 6 steps (of a 12-step schedule), then resumed to 12."""
+def ddp_run(tmp_path_factory):
+    """DDP trained 12 steps straight (`make test`)."""
     tmp = tmp_path_factory.mktemp("distributed")
     train_cli(tmp / "ddp", "trainer=ddp", *CPU_2, "logger=none")
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(ddp_run):
+    """FSDP trained 6 steps (of a 12-step schedule), then resumed to 12, beside the DDP run."""
     train_cli(
-        tmp / "fsdp_first",
+        ddp_run / "fsdp_first",
         "trainer=fsdp",
         *CPU_2,
         *QUIET,
@@ -104,18 +110,17 @@ def ddp_runs(tmp_path_factory):
         "+callbacks.stop.step=6",
     )
     resumed = train_cli(
-        tmp / "fsdp_resumed",
+        ddp_run / "fsdp_resumed",
         "trainer=fsdp",
         *CPU_2,
         "logger=none",
-        f"ckpt_path={tmp / 'fsdp_first' / 'checkpoints' / 'last.ckpt'}",
+        f"ckpt_path={ddp_run / 'fsdp_first' / 'checkpoints' / 'last.ckpt'}",
     )
-    return tmp, resumed
+    return ddp_run, resumed
 
 
-def test_ddp_trains_checkpoints_only_the_adapter_and_exports_it_for_peft(ddp_runs):
-    tmp, _ = ddp_runs
-    run = tmp / "ddp"
+def test_ddp_trains_checkpoints_only_the_adapter_and_exports_it_for_peft(ddp_run):
+    run = ddp_run / "ddp"
     weights = trainable_weights(run)
     assert weights and all("lora_" in name for name in weights)  # no frozen base weights in the checkpoint
     summary = json.loads((run / "metrics.json").read_text())
@@ -138,8 +143,9 @@ def test_ddp_trains_checkpoints_only_the_adapter_and_exports_it_for_peft(ddp_run
             torch.testing.assert_close(value, best[f"model.{name}"], rtol=0, atol=0, msg=name)
 
 
-def test_fsdp_resumes_mid_run_and_ends_where_ddp_ends(ddp_runs):
-    tmp, resumed = ddp_runs
+@pytest.mark.slow  # two more 2-process runs, a minute
+def test_fsdp_resumes_mid_run_and_ends_where_ddp_ends(fsdp_runs):
+    tmp, resumed = fsdp_runs
     first = torch.load(tmp / "fsdp_first" / "checkpoints" / "last.ckpt", weights_only=False)
     assert first["global_step"] == 6
     assert first["state_dict"] and all("lora_" in name for name in first["state_dict"])

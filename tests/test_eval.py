@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from conftest import ROOT, compose_train, run_script
+from helpers.cli_driver import run_commands
 from helpers.wandb_files import read_run
 from lmtune.commands.eval import run_eval as run_eval_task
 from lmtune.evaluation.metrics import INVALID, classification_metrics, most_confused
@@ -144,13 +145,16 @@ def test_a_checkpoint_file_evaluates_like_the_export_it_was_exported_as(trained,
 
 
 def test_eval_errors_are_one_line(cache_dir, tmp_path):
-    for args, message in {
+    cases = {
         ("ckpt=null", "experiment=smoke", "split=dev"): "split='dev': use one of train, val, test",
         (f"ckpt={tmp_path}/missing.ckpt",): "checkpoint not found",
         (): "ckpt= is required",
-    }.items():
-        proc = run_script("eval.py", *args, "logger=none", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={cache_dir}")
-        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    }
+    common = ["logger=none", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={cache_dir}"]
+    commands = [{"script": "src/eval.py", "args": [*args, *common]} for args in cases]
+    for message, proc in zip(cases.values(), run_commands(commands, tmp_path, "eval-errors"), strict=True):
+        assert proc["returncode"] == 1 and message in proc["stderr"], proc["stderr"]
+        assert "Traceback" not in proc["stderr"]
 
 
 # --------------------------------------------------------------------------------- end-of-training report

@@ -68,6 +68,7 @@ def test_class_weights_give_the_weighted_mean_over_tokens_on_both_paths(tiny_dir
     assert ones_total.item() == plain_n.item()
 
 
+@pytest.mark.slow  # torch.compile's first compilation, 20 s on 2 cores
 def test_compile_gives_the_same_loss_and_gradients(tiny_dir, tiny_tokenizer):
     formatter = arxiv_formatter(tiny_tokenizer, ["cs.CL", "math.OC", "q-bio.NC"])  # answers of uneven length
     records = [paper(f"p{i}", f"Title {i}", "word " * (5 + 9 * i), formatter.labels[i % 3]) for i in range(4)]

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import SAMPLE, compose_train, run_script
 from helpers.card import card_command, run_card_code, run_card_command
+from helpers.cli_driver import run_commands
 from helpers.fake_arxiv import read_jsonl
 from lmtune.data.records import SkipCounts, read_records
 from lmtune.evaluation.predictor import Predictor, Row
@@ -84,18 +85,17 @@ def test_the_task_trains_from_its_own_columns_and_labels(topics):
 
 def test_eval_and_the_tfidf_baseline_use_the_task(topics, cache_dir, tmp_path):
     data, run, _, objects = topics
-    proc = run_script(
-        "eval.py", f"ckpt={run}", "logger=none", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}"
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "baseline"
+    eval_args = [f"ckpt={run}", "logger=none", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}"]
+    baseline_args = [*topics_overrides(data), f"hydra.run.dir={out}", f"paths.cache_dir={cache_dir}"]
+    commands = [{"script": "src/eval.py", "args": eval_args}, {"script": "src/baseline.py", "args": baseline_args}]
+    proc, baseline_proc = run_commands(commands, tmp_path, "eval-baseline")
+    assert proc["returncode"] == 0, proc["stderr"][-3000:]
     test_ids = [r.id for r in objects["datamodule"].splits["test"]]
     predictions = read_jsonl(tmp_path / "predictions.jsonl")
     assert [p["id"] for p in predictions] == test_ids and {p["true"] for p in predictions} <= set(LABELS)
-    assert "rank scoring" in proc.stderr and f"{len(test_ids)}/{len(test_ids)} examples (100%)" in proc.stderr
-
-    out = tmp_path / "baseline"
-    proc = run_script("baseline.py", *topics_overrides(data), f"hydra.run.dir={out}", f"paths.cache_dir={cache_dir}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank scoring" in proc["stderr"] and f"{len(test_ids)}/{len(test_ids)} examples (100%)" in proc["stderr"]
+    assert baseline_proc["returncode"] == 0, baseline_proc["stderr"][-3000:]
     baseline = json.loads((out / "eval_metrics.json").read_text())
     assert baseline["labels"] == LABELS and baseline["metrics"]["n"] == len(test_ids)
 
@@ -105,25 +105,31 @@ def test_predict_reads_a_file_of_the_tasks_columns_and_one_row_from_the_command_
     rows = tmp_path / "new.csv"
     rows.write_text('headline,topic\nParsing sentences with transformers,language\n"Grasping, fast",robots & control\n')
     common = [f"ckpt={run}", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'h'}"]
-    proc = run_script("predict.py", f"input={rows}", *common)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands = [
+        {"script": "src/predict.py", "args": [f"input={rows}", *common]},
+        {
+            "script": "src/predict.py",
+            "args": ["row={headline: 'Parsing sentences with transformers'}", "format=json", *common],
+        },
+        {"script": "src/predict.py", "args": ["arxiv_id=2403.00010", *common]},
+    ]
+    from_file, one_row, by_id = run_commands(commands, tmp_path, "predict-task")
+    assert from_file["returncode"] == 0, from_file["stderr"][-3000:]
     out = read_jsonl(tmp_path / "new.predictions.jsonl")
     assert [(r["headline"], r["true"]) for r in out] == [
         ("Parsing sentences with transformers", "language"),
         ("Grasping, fast", "robots & control"),
     ]
     assert all(r["label"] in LABELS and sorted(r["probs"]) == LABELS for r in out)
-    assert "accuracy on 2 labelled rows" in proc.stdout
-    assert "rank scoring" in proc.stderr and "2/2 examples (100%)" in proc.stderr  # progress, not a terminal
+    assert "accuracy on 2 labelled rows" in from_file["stdout"]
+    assert "rank scoring" in from_file["stderr"] and "2/2 examples (100%)" in from_file["stderr"]  # not a terminal
 
-    proc = run_script("predict.py", "row={headline: 'Parsing sentences with transformers'}", "format=json", *common)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (line,) = proc.stdout.splitlines()
+    assert one_row["returncode"] == 0, one_row["stderr"][-3000:]
+    (line,) = one_row["stdout"].splitlines()
     assert json.loads(line)["probs"] == pytest.approx(out[0]["probs"], abs=1e-6)
 
-    proc = run_script("predict.py", "arxiv_id=2403.00010", *common)
-    assert proc.returncode == 1 and "this model's prompt reads headline" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert by_id["returncode"] == 1 and "this model's prompt reads headline" in by_id["stderr"]
+    assert "Traceback" not in by_id["stderr"]
 
 
 def test_the_card_s_command_and_code_run_for_the_task_s_own_columns(topics, cache_dir, tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from conftest import ROOT, SAMPLE, api_settings, arxiv_spec, compose_train, run_script
+from helpers.cli_driver import run_commands
 from helpers.fake_arxiv import Paper, Reply, closed_port_url, read_jsonl
 from lmtune.artifacts.export import find_export
 from lmtune.arxiv.lookup import verbatim_ids
@@ -146,12 +146,11 @@ def test_cli_errors_exit_nonzero_with_one_line_and_before_loading_the_model(trai
         (f"ckpt={run}",): "give exactly one of: input=",
         ("arxiv_id=2403.00010",): "error: ckpt= is required",
     }
-    for args, message in cases.items():
-        started = time.monotonic()
-        proc = run_script("predict.py", *args, *common, timeout=180)
-        assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr[-2000:])
-        assert "Traceback" not in proc.stderr and proc.stdout == ""
-        assert time.monotonic() - started < 60
+    commands = [{"script": "src/predict.py", "args": [*args, *common]} for args in cases]
+    for (args, message), proc in zip(cases.items(), run_commands(commands, tmp_path, "predict-errors"), strict=True):
+        assert proc["returncode"] == 1 and message in proc["stderr"], (args, proc["stderr"][-2000:])
+        assert "Traceback" not in proc["stderr"] and proc["stdout"] == ""
+        assert proc["seconds"] < 60
 
 
 # --------------------------------------------------------------------------------------- same as training

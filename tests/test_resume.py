@@ -150,6 +150,7 @@ def test_sigterm_stops_at_a_step_and_ckpt_path_last_resumes_it(tmp_path, referen
     assert_same_run(resumed, reference)
 
 
+@pytest.mark.slow  # a second interrupted run; sigterm's resume is in make test
 def test_sigkill_mid_epoch_then_resume_from_the_run_folder(tmp_path, reference):
     killed, resumed = tmp_path / "killed", tmp_path / "resumed"
     proc = start_train(killed, *COMMON, *THROTTLE, "logger=csv")

@@ -93,6 +93,7 @@ def test_failed_job_is_marked_failed_and_the_next_job_gets_its_own_run(tmp_path,
     assert (sweep / "1" / "metrics.json").is_file()
 
 
+@pytest.mark.slow  # a third sweep; the failed-job case above runs in make test
 def test_config_error_in_one_job_does_not_end_the_sweep(tmp_path, cache_dir):
     sweep = tmp_path / "invalid"
     proc = _sweep(sweep, cache_dir, "logger=none", "optim.lr=0,5e-3")

@@ -16,6 +16,7 @@ import os
 import runpy
 import sys
 import tempfile
+import time
 import traceback
 
 
@@ -29,7 +30,7 @@ def run_case(script: str, args: list[str]) -> dict:
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)
         sys.argv = [script, *args]
-        status = 0
+        status, started = 0, time.monotonic()
         try:
             runpy.run_path(script, run_name="__main__")
         except SystemExit as e:
@@ -53,6 +54,7 @@ def run_case(script: str, args: list[str]) -> dict:
             "returncode": status,
             "stdout": out.read().decode(errors="replace"),
             "stderr": err.read().decode(errors="replace"),
+            "seconds": time.monotonic() - started,
         }
 
 

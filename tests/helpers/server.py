@@ -52,8 +52,8 @@ class Server:
             connection.request(method, path, body=body, headers={"X-API-Key": key} if key else {})
             response = connection.getresponse()
             text = response.read().decode()
-        except OSError:
-            return 0, {}, {}
+        except OSError as e:  # no answer: status 0, and what the client saw
+            return 0, {"error": repr(e)}, {}
         finally:
             connection.close()
         headers = {k.lower(): v for k, v in response.getheaders()}
