@@ -24,6 +24,8 @@ from pathlib import Path
 
 from common import BENCH, ROOT, SHARED_ARXIV, machine, machine_name, run_logged
 
+from lmtune.evaluation.comparison import mcnemar
+
 
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -100,9 +102,6 @@ def tfidf_all_rows(args, split: str, work: Path) -> dict:
 
 def paired(fine_tuned: Path, other: Path) -> dict:
     """McNemar's test of the fine-tuned model against another on the same test rows (`a_only`: fine-tuned only)."""
-    sys.path.insert(0, str(ROOT / "src"))
-    from lmtune.evaluation.comparison import mcnemar
-
     read = lambda path: {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}  # noqa: E731
     a, b = read(fine_tuned), read(other)
     ids = sorted(a)
